@@ -1,0 +1,1 @@
+"""spfs-manager."""
