@@ -1,0 +1,1 @@
+"""Lab containers: the role vzctl plays in the seed's test plan."""
