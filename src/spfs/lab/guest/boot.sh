@@ -42,11 +42,10 @@ stamp "userspace started (initramfs handed over at ${T0})"
 KVER=$(uname -r)
 mkdir -p "/lib/modules/$KVER"
 mount --bind "$KROOT/lib/modules/$KVER" "/lib/modules/$KVER" || die "modules dir $KROOT"
-for m in virtio_console fuse veth tun nfsd nfsv3 nfsv4 nf_tables nft_chain_nat \
-         ip_tables iptable_filter iptable_mangle xt_mark xt_tcpudp nf_conntrack \
-         af_packet_diag unix_diag inet_diag tcp_diag netlink_diag sch_netem; do
-    modprobe "$m" 2>/dev/null || stamp "note: module $m not loaded"
-done
+# One modprobe for all: each separate call re-reads modules.dep over 9p (seconds under TCG).
+modprobe -a virtio_console fuse veth tun nfsd nfsv3 nfsv4 nf_tables nft_chain_nat \
+    ip_tables iptable_filter iptable_mangle xt_mark xt_tcpudp nf_conntrack \
+    af_packet_diag unix_diag inet_diag tcp_diag netlink_diag || die "modprobe"
 stamp "modules loaded"
 
 hostname lab
@@ -60,15 +59,17 @@ mkdir -p /sys/fs/cgroup/unified /sys/fs/cgroup/freezer
 mount -t cgroup2 none /sys/fs/cgroup/unified || die "cgroup2"
 mount -t cgroup -o freezer freezer /sys/fs/cgroup/freezer || die "v1 freezer"
 
+# criu check runs while the NFS server starts; both must succeed before the command.
+criu check > /tmp/criu-check.log 2>&1 &
+CRIU_CHECK=$!
+
 # NFS server in the root netns: a tmpfs pseudo-root (fsid=0) and independent tmpfs shares.
 . "$(dirname "$0")/nfs-server.sh"
 start_nfs_server || die "NFS server"
 stamp "NFS server up"
+wait $CRIU_CHECK || { cat /tmp/criu-check.log > /dev/console; die "criu check"; }
+stamp "criu check: $(tail -n1 /tmp/criu-check.log)"
 
-if [ "${SPFS_LAB_SKIP_CRIU_CHECK:-}" != 1 ]; then
-    criu check > /tmp/criu-check.log 2>&1 || { cat /tmp/criu-check.log > /dev/console; die "criu check"; }
-    stamp "criu check: $(tail -n1 /tmp/criu-check.log)"
-fi
 
 # The command's output goes to the host over a virtio serial port named spfs.out.
 OUT=/dev/console
