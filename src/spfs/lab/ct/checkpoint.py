@@ -1,0 +1,150 @@
+"""Suspend and resume lab containers with CRIU.
+
+`--plain` is the baseline upstream CRIU can do today: the container's NFS mounts are declared
+external on dump and, on resume, mapped to the same shares mounted in the guest's root netns.
+Without `--plain`, criu-spfs does the work (issue 6) with SPFS in place of the shares.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spfs.lab.ct.container import CtError, alive, run, stop_processes, wait_for
+from spfs.lab.ct.spec import CtState
+from spfs.lab.env import lab_env
+from spfs.lab.paths import GUEST_DIR
+
+log = logging.getLogger(__name__)
+
+CRIU = "criu"
+ACTION_SCRIPT = GUEST_DIR / "criu-action.sh"
+DUMP_TIMEOUT = 300.0
+RESTORE_TIMEOUT = 300.0
+
+
+@dataclass
+class Timing:
+    seconds: float
+    log_path: Path
+
+
+def nfs_key(i: int) -> str:
+    return f"nfs{i}"
+
+
+def bind_key(i: int) -> str:
+    return f"bind{i}"
+
+
+def _criu_env(state: CtState, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(SPFS_LAB_CT_HOST_VETH=state.host_veth, SPFS_LAB_CT_HOST_ADDR=state.host_addr)
+    env.update(extra or {})
+    return env
+
+
+def _criu(argv: list[str], env: dict[str, str], timeout: float, log_path: Path) -> float:
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CtError(f"{argv[1]} did not finish in {timeout:.0f} s; log: {log_path}") from None
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:] \
+            if log_path.exists() else []
+        raise CtError(f"criu {argv[1]} failed ({proc.returncode}): {proc.stderr.strip()}\n"
+                      f"--- {log_path} (tail) ---\n" + "\n".join(tail))
+    return time.monotonic() - t0
+
+
+def dump_argv(state: CtState, images: Path) -> list[str]:
+    argv = [CRIU, "dump", "-t", str(state.init_pid), "-D", str(images), "-o", "dump.log",
+            "-v4", "--file-locks", "--link-remap", "--manage-cgroups",
+            "--freeze-cgroup", str(state.cgroup_dir()),
+            "--action-script", str(ACTION_SCRIPT)]
+    for i, m in enumerate(state.nfs):
+        argv += ["--external", f"mnt[{m.mountpoint}]:{nfs_key(i)}"]
+    for i, b in enumerate(state.binds):
+        argv += ["--external", f"mnt[{b.target}]:{bind_key(i)}"]
+    return argv
+
+
+def suspend(state: CtState, images: str | Path, plain: bool = False,
+            probe: dict[str, str] | None = None) -> Timing:
+    if not plain:
+        raise CtError("suspend without --plain needs criu-spfs (issue 6); use --plain")
+    if not alive(state):
+        raise CtError(f"container {state.name} is not running")
+    images = Path(images)
+    images.mkdir(parents=True, exist_ok=True)
+    seconds = _criu(dump_argv(state, images), _criu_env(state, probe), DUMP_TIMEOUT,
+                    images / "dump.log")
+    # CRIU killed the tasks; wait until the namespaces are really gone before anything reuses
+    # the veth name or the cgroup.
+    stop_processes(state)
+    wait_for(f"{state.host_veth} to go away",
+             lambda: not Path(f"/sys/class/net/{state.host_veth}").exists(), 20)
+    state.init_pid = 0
+    state.unshare_pid = 0
+    state.save()
+    log.info("suspended %s in %.2f s", state.name, seconds)
+    return Timing(seconds, images / "dump.log")
+
+
+def _ext_dir(state: CtState, i: int) -> Path:
+    return state.state_dir / "ext" / nfs_key(i)
+
+
+def mount_shares_in_root_netns(state: CtState) -> list[Path]:
+    server = lab_env()["SPFS_LAB_NFS_SERVER"]
+    dirs = []
+    for i, m in enumerate(state.nfs):
+        d = _ext_dir(state, i)
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.path.ismount(d):
+            run(["mount", "-t", "nfs", "-o", m.mount_options(server), m.source(server), str(d)],
+                timeout=60)
+        dirs.append(d)
+    return dirs
+
+
+def restore_argv(state: CtState, images: Path, nfs_dirs: list[Path]) -> list[str]:
+    argv = [CRIU, "restore", "-D", str(images), "-o", "restore.log", "-v4",
+            "--root", str(state.root), "--file-locks", "--manage-cgroups",
+            "--external", f"veth[{state.ct_veth}]:{state.host_veth}",
+            "--action-script", str(ACTION_SCRIPT),
+            "-d", "--pidfile", str(images / "restore.pid")]
+    for i, d in enumerate(nfs_dirs):
+        argv += ["--external", f"mnt[{nfs_key(i)}]:{d}"]
+    for i, b in enumerate(state.binds):
+        src = str(state.root / b.source[3:].lstrip("/")) if b.source.startswith("ct:") \
+            else b.source
+        argv += ["--external", f"mnt[{bind_key(i)}]:{src}"]
+    return argv
+
+
+def resume(state: CtState, images: str | Path, plain: bool = False) -> Timing:
+    if not plain:
+        raise CtError("resume without --plain needs criu-spfs (issue 6); use --plain")
+    if alive(state):
+        raise CtError(f"container {state.name} is running")
+    images = Path(images)
+    nfs_dirs = mount_shares_in_root_netns(state)
+    try:
+        (images / "restore.pid").unlink(missing_ok=True)
+        seconds = _criu(restore_argv(state, images, nfs_dirs), _criu_env(state),
+                        RESTORE_TIMEOUT, images / "restore.log")
+    finally:
+        # The restored container holds its own bind of each share; the guest-side mounts
+        # were only the source of those binds.
+        for d in nfs_dirs:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
+    state.init_pid = int((images / "restore.pid").read_text())
+    state.save()
+    log.info("resumed %s in %.2f s (init pid %d)", state.name, seconds, state.init_pid)
+    return Timing(seconds, images / "restore.log")

@@ -1,0 +1,88 @@
+#!/bin/sh
+# CRIU action script of lab containers (CRIU calls it at every stage with
+# CRTOOLS_SCRIPT_ACTION set; it runs in the guest's root namespaces). Shell, not Python:
+# CRIU calls it up to ten times per restore and Python costs 0.6 s a start under TCG.
+#
+# network-lock (dump): runs before CRIU locks the container's network. CRIU's lock (iptables
+#   or nftables, 3.17 and 4.x alike) accepts packets marked 0xC114 (SOCCR_MARK), so we mark
+#   exactly the container's NFS traffic (NFS, portmapper, NLM, NSM ports of each server in
+#   its mounts) and nothing else: dump can flush dirty NFS pages, every other connection
+#   stays locked. The rules live in a mangle chain of their own, removed after restore.
+# post-dump: optional probe for tests (SPFS_LAB_NETLOCK_PROBE=FILE): with the lock in place,
+#   try a plain TCP connection and a synced NFS write from inside the container's netns.
+# post-restore: configure the guest end of the restored veth.
+# network-unlock (restore): drop the marking chain the dump image carried along.
+PID=${CRTOOLS_INIT_PID:-}
+MARK=0xC114
+CHAIN=SPFS-NFS
+
+in_ct_net() { nsenter -t "$PID" -n "$@"; }
+
+nfs_servers() {  # addr= of every NFS mount in the container's mount namespace
+    sed -n 's/.* - nfs4\{0,1\} [^ ]* .*addr=\([0-9.]*\).*/\1/p' "/proc/$PID/mountinfo" | sort -u
+}
+
+rpc_ports() {  # NFS, portmapper, lockd and statd ports the server offers
+    { echo 2049; echo 111
+      in_ct_net timeout 5 rpcinfo -p "$1" 2>/dev/null |
+          awk '$5 == "nfs" || $5 == "nlockmgr" || $5 == "status" || $5 == "mountd" {print $4}'
+    } | sort -un | paste -sd, -
+}
+
+mark_nfs() {
+    in_ct_net iptables -w -t mangle -N $CHAIN || return 1
+    for s in $(nfs_servers); do
+        ports=$(rpc_ports "$s")
+        echo "spfs-lab action: marking NFS traffic to $s ports $ports" >&2
+        for proto in tcp udp; do
+            in_ct_net iptables -w -t mangle -A $CHAIN -d "$s" -p $proto -m multiport \
+                --dports "$ports" -j MARK --set-mark $MARK || return 1
+            in_ct_net iptables -w -t mangle -A $CHAIN -s "$s" -p $proto -m multiport \
+                --sports "$ports" -j MARK --set-mark $MARK || return 1
+        done
+    done
+    in_ct_net iptables -w -t mangle -I OUTPUT -j $CHAIN &&
+    in_ct_net iptables -w -t mangle -I PREROUTING -j $CHAIN
+}
+
+unmark_nfs() {
+    in_ct_net iptables -w -t mangle -D OUTPUT -j $CHAIN 2>/dev/null
+    in_ct_net iptables -w -t mangle -D PREROUTING -j $CHAIN 2>/dev/null
+    in_ct_net iptables -w -t mangle -F $CHAIN 2>/dev/null
+    in_ct_net iptables -w -t mangle -X $CHAIN 2>/dev/null
+    return 0
+}
+
+probe() {
+    out=$SPFS_LAB_NETLOCK_PROBE
+    if in_ct_net timeout 4 python3 -c "
+import socket, sys
+s = socket.create_connection(('$SPFS_LAB_CT_HOST_ADDR', int('$SPFS_LAB_NETLOCK_PROBE_PORT')), 3)
+s.sendall(b'probe'); sys.exit(0)" 2>/dev/null; then
+        echo "tcp=connected" >> "$out"
+    else
+        echo "tcp=blocked" >> "$out"
+    fi
+    if nsenter -t "$PID" -m -n -r -w timeout 20 dd if=/dev/zero \
+            of="$SPFS_LAB_NETLOCK_PROBE_FILE" bs=4096 count=64 conv=fsync 2>/dev/null; then
+        echo "nfs=ok" >> "$out"
+    else
+        echo "nfs=failed" >> "$out"
+    fi
+}
+
+case "${CRTOOLS_SCRIPT_ACTION:-}" in
+    network-lock)
+        [ -n "$PID" ] || exit 1
+        mark_nfs ;;
+    post-dump)
+        [ -n "${SPFS_LAB_NETLOCK_PROBE:-}" ] && probe
+        exit 0 ;;
+    post-restore)
+        ip addr add "$SPFS_LAB_CT_HOST_ADDR/24" dev "$SPFS_LAB_CT_HOST_VETH" 2>/dev/null
+        ip link set "$SPFS_LAB_CT_HOST_VETH" up ;;
+    network-unlock)
+        [ -n "$PID" ] && unmark_nfs
+        exit 0 ;;
+esac
+exit 0
