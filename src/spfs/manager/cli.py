@@ -1,12 +1,171 @@
-"""Command line of spfs-manager (placeholder until its issue lands)."""
+"""Command line of spfs-manager.
 
+    spfs-manager [--socket-path P] [--work-dir D] [--log F] [-v] [--daemon] [--exit-with-spfs]
+    spfs-manager switch ...
+
+Without a subcommand it runs the daemon (what vzcriu starts); `switch` as the *first*
+argument runs the swap engine's one-shot switch instead and exits.  The dispatch looks only at
+the first argument, so daemon options and switch options never mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
 import sys
+import threading
+from types import ModuleType
 
-from spfs.placeholder import not_implemented
+from spfs.manager.freezer import FreezerLocks
+from spfs.manager.manager import Manager, ManagerConfig
+from spfs.manager.realmount import RetryPolicy
+from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts
+from spfs.manager.server import ControlServer
+from spfs.manager.spfs_daemon import DEFAULT_SPFS_COMMAND, SpfsProcessLauncher
+from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
+from spfs.manager.swapper import SwapEngineAdapter
+
+log = logging.getLogger("spfs.manager")
+
+SWITCH_CLI_MODULE = "spfs.swap.cli"
 
 
-def main() -> int:
-    return not_implemented("spfs-manager")
+def daemon_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spfs-manager",
+        description="Mount SPFS for containers and replace it live by the real filesystem. "
+                    "'spfs-manager switch ...' (switch first) runs a one-shot switch instead.")
+    parser.add_argument("-w", "--work-dir",
+                        help="state directory (default /run/spfs-manager-PID)")
+    parser.add_argument("-s", "--socket-path",
+                        help="control socket (default WORK_DIR/spfs-manager.sock)")
+    parser.add_argument("-l", "--log", help="log file (default LOG_DIR/spfs-manager.log)")
+    parser.add_argument("--log-dir", help="directory of the manager's and every SPFS's log "
+                                          "(default WORK_DIR)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (repeatable)")
+    parser.add_argument("-d", "--daemon", action="store_true",
+                        help="detach once the control socket accepts connections")
+    parser.add_argument("--exit-with-spfs", action="store_true",
+                        help="exit when the last SPFS daemon has exited")
+    parser.add_argument("--mount-deadline", type=float, default=300.0,
+                        help="seconds to keep retrying the real mount of a replace")
+    parser.add_argument("--hold-timeout", type=float, default=900.0,
+                        help="seconds a replace may wait for 'release'")
+    parser.add_argument("--freeze-timeout", type=float, default=10.0,
+                        help="seconds to wait for a cgroup to freeze or thaw")
+    parser.add_argument("--spfs-command", default=" ".join(DEFAULT_SPFS_COMMAND),
+                        help="how to run spfs (split on blanks)")
+    return parser
+
+
+def _switch_module() -> ModuleType | None:
+    try:
+        module = importlib.import_module(SWITCH_CLI_MODULE)
+    except ImportError:
+        return None
+    if not hasattr(module, "add_switch_arguments") or not hasattr(module, "run_switch"):
+        return None
+    return module
+
+
+def run_switch(argv: list[str]) -> int:
+    module = _switch_module()
+    if module is None:
+        print("spfs-manager switch: the swap engine (spfs.swap.cli, issue 4) is not available "
+              "yet", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="spfs-manager switch",
+                                     description="Move every reference of a cgroup's tasks "
+                                                 "from one mount to another.")
+    module.add_switch_arguments(parser)
+    return int(module.run_switch(parser.parse_args(argv)))
+
+
+def _setup_logging(path: str, verbosity: int) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbosity else logging.INFO)
+
+
+def _detach() -> None:
+    """Fork into the background; the parent returns to its caller with status 0."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str) -> Manager:
+    timeouts = ReplaceTimeouts(hold=args.hold_timeout, freeze=args.freeze_timeout,
+                               thaw=args.freeze_timeout)
+    pipeline = ReplacePipeline(
+        NamespaceRealFsMounter(RetryPolicy(deadline=args.mount_deadline)),
+        NamespaceMountMover(), SwapEngineAdapter(), FreezerLocks(), timeouts)
+    config = ManagerConfig(work_dir=work_dir, log_dir=log_dir, verbosity=args.verbose,
+                           exit_with_spfs=args.exit_with_spfs)
+    launcher = SpfsProcessLauncher(command=tuple(args.spfs_command.split()))
+    return Manager(config, launcher, pipeline, SwapEngineAdapter())
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    work_dir = os.path.abspath(args.work_dir or f"/run/spfs-manager-{os.getpid()}")
+    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    log_dir = os.path.abspath(args.log_dir or work_dir)
+    os.makedirs(log_dir, exist_ok=True)
+    _setup_logging(args.log or os.path.join(log_dir, "spfs-manager.log"), args.verbose)
+    socket_path = os.path.abspath(args.socket_path or
+                                  os.path.join(work_dir, "spfs-manager.sock"))
+    try:
+        # bound before detaching, so the caller can connect as soon as we return
+        manager = build_manager(args, work_dir, log_dir)
+        server = ControlServer(socket_path, manager.handle)
+    except OSError as exc:
+        print(f"spfs-manager: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc)
+        return 1
+    if args.daemon:
+        _detach()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def tick() -> None:
+        manager.reap()
+        if manager.finished.is_set():
+            log.info("last SPFS exited: stopping (--exit-with-spfs)")
+            stop.set()
+
+    log.info("spfs-manager %d started: socket %s, work dir %s", os.getpid(), socket_path,
+             work_dir)
+    try:
+        server.serve(stop, tick)
+    finally:
+        manager.shutdown()
+        server.close()
+        log.info("spfs-manager stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["switch"]:
+        return run_switch(argv[1:])
+    return run_daemon(daemon_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

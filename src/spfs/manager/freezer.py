@@ -1,0 +1,181 @@
+"""Freezing a container's cgroup (v1 freezer.state or v2 cgroup.freeze), bounded and guarded.
+
+Every wait is bounded.  A freeze that does not complete (a task sleeping uninterruptibly, e.g.
+in a FUSE request of a stub) is undone before the error is raised.  While a cgroup is frozen a
+small forked guard holds a pipe from us: if the manager dies, the guard sees EOF and thaws the
+cgroup, so a killed manager never leaves a container frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+
+class FreezerVersion(enum.Enum):
+    V1 = "v1"
+    V2 = "v2"
+
+
+class FreezeError(OSError):
+    pass
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+class CgroupFreezer:
+    """One cgroup directory; detects whether it is a v1 freezer or a v2 cgroup."""
+
+    def __init__(self, path: str | Path, poll_interval: float = 0.002) -> None:
+        self.path = Path(path)
+        self.poll_interval = poll_interval
+        if (self.path / "cgroup.freeze").exists():
+            self.version = FreezerVersion.V2
+        elif (self.path / "freezer.state").exists():
+            self.version = FreezerVersion.V1
+        else:
+            raise FreezeError(errno.ENOENT, f"{self.path} is neither a v1 freezer nor a v2 "
+                                            "cgroup with cgroup.freeze")
+
+    def is_frozen(self) -> bool:
+        if self.version is FreezerVersion.V1:
+            return (self.path / "freezer.state").read_text().strip() == "FROZEN"
+        return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
+
+    def is_thawed(self) -> bool:
+        if self.version is FreezerVersion.V1:
+            return (self.path / "freezer.state").read_text().strip() == "THAWED"
+        return "frozen 0" in (self.path / "cgroup.events").read_text().splitlines()
+
+    def _request(self, frozen: bool) -> None:
+        if self.version is FreezerVersion.V1:
+            _write(self.path / "freezer.state", "FROZEN" if frozen else "THAWED")
+        else:
+            _write(self.path / "cgroup.freeze", "1" if frozen else "0")
+
+    def _wait(self, frozen: bool, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        interval = self.poll_interval
+        check = self.is_frozen if frozen else self.is_thawed
+        while not check():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+            interval = min(interval * 2, 0.05)
+        return True
+
+    def freeze(self, timeout: float) -> None:
+        """Freeze or raise ETIMEDOUT, leaving the cgroup thawed."""
+        started = time.monotonic()
+        self._request(True)
+        if self._wait(True, timeout):
+            log.info("froze %s (%s) in %.1f ms", self.path, self.version.value,
+                     (time.monotonic() - started) * 1000)
+            return
+        self.thaw(timeout)
+        raise FreezeError(errno.ETIMEDOUT, f"{self.path} did not freeze in {timeout} s "
+                                           "(a task in uninterruptible sleep?)")
+
+    def thaw(self, timeout: float) -> None:
+        self._request(False)
+        if not self._wait(False, timeout):
+            raise FreezeError(errno.ETIMEDOUT, f"{self.path} did not thaw in {timeout} s")
+        log.info("thawed %s", self.path)
+
+
+class ThawGuard:
+    """A forked process that thaws the cgroup if we die while it is frozen."""
+
+    def __init__(self, freezer: CgroupFreezer) -> None:
+        read_end, self._write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # child: only syscalls from here on, no locks
+            code = 0
+            try:
+                os.close(self._write_end)
+                if os.read(read_end, 1) != b"k":
+                    freezer._request(False)
+                    code = 1
+            finally:
+                os._exit(code)
+        os.close(read_end)
+
+    def dismiss(self) -> None:
+        """We thawed ourselves: tell the guard so and reap it."""
+        try:
+            os.write(self._write_end, b"k")
+        finally:
+            os.close(self._write_end)
+            _reap_bounded(self.pid, 2.0)
+
+
+def _reap_bounded(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            log.warning("thaw guard %d did not exit", pid)
+            return
+        time.sleep(0.001)
+
+
+class FreezerLocks:
+    """One lock per cgroup: several replaces of one container take turns on its freezer."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def lock_for(self, path: str) -> threading.Lock:
+        key = os.path.realpath(path)
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+@contextlib.contextmanager
+def frozen(freezer: CgroupFreezer, lock: threading.Lock, lock_timeout: float,
+           freeze_timeout: float, thaw_timeout: float) -> Iterator[None]:
+    """Hold the cgroup's lock and keep it frozen for the block; thaw on every path."""
+    if not lock.acquire(timeout=lock_timeout):
+        raise FreezeError(errno.EBUSY, f"{freezer.path} is held by another replace "
+                                       f"for more than {lock_timeout} s")
+    try:
+        guard = ThawGuard(freezer)
+        try:
+            freezer.freeze(freeze_timeout)
+            try:
+                yield
+            finally:
+                _thaw_hard(freezer, thaw_timeout)
+        finally:
+            guard.dismiss()
+    finally:
+        lock.release()
+
+
+def _thaw_hard(freezer: CgroupFreezer, timeout: float) -> None:
+    """Thawing is the one thing that must not be skipped: retry before giving up."""
+    last: OSError | None = None
+    for _ in range(3):
+        try:
+            freezer.thaw(timeout)
+            return
+        except OSError as exc:
+            last = exc
+            log.error("thaw of %s failed: %s; retrying", freezer.path, exc)
+    assert last is not None
+    raise last

@@ -1,0 +1,77 @@
+"""What the manager needs from the other parts, as protocols, so the replace pipeline can be
+driven and tested independently of how each step is done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from spfs.manager.mounts import Placement
+from spfs.manager.nsexec import Namespaces
+from spfs.manager.protocol import SpfsMode
+from spfs.manager.realmount import RealFs
+
+
+@dataclass(frozen=True)
+class SpfsSpec:
+    """Everything needed to start one SPFS daemon for a `mount` request."""
+
+    id: str
+    mode: SpfsMode
+    mountpoint: str  # where to mount it, as seen from `target` (or the host if None)
+    target: Namespaces | None
+    work_dir: str  # private to this SPFS: staging mountpoint, control socket, log
+    log_path: str
+    proxy_dir: str | None = None
+    proxy_ns_pid: int | None = None
+    verbosity: int = 0
+
+
+class SpfsHandle(Protocol):
+    """A running SPFS daemon."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def set_mode(self, mode: SpfsMode, proxy_dir: str | None = None,
+                 proxy_ns_pid: int | None = None) -> None: ...
+
+    def exited(self) -> bool: ...
+
+    def stop(self) -> None:
+        """Terminate the daemon and unmount it (for failed mounts and shutdown)."""
+
+
+class SpfsLauncher(Protocol):
+    def start(self, spec: SpfsSpec) -> SpfsHandle: ...
+
+
+class RealFsMounter(Protocol):
+    def mount(self, fs: RealFs, target: Namespaces | None, hidden_dir: str) -> int:
+        """A detached mount fd of the real fs, made in `target`'s namespaces."""
+
+
+class MountMover(Protocol):
+    def describe(self, target: Namespaces | None, paths: list[str]) -> list[Placement]: ...
+
+    def move(self, real_fd: int, placements: list[Placement],
+             target: Namespaces | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class SwapJob:
+    """Move every reference of the container's tasks from SPFS to the real filesystem."""
+
+    cgroup: str  # frozen by the manager for the whole job
+    target: Namespaces | None
+    spfs_paths: tuple[str, ...]  # mountpoint and binds, as the container sees them
+    spfs_dev: int  # st_dev of the SPFS superblock
+    real_root: str  # a path of the real fs root usable by the manager (/proc/self/fd/N)
+
+
+class ReferenceSwapper(Protocol):
+    def swap(self, job: SwapJob) -> None: ...
+
+    def switch(self, source: str | None, device: int | None, target: str, cgroup: str,
+               ns_pid: int | None) -> None:
+        """The `switch` request: move references from one mount to another."""

@@ -1,0 +1,213 @@
+"""Where SPFS is mounted in a container, and putting the real mount in its place.
+
+`describe_placements` reads how SPFS sits at its mountpoint and at each bind path (sub-root,
+per-mount flags, propagation) from /proc/PID/mountinfo.  `move_into_place` runs inside the
+container's mount namespace: it detaches SPFS from each path and attaches the real mount there
+(its own root at the mountpoint, an open_tree clone of the right sub-directory at each bind),
+so that every path shares one superblock.  A failure puts SPFS back on every path it had
+already left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from spfs.manager import mountapi as m
+from spfs.manager.mountapi import Propagation
+from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    dev: str
+    root: str
+    mountpoint: str
+    options: tuple[str, ...]
+    propagation: Propagation
+    fstype: str
+    source: str
+    super_options: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One path where SPFS is mounted, with what the real mount must reproduce there."""
+
+    path: str
+    sub_root: str
+    attr_flags: int
+    propagation: Propagation
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    if "\\" not in field:
+        return field
+    out, i = bytearray(), 0
+    raw = field.encode("utf-8", "surrogateescape")
+    while i < len(raw):
+        if raw[i] == 0x5C and raw[i + 1:i + 4].isdigit() and len(raw[i + 1:i + 4]) == 3:
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _propagation(optional: list[str]) -> Propagation:
+    tags = {f.split(":", 1)[0] for f in optional}
+    if "shared" in tags:  # "shared and slave" keeps its sharing side
+        return Propagation.SHARED
+    if "master" in tags:
+        return Propagation.SLAVE
+    if "unbindable" in tags:
+        return Propagation.UNBINDABLE
+    return Propagation.PRIVATE
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    entries = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        sep = fields.index("-")
+        entries.append(MountEntry(
+            mount_id=int(fields[0]),
+            parent_id=int(fields[1]),
+            dev=fields[2],
+            root=_unescape(fields[3]),
+            mountpoint=_unescape(fields[4]),
+            options=tuple(fields[5].split(",")),
+            propagation=_propagation(fields[6:sep]),
+            fstype=fields[sep + 1],
+            source=_unescape(fields[sep + 2]),
+            super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
+        ))
+    return entries
+
+
+def read_mountinfo(pid: int | None = None) -> list[MountEntry]:
+    with open(f"/proc/{pid or 'self'}/mountinfo", encoding="utf-8",
+              errors="surrogateescape") as f:
+        return parse_mountinfo(f.read())
+
+
+def top_mount_at(entries: list[MountEntry], path: str) -> MountEntry | None:
+    """The mount visible at `path`: the last one mounted there."""
+    found = None
+    for entry in entries:
+        if entry.mountpoint == path:
+            found = entry
+    return found
+
+
+_ATTR_OPTIONS = {
+    "ro": m.MOUNT_ATTR_RDONLY,
+    "nosuid": m.MOUNT_ATTR_NOSUID,
+    "nodev": m.MOUNT_ATTR_NODEV,
+    "noexec": m.MOUNT_ATTR_NOEXEC,
+    "noatime": m.MOUNT_ATTR_NOATIME,
+    "nodiratime": m.MOUNT_ATTR_NODIRATIME,
+    "nosymfollow": m.MOUNT_ATTR_NOSYMFOLLOW,
+}
+_ALL_ATTRS = (m.MOUNT_ATTR_RDONLY | m.MOUNT_ATTR_NOSUID | m.MOUNT_ATTR_NODEV |
+              m.MOUNT_ATTR_NOEXEC | m.MOUNT_ATTR__ATIME | m.MOUNT_ATTR_NODIRATIME |
+              m.MOUNT_ATTR_NOSYMFOLLOW)
+
+
+def attrs_from_options(options: tuple[str, ...]) -> int:
+    attrs = 0
+    for option in options:
+        attrs |= _ATTR_OPTIONS.get(option, 0)
+    if "strictatime" in options:
+        attrs |= m.MOUNT_ATTR_STRICTATIME
+    return attrs
+
+
+def describe_placements(pid: int | None, paths: list[str],
+                        root: str | None = None) -> list[Placement]:
+    """How the mounts at `paths` (as process `pid` sees them) are placed; all must exist."""
+    entries = read_mountinfo(pid)
+    placements = []
+    for path in paths:
+        entry = top_mount_at(entries, _in_root(path, root))
+        if entry is None:
+            raise OSError(errno.ENOENT, f"nothing is mounted at {path}")
+        placements.append(Placement(path, entry.root, attrs_from_options(entry.options),
+                                    entry.propagation))
+    return placements
+
+
+def _in_root(path: str, root: str | None) -> str:
+    """mountinfo paths are relative to the reader's root; ours is the host root."""
+    if root in (None, "/"):
+        return path
+    return os.path.normpath(f"{root}/{path}")
+
+
+def _set_attrs(fd: int, attrs: int) -> None:
+    # the atime mode is one field: it is always cleared and set as a whole (relatime = 0)
+    m.mount_setattr(fd, attrs, (_ALL_ATTRS & ~attrs) | m.MOUNT_ATTR__ATIME)
+
+
+@dataclass
+class _MoveState:
+    spfs_clones: list[int]  # detached copies of SPFS at each path, to put back on failure
+    spfs_detached: list[int]  # indexes of paths SPFS was taken off
+    real_attached: list[int]  # indexes of paths the real mount sits on
+
+
+def _put_back(state: _MoveState, placements: list[Placement]) -> list[str]:
+    """Undo: SPFS again on every path it left.  Returns what could not be undone."""
+    problems = []
+    for i in reversed(state.spfs_detached):
+        path = placements[i].path
+        try:
+            if i in state.real_attached:
+                m.umount2(path, m.MNT_DETACH)
+            m.move_mount(state.spfs_clones[i], path)
+        except OSError as exc:
+            problems.append(f"{path}: {exc}")
+    return problems
+
+
+def _real_mount_for(i: int, real_fd: int, placements: list[Placement]) -> int:
+    if i == 0:
+        return real_fd
+    # a clone of the attached real mount, rooted where this bind of SPFS was rooted
+    sub_dir = placements[i].sub_root.lstrip("/")
+    return m.clone_tree(os.path.join(placements[0].path, sub_dir))
+
+
+def _move_work(real_fd: int, placements: list[Placement]) -> ChildResult:
+    if placements[0].sub_root != "/":
+        raise OSError(errno.EINVAL, f"SPFS at {placements[0].path} is not mounted at its root")
+    state = _MoveState([m.clone_tree(p.path) for p in placements], [], [])
+    try:
+        for i, placement in enumerate(placements):
+            fd = _real_mount_for(i, real_fd, placements)
+            _set_attrs(fd, placement.attr_flags)
+            m.umount2(placement.path, m.MNT_DETACH)
+            state.spfs_detached.append(i)
+            m.move_mount(fd, placement.path)
+            state.real_attached.append(i)
+            # after attaching: clones of a shared mount join its peer group, so a bind that
+            # was a slave of the mountpoint becomes a slave of the new one
+            m.mount_setattr(fd, 0, 0, placement.propagation.value)
+    except OSError as exc:
+        problems = _put_back(state, placements)
+        detail = f"; rollback problems: {'; '.join(problems)}" if problems else ""
+        raise OSError(exc.errno, f"{exc.strerror or exc}{detail}") from None
+    return ChildResult({"moved": [p.path for p in placements]})
+
+
+def move_into_place(real_fd: int, placements: list[Placement], target: Namespaces | None,
+                    timeout: float) -> None:
+    """Detach SPFS at every placement and attach the real mount `real_fd` there instead."""
+    if not placements:
+        raise OSError(errno.EINVAL, "no mountpoint to move")
+    run_in_namespaces(target, lambda: _move_work(real_fd, placements), timeout)

@@ -1,0 +1,182 @@
+"""The replace pipeline of one SPFS mount (issue 5, steps a-g), as an explicit state machine.
+
+Order and rollback (docs/manager.md has the full table):
+
+a. HELD             wait for "release" (bounded)
+b. MOUNTING_TARGET  real fs mounted, detached, in the container's namespaces (retries)
+c. PROXY            SPFS proxies onto the detached real mount: blocked tasks continue
+d. FROZEN/SWAPPING  cgroup frozen (one lock per cgroup), references moved by the swap engine
+e. MOUNTS_MOVED     SPFS detached from the mountpoint and every bind; the real mount attached
+f. THAWED           cgroup thawed; the manager drops its last reference to SPFS
+g. DONE             SPFS exits once unused; the manager notices (see manager.py)
+
+Failure before PROXY leaves SPFS as it was (FAILED).  Failure after it leaves SPFS in place and
+proxying onto the real mount, the container thawed (ROLLED_BACK).  The freezer context thaws
+on every path, and a guard process thaws if the manager itself dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from spfs.manager.freezer import CgroupFreezer, FreezerLocks, frozen
+from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper, SpfsHandle,
+                                     SwapJob)
+from spfs.manager.nsexec import Namespaces, run_in_namespaces, ChildResult
+from spfs.manager.phases import ReplacePhase as P
+from spfs.manager.phases import ReplaceProgress
+from spfs.manager.protocol import SpfsMode
+from spfs.manager.realmount import RealFs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplaceTimeouts:
+    hold: float = 900.0
+    freezer_lock: float = 120.0
+    freeze: float = 10.0
+    thaw: float = 10.0
+    move: float = 30.0
+
+
+@dataclass
+class ReplaceJob:
+    """One replace of one SPFS mount, with what it needs and what it has produced."""
+
+    mount_id: str
+    spfs: SpfsHandle
+    target: Namespaces | None
+    mountpoint: str  # as the container sees it
+    bindmounts: tuple[str, ...]
+    freeze_cgroup: str
+    real_fs: RealFs
+    progress: ReplaceProgress
+    released: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    real_fd: int | None = None  # the detached real mount, kept while SPFS may proxy onto it
+    spfs_mode_after: SpfsMode | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.mountpoint, *[b for b in self.bindmounts if b != self.mountpoint]]
+
+
+class PhaseFailure(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _stat_dev(target: Namespaces | None, path: str, timeout: float) -> int:
+    result = run_in_namespaces(target, lambda: ChildResult(os.stat(path).st_dev), timeout)
+    return int(result.value)
+
+
+class ReplacePipeline:
+    def __init__(self, mounter: RealFsMounter, mover: MountMover, swapper: ReferenceSwapper,
+                 locks: FreezerLocks, timeouts: ReplaceTimeouts = ReplaceTimeouts()) -> None:
+        self.mounter = mounter
+        self.mover = mover
+        self.swapper = swapper
+        self.locks = locks
+        self.timeouts = timeouts
+
+    def run(self, job: ReplaceJob) -> None:
+        """Run to a terminal phase; never raises, the outcome is in `job.progress`."""
+        try:
+            self._wait_release(job)
+            self._mount_target(job)
+            self._switch_to_proxy(job)
+        except PhaseFailure as exc:
+            self._give_up(job, exc, rolled_back=False)
+            return
+        try:
+            self._freeze_swap_move(job)
+        except PhaseFailure as exc:
+            self._give_up(job, exc, rolled_back=True)
+            return
+        job.spfs_mode_after = None
+        job.progress.advance(P.DONE)
+
+    # -- a
+    def _wait_release(self, job: ReplaceJob) -> None:
+        deadline = time.monotonic() + self.timeouts.hold
+        while not job.released.wait(timeout=0.5):
+            if job.cancelled.is_set():
+                raise PhaseFailure(errno.ECANCELED, "replace cancelled while held")
+            if job.spfs.exited():
+                raise PhaseFailure(errno.ESRCH, "SPFS exited while the replace was held")
+            if time.monotonic() > deadline:
+                raise PhaseFailure(errno.ETIMEDOUT, f"not released in {self.timeouts.hold} s")
+        job.progress.advance(P.MOUNTING_TARGET)
+
+    # -- b
+    def _mount_target(self, job: ReplaceJob) -> None:
+        try:
+            job.real_fd = self.mounter.mount(job.real_fs, job.target, job.mountpoint)
+        except OSError as exc:
+            raise PhaseFailure(exc.errno or errno.EIO, str(exc)) from None
+        job.progress.advance(P.PROXY)
+
+    # -- c
+    def _switch_to_proxy(self, job: ReplaceJob) -> None:
+        assert job.real_fd is not None
+        try:
+            job.spfs.set_mode(SpfsMode.PROXY, proxy_dir=self._real_root(job))
+        except OSError as exc:
+            try:  # best effort: a half-done switch must not leave SPFS on a mount we drop
+                job.spfs.set_mode(SpfsMode.STUB)
+            except OSError as again:
+                job.progress.rollback_errors.append(f"back to stub: {again}")
+            raise PhaseFailure(exc.errno or errno.EIO, f"switch to proxy: {exc}") from None
+        job.spfs_mode_after = SpfsMode.PROXY
+        job.progress.advance(P.FROZEN)
+
+    @staticmethod
+    def _real_root(job: ReplaceJob) -> str:
+        # the detached mount is reachable only through our fd
+        return f"/proc/{os.getpid()}/fd/{job.real_fd}"
+
+    # -- d, e, f
+    def _freeze_swap_move(self, job: ReplaceJob) -> None:
+        assert job.real_fd is not None
+        try:
+            placements = self.mover.describe(job.target, job.paths)
+            spfs_dev = _stat_dev(job.target, job.mountpoint, self.timeouts.move)
+            freezer = CgroupFreezer(job.freeze_cgroup)
+        except OSError as exc:
+            raise PhaseFailure(exc.errno or errno.EIO, f"preparing the freeze: {exc}") from None
+        lock = self.locks.lock_for(job.freeze_cgroup)
+        phase = P.FROZEN
+        try:
+            with frozen(freezer, lock, self.timeouts.freezer_lock, self.timeouts.freeze,
+                        self.timeouts.thaw):
+                phase = P.SWAPPING
+                job.progress.advance(P.SWAPPING)
+                self.swapper.swap(SwapJob(job.freeze_cgroup, job.target, tuple(job.paths),
+                                          spfs_dev, self._real_root(job)))
+                phase = P.MOUNTS_MOVED
+                job.progress.advance(P.MOUNTS_MOVED)
+                self.mover.move(job.real_fd, placements, job.target)
+                phase = P.THAWED
+                job.progress.advance(P.THAWED)
+        except OSError as exc:
+            raise PhaseFailure(exc.errno or errno.EIO, f"{phase.value}: {exc}") from None
+
+    def _give_up(self, job: ReplaceJob, exc: PhaseFailure, rolled_back: bool) -> None:
+        progress = job.progress
+        progress.fail(progress.phase, exc.code, str(exc))
+        if progress.phase is P.THAWED:
+            # thawed and moved: only the final bookkeeping failed, the replace stands
+            progress.advance(P.DONE)
+            return
+        if not rolled_back and job.real_fd is not None and job.spfs_mode_after is None:
+            os.close(job.real_fd)  # nothing proxies onto it: let it go
+            job.real_fd = None
+        progress.advance(P.ROLLED_BACK if rolled_back else P.FAILED)

@@ -1,0 +1,194 @@
+"""Starting and driving one `spfs` daemon (issue 3's CLI) for a `mount` request.
+
+The daemon runs as our child in our namespaces.  For a container it mounts on a staging
+directory under its work dir whose mode, owner and times were copied from the container's
+mountpoint (spfs answers the root's stat from its mountpoint); the FUSE mount is then cloned
+with open_tree and moved onto the mountpoint inside the container's mount namespace, and the
+staging mount is detached.  Readiness is the ready-fd being closed, bounded in time.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from spfs.manager import mountapi as m
+from spfs.manager.interfaces import SpfsSpec
+from spfs.manager.mounts import read_mountinfo, top_mount_at
+from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
+from spfs.manager.protocol import SpfsMode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPFS_COMMAND = (sys.executable, "-m", "spfs.fs.cli")
+
+
+@dataclass(frozen=True)
+class SpfsTimeouts:
+    ready: float = 30.0
+    control: float = 10.0
+    stop: float = 5.0
+    namespace_step: float = 10.0
+
+
+def _copy_root_stat(target: Namespaces | None, mountpoint: str, staging: str,
+                    timeout: float) -> None:
+    def work() -> ChildResult:
+        st = os.stat(mountpoint)
+        return ChildResult([st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns])
+
+    mode, uid, gid, atime, mtime = run_in_namespaces(target, work, timeout).value
+    os.chown(staging, uid, gid)
+    os.chmod(staging, mode & 0o7777)
+    os.utime(staging, ns=(atime, mtime))
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], ready_read: int, timeout: float) -> None:
+    poller = select.poll()
+    poller.register(ready_read, select.POLLHUP | select.POLLERR | select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise OSError(errno.ETIMEDOUT, f"spfs not ready in {timeout} s")
+        if poller.poll(int(min(left, 0.2) * 1000)):
+            # POLLIN means it wrote something before closing: read until EOF
+            if os.read(ready_read, 64) == b"":
+                break
+        if proc.poll() is not None:
+            raise OSError(errno.ECHILD, f"spfs exited with {proc.returncode} before ready")
+    if proc.poll() is not None:
+        raise OSError(errno.ECHILD, f"spfs exited with {proc.returncode} when ready")
+
+
+def _move_mount_work(clone_fd: int, mountpoint: str) -> ChildResult:
+    m.move_mount(clone_fd, mountpoint)
+    return ChildResult(None)
+
+
+def _unmount_work(mountpoint: str) -> ChildResult:
+    top = top_mount_at(read_mountinfo(), mountpoint)
+    if top is not None and top.fstype.startswith("fuse"):
+        m.umount2(mountpoint, m.MNT_DETACH)
+    return ChildResult(None)
+
+
+@dataclass
+class SpfsProcess:
+    """A running spfs daemon and its control socket."""
+
+    spec: SpfsSpec
+    proc: subprocess.Popen[bytes]
+    socket_path: str
+    staging: str | None = None  # where it mounted before moving into the container
+    timeouts: SpfsTimeouts = field(default_factory=SpfsTimeouts)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def set_mode(self, mode: SpfsMode, proxy_dir: str | None = None,
+                 proxy_ns_pid: int | None = None) -> None:
+        request: dict[str, object] = {"cmd": "mode", "mode": mode.value}
+        if proxy_dir is not None:
+            request["proxy_dir"] = proxy_dir
+        if proxy_ns_pid is not None:
+            request["proxy_mntns_pid"] = proxy_ns_pid
+        reply = self._control(request)
+        if not reply.get("ok", reply.get("code", 1) == 0):
+            code = int(reply.get("errno", reply.get("code", errno.EIO)) or errno.EIO)
+            raise OSError(code, f"spfs {self.spec.id}: mode {mode.value} refused: "
+                                f"{reply.get('error') or reply.get('message')}")
+
+    def _control(self, request: dict[str, object]) -> dict[str, object]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(self.timeouts.control)
+            sock.connect(self.socket_path)
+            sock.send(json.dumps(request).encode())
+            reply = json.loads(sock.recv(65536) or b"{}")
+        if not isinstance(reply, dict):
+            raise OSError(errno.EPROTO, f"spfs {self.spec.id}: bad control reply {reply!r}")
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.timeouts.stop)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(self.timeouts.stop)
+        places = [(self.spec.target, self.spec.mountpoint)]
+        if self.staging is not None:
+            places.append((None, self.staging))
+        for target, path in places:
+            try:
+                run_in_namespaces(target, lambda: _unmount_work(path),
+                                  self.timeouts.namespace_step)
+            except OSError as exc:
+                log.warning("spfs %s: unmounting %s: %s", self.spec.id, path, exc)
+
+
+@dataclass
+class SpfsProcessLauncher:
+    command: tuple[str, ...] = DEFAULT_SPFS_COMMAND
+    timeouts: SpfsTimeouts = field(default_factory=SpfsTimeouts)
+
+    def start(self, spec: SpfsSpec) -> SpfsProcess:
+        os.makedirs(spec.work_dir, mode=0o700, exist_ok=True)
+        socket_path = os.path.join(spec.work_dir, "spfs.sock")
+        staging = spec.mountpoint
+        if spec.target is not None:
+            staging = os.path.join(spec.work_dir, "mnt")
+            os.makedirs(staging, exist_ok=True)
+            _copy_root_stat(spec.target, spec.mountpoint, staging, self.timeouts.namespace_step)
+        ready_read, ready_write = os.pipe()
+        argv = [*self.command, staging, "--mode", spec.mode.value, "--socket-path", socket_path,
+                "--ready-fd", str(ready_write), "--log", spec.log_path, "--foreground",
+                *(["-v"] * spec.verbosity)]
+        if spec.proxy_dir is not None:
+            argv += ["--proxy-dir", spec.proxy_dir]
+        if spec.proxy_ns_pid is not None:
+            argv += ["--proxy-mntns-pid", str(spec.proxy_ns_pid)]
+        log.info("spfs %s: starting %s", spec.id, " ".join(argv))
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(ready_write,), stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        finally:
+            os.close(ready_write)
+        handle = SpfsProcess(spec, proc, socket_path,
+                             staging if spec.target is not None else None, self.timeouts)
+        try:
+            try:
+                _wait_ready(proc, ready_read, self.timeouts.ready)
+            finally:
+                os.close(ready_read)
+            if spec.target is not None:
+                self._move_into_container(spec, staging)
+        except BaseException:
+            handle.stop()
+            raise
+        return handle
+
+    def _move_into_container(self, spec: SpfsSpec, staging: str) -> None:
+        clone = m.clone_tree(staging)
+        try:
+            run_in_namespaces(spec.target, lambda: _move_mount_work(clone, spec.mountpoint),
+                              self.timeouts.namespace_step)
+        finally:
+            os.close(clone)
+        m.umount2(staging, m.MNT_DETACH)
+        log.info("spfs %s: mounted at %s in the namespaces of pid %d", spec.id,
+                 spec.mountpoint, spec.target.pid if spec.target else 0)

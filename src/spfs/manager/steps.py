@@ -1,0 +1,31 @@
+"""The default implementations of the pipeline's mount steps (see interfaces.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from spfs.manager.mounts import Placement, describe_placements, move_into_place
+from spfs.manager.nsexec import Namespaces
+from spfs.manager.realmount import RealFs, RetryPolicy, mount_real_fs
+
+
+@dataclass
+class NamespaceRealFsMounter:
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    legacy: bool = False  # force the mount(2) fallback (tests)
+
+    def mount(self, fs: RealFs, target: Namespaces | None, hidden_dir: str) -> int:
+        return mount_real_fs(fs, target, hidden_dir, self.policy, self.legacy)
+
+
+@dataclass
+class NamespaceMountMover:
+    timeout: float = 30.0
+
+    def describe(self, target: Namespaces | None, paths: list[str]) -> list[Placement]:
+        return describe_placements(target.pid if target else None, paths,
+                                   target.root if target else None)
+
+    def move(self, real_fd: int, placements: list[Placement],
+             target: Namespaces | None) -> None:
+        move_into_place(real_fd, placements, target, self.timeout)
