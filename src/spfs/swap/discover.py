@@ -1,0 +1,297 @@
+"""Discovery: every task, and every reference it holds on the source mount, read from /proc
+without stopping anything.  Shared fd tables, fs structs and open file descriptions are
+deduplicated with kcmp (sorted with kcmp as the comparator: O(n log n) calls)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import stat
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from spfs.swap import procfs
+from spfs.swap.model import (Description, DirRef, EpollReg, FdRef, InotifyReg, Location, MapRef,
+                             ProcessPlan, SwapPlan, Unmovable)
+from spfs.swap.ptrace import KCMP_FILE, KCMP_FILES, KCMP_FS, kcmp
+
+log = logging.getLogger(__name__)
+
+DELETED = " (deleted)"
+
+
+def resolve_location(path: str) -> Location:
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        st = os.fstat(fd)
+        mnt_id = procfs.fdinfo(os.getpid(), fd).mnt_id
+    finally:
+        os.close(fd)
+    mounts = procfs.mountinfo()
+    mount = mounts.get(mnt_id)
+    sb_path = "/"
+    if mount is not None:
+        real = os.path.realpath(path)
+        inside = os.path.relpath(real, mount.mountpoint)
+        sb_path = os.path.normpath(os.path.join(mount.root, "" if inside == "." else inside))
+    same_sb = frozenset(m.mnt_id for m in mounts.values() if m.dev == st.st_dev) | {mnt_id}
+    return Location(path=path, dev=st.st_dev, mnt_ids=same_sb, sb_path=sb_path)
+
+
+def cgroup_pids(cgroup: str) -> list[int]:
+    """Every process in the cgroup and its descendants (the freezer acts on the whole subtree)."""
+    pids: set[int] = set()
+    for dirpath, _dirs, files in os.walk(cgroup):
+        if "cgroup.procs" in files:
+            pids.update(int(x) for x in Path(dirpath, "cgroup.procs").read_text().split())
+    return sorted(pids)
+
+
+def tree_pids(roots: list[int]) -> list[int]:
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        try:
+            todo.extend(procfs.children(pid))
+        except FileNotFoundError:
+            continue
+        seen.add(pid)
+    return sorted(seen)
+
+
+def _kcmp_sort(items: list, key) -> list[list]:
+    """Group items whose kernel objects are identical (kcmp == 0), via sorting."""
+    def compare(a, b) -> int:
+        return {0: 0, 1: -1, 2: 1}.get(key(a, b), 0)
+
+    ordered = sorted(items, key=functools.cmp_to_key(compare))
+    groups: list[list] = []
+    for item in ordered:
+        if groups and key(groups[-1][0], item) == 0:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+@dataclass
+class _FoundFd:
+    pid: int
+    fd: int
+    info: procfs.FdInfo
+    st: os.stat_result
+    rel: str | None
+    deleted: bool
+
+
+class _Scanner:
+    def __init__(self, source: Location, path_map: dict[str, str]):
+        self.source = source
+        self.path_map = path_map
+        self.mountinfo_by_ns: dict[int, dict[int, procfs.Mount]] = {}
+        self.unmovable: list[Unmovable] = []
+
+    def sb_relative(self, pid: int, link: str, mnt_id: int | None) -> str | None:
+        """Path of a link target relative to the source, or None when outside it."""
+        mounts = self._mounts(pid)
+        mount = mounts.get(mnt_id) if mnt_id is not None else None
+        if mount is None and mnt_id is None:
+            candidates = [m for m in mounts.values() if m.dev == self.source.dev and
+                          (link == m.mountpoint or link.startswith(m.mountpoint.rstrip("/") + "/"))]
+            mount = max(candidates, key=lambda m: len(m.mountpoint), default=None)
+        if mount is not None:
+            inside = os.path.relpath(link, mount.mountpoint)
+            sb = os.path.normpath(os.path.join(mount.root, "" if inside == "." else inside))
+        else:  # a detached mount: links read relative to its root
+            sb = link
+        rel = os.path.relpath(sb, self.source.sb_path)
+        if rel == ".":
+            return ""
+        if rel.startswith(".."):
+            return None
+        return rel
+
+    def _mounts(self, pid: int) -> dict[int, procfs.Mount]:
+        ns = procfs.ns_inode(pid, "mnt")
+        if ns not in self.mountinfo_by_ns:
+            self.mountinfo_by_ns[ns] = procfs.mountinfo(pid)
+        return self.mountinfo_by_ns[ns]
+
+    def on_source(self, st: os.stat_result, mnt_id: int | None) -> bool:
+        return st.st_dev == self.source.dev or (mnt_id is not None and mnt_id in self.source.mnt_ids)
+
+    def scan_process(self, pid: int) -> tuple[ProcessPlan, list[_FoundFd], list[tuple[int, procfs.FdInfo]]]:
+        status = procfs.status(pid)
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        vmas = procfs.maps(pid)
+        vdso = next(((v.start, v.end) for v in vmas if v.path == "[vdso]"), None)
+        numbers = procfs.fd_numbers(pid)
+        plan = ProcessPlan(pid=pid, tids=procfs.threads(pid), comm=comm, sig_ignored=status.sig_ignored,
+                           sig_caught=status.sig_caught, vdso=vdso, fd_numbers=numbers)
+        found: list[_FoundFd] = []
+        anon: list[tuple[int, procfs.FdInfo]] = []
+        for fd in numbers:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("/"):
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    if st.st_dev != self.source.dev:
+                        continue
+                    info = procfs.fdinfo(pid, fd)
+                    deleted = st.st_nlink == 0 and link.endswith(DELETED)
+                    name = link[: -len(DELETED)] if deleted else link
+                    rel = self.sb_relative(pid, name, info.mnt_id)
+                    if rel is None and info.mnt_id not in self.source.mnt_ids:
+                        continue
+                    found.append(_FoundFd(pid, fd, info, st, rel, deleted))
+                elif link in ("anon_inode:[eventpoll]", "anon_inode:inotify"):
+                    anon.append((fd, procfs.fdinfo(pid, fd)))
+                elif link.startswith("socket:"):
+                    continue  # unix sockets bound on A: not handled yet (see docs/swap.md)
+            except FileNotFoundError:
+                continue  # closed while we looked; revalidation after the stop catches the rest
+        for kind in ("cwd", "root"):
+            link = os.readlink(f"/proc/{pid}/{kind}")
+            st = os.stat(f"/proc/{pid}/{kind}")
+            if self.on_source(st, None):
+                rel = self.sb_relative(pid, link, None)
+                if rel is None:
+                    self.unmovable.append(Unmovable(pid, kind, f"{link} is outside the source subtree"))
+                else:
+                    plan.dirs.append(DirRef(pid, kind, rel))
+        for vma in vmas:
+            if vma.dev == self.source.dev and vma.ino:
+                rel = self.sb_relative(pid, vma.path.removesuffix(DELETED), None)
+                plan.maps.append(MapRef(pid, vma, rel or vma.path))
+                self.unmovable.append(Unmovable(pid, f"mapping {vma.start:#x}-{vma.end:#x} {vma.path}",
+                                                "file mappings are not swapped yet"))
+        try:
+            exe_st = os.stat(f"/proc/{pid}/exe")
+            if exe_st.st_dev == self.source.dev:
+                plan.exe = os.readlink(f"/proc/{pid}/exe")
+                self.unmovable.append(Unmovable(pid, f"exe {plan.exe}", "moving /proc/PID/exe is not done yet"))
+        except (FileNotFoundError, PermissionError):
+            pass
+        return plan, found, anon
+
+
+def _dedupe_descriptions(found: list[_FoundFd], unmovable: list[Unmovable],
+                         path_map: dict[str, str]) -> tuple[list[Description], dict[tuple[int, int], Description]]:
+    by_inode: dict[tuple[int, int], list[_FoundFd]] = defaultdict(list)
+    for f in found:
+        by_inode[(f.st.st_dev, f.st.st_ino)].append(f)
+    descriptions: list[Description] = []
+    owner: dict[tuple[int, int], Description] = {}
+    for group in by_inode.values():
+        sets = _kcmp_sort(group, lambda a, b: kcmp(a.pid, b.pid, KCMP_FILE, a.fd, b.fd)) if len(group) > 1 else [group]
+        for same in sets:
+            first = same[0]
+            rel = first.rel
+            if first.deleted:
+                mapped = path_map.get(rel or "") if rel is not None else None
+                if mapped is None:
+                    for f in same:
+                        unmovable.append(Unmovable(f.pid, f"fd {f.fd}", f"file {rel!r} is unlinked on the source "
+                                                   "and no path map entry names its replacement"))
+                    continue
+                rel = mapped
+            if rel is None:
+                for f in same:
+                    unmovable.append(Unmovable(f.pid, f"fd {f.fd}", "file is outside the source subtree"))
+                continue
+            kind = stat.S_IFMT(first.st.st_mode)
+            if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO):
+                for f in same:
+                    unmovable.append(Unmovable(f.pid, f"fd {f.fd}", f"file type {oct(kind)} is not supported"))
+                continue
+            desc = Description(index=len(descriptions), rel=rel, flags=first.info.flags, mode=first.st.st_mode,
+                               holders=[(f.pid, f.fd) for f in same])
+            desc.locks = [lk for f in same for lk in f.info.locks if lk.kind in ("FLOCK", "OFDLCK")]
+            descriptions.append(desc)
+            for f in same:
+                owner[(f.pid, f.fd)] = desc
+    return descriptions, owner
+
+
+def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[int] | None = None,
+             path_map: dict[str, str] | None = None) -> SwapPlan:
+    if (cgroup is None) == (not pids):
+        raise ValueError("give exactly one of a cgroup or a list of pids")
+    if not os.path.isdir(target):
+        raise FileNotFoundError(f"target {target} is not a directory")
+    location = resolve_location(source)
+    path_map = dict(path_map or {})
+    all_pids = cgroup_pids(cgroup) if cgroup else tree_pids(pids or [])
+    me = os.getpid()
+    if me in all_pids:
+        raise ValueError("the manager itself is inside the set of processes to switch")
+    scanner = _Scanner(location, path_map)
+    processes: list[ProcessPlan] = []
+    found: list[_FoundFd] = []
+    anon: dict[int, list[tuple[int, procfs.FdInfo]]] = {}
+    for pid in all_pids:
+        try:
+            plan, pfound, panon = scanner.scan_process(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+        if plan.vdso is None and not Path(f"/proc/{pid}/exe").exists():
+            continue  # kernel thread
+        processes.append(plan)
+        found.extend(pfound)
+        anon[pid] = panon
+    unmovable = scanner.unmovable
+    descriptions, owner = _dedupe_descriptions(found, unmovable, path_map)
+    by_pid = {p.pid: p for p in processes}
+    for f in found:
+        desc = owner.get((f.pid, f.fd))
+        if desc is None:
+            continue
+        posix = [lk for lk in f.info.locks if lk.kind == "POSIX"]
+        by_pid[f.pid].fds.append(FdRef(f.pid, f.fd, desc, cloexec=bool(f.info.flags & os.O_CLOEXEC),
+                                       posix_locks=posix))
+    _attach_anon(processes, anon, owner, location, unmovable)
+    _mark_shared_tables(processes)
+    for p in processes:
+        if p.has_work and p.vdso is None:
+            unmovable.append(Unmovable(p.pid, "process", "no [vdso] mapping to host the injected code"))
+    log.info("discovered %d processes, %d descriptions on %s, %d unmovable", len(processes),
+             len(descriptions), source, len(unmovable))
+    return SwapPlan(source=location, target=target, processes=processes, descriptions=descriptions,
+                    unmovable=unmovable, cgroup=cgroup, path_map=path_map)
+
+
+def _kernel_dev(sdev: int) -> int:
+    return os.makedev(sdev >> 20, sdev & 0xFFFFF)
+
+
+def _attach_anon(processes: list[ProcessPlan], anon: dict[int, list[tuple[int, procfs.FdInfo]]],
+                 owner: dict[tuple[int, int], Description], source: Location,
+                 unmovable: list[Unmovable]) -> None:
+    for p in processes:
+        for fd, info in anon.get(p.pid, []):
+            for target in info.epoll:
+                desc = owner.get((p.pid, target.tfd))
+                if desc is not None:
+                    p.epoll.append(EpollReg(p.pid, fd, target, desc))
+            for watch in info.inotify:
+                if _kernel_dev(watch.sdev) == source.dev:
+                    p.inotify.append(InotifyReg(p.pid, fd, watch))
+                    unmovable.append(Unmovable(p.pid, f"inotify fd {fd} wd {watch.wd}",
+                                               "inotify watches on the source are not moved yet"))
+
+
+def _mark_shared_tables(processes: list[ProcessPlan]) -> None:
+    """Processes sharing an fd table (CLONE_FILES) or fs struct (CLONE_FS) are swapped once."""
+    with_fds = [p for p in processes if p.fds or p.epoll]
+    for group in _kcmp_sort(with_fds, lambda a, b: kcmp(a.pid, b.pid, KCMP_FILES)):
+        for p in group[1:]:
+            p.fd_table_of = group[0].pid
+    with_dirs = [p for p in processes if p.dirs]
+    for group in _kcmp_sort(with_dirs, lambda a, b: kcmp(a.pid, b.pid, KCMP_FS)):
+        for p in group[1:]:
+            p.fs_of = group[0].pid

@@ -1,0 +1,166 @@
+"""State of one switch: what was found (plan), what was opened on B, and the outcome."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+
+from spfs.swap.procfs import EpollTarget, InotifyWatch, Lock, Vma
+
+
+class Phase(enum.Enum):
+    DISCOVERED = "discovered"
+    PREPARED = "prepared"
+    STOPPED = "stopped"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+    RELEASED = "released"
+
+
+ALLOWED = {
+    Phase.DISCOVERED: {Phase.PREPARED, Phase.FAILED, Phase.RELEASED},
+    Phase.PREPARED: {Phase.STOPPED, Phase.FAILED, Phase.RELEASED},
+    Phase.STOPPED: {Phase.COMMITTED, Phase.ROLLED_BACK, Phase.FAILED},
+    Phase.COMMITTED: {Phase.RELEASED},
+    Phase.ROLLED_BACK: {Phase.RELEASED},
+    Phase.FAILED: {Phase.RELEASED},
+    Phase.RELEASED: set(),
+}
+
+
+class SwapError(RuntimeError):
+    """The switch could not be done; every task was left running on the source."""
+
+
+@dataclass
+class Location:
+    """A mount given by a path in the manager's view (may be /proc/PID/fd/N)."""
+
+    path: str
+    dev: int
+    mnt_ids: frozenset[int]
+    sb_path: str  # the path's place inside its filesystem, for matching bind mounts
+
+
+@dataclass
+class Description:
+    """One open file description on A, shared by every (pid, fd) in holders."""
+
+    index: int
+    rel: str  # path relative to A (or the name on B given by the caller's path map)
+    flags: int
+    mode: int
+    holders: list[tuple[int, int]] = field(default_factory=list)
+    locks: list[Lock] = field(default_factory=list)
+    old_fd: int = -1  # the manager's own reference to the A description (pidfd_getfd)
+    new_fd: int = -1  # the description opened on B
+
+
+@dataclass
+class FdRef:
+    pid: int
+    fd: int
+    desc: Description
+    cloexec: bool
+    posix_locks: list[Lock] = field(default_factory=list)
+
+
+@dataclass
+class EpollReg:
+    pid: int
+    epfd: int
+    target: EpollTarget
+    desc: Description
+
+
+@dataclass
+class InotifyReg:
+    pid: int
+    ifd: int
+    watch: InotifyWatch
+
+
+@dataclass
+class DirRef:
+    """cwd or root of a task."""
+
+    pid: int
+    kind: str  # "cwd" or "root"
+    rel: str
+    old_fd: int = -1
+    new_fd: int = -1
+
+
+@dataclass
+class MapRef:
+    pid: int
+    vma: Vma
+    rel: str
+
+
+@dataclass
+class Unmovable:
+    pid: int
+    what: str
+    reason: str
+
+
+@dataclass
+class ProcessPlan:
+    pid: int
+    tids: list[int]
+    comm: str
+    sig_ignored: int
+    sig_caught: int
+    vdso: tuple[int, int] | None
+    fd_numbers: list[int]
+    fds: list[FdRef] = field(default_factory=list)
+    epoll: list[EpollReg] = field(default_factory=list)
+    inotify: list[InotifyReg] = field(default_factory=list)
+    dirs: list[DirRef] = field(default_factory=list)
+    maps: list[MapRef] = field(default_factory=list)
+    exe: str | None = None
+    fd_table_of: int | None = None  # pid whose injection also serves this shared fd table
+    fs_of: int | None = None  # same for a shared fs_struct (cwd/root)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.fds or self.dirs or self.epoll)
+
+
+@dataclass
+class SwapPlan:
+    source: Location
+    target: str
+    processes: list[ProcessPlan]
+    descriptions: list[Description]
+    unmovable: list[Unmovable]
+    cgroup: str | None
+    phase: Phase = Phase.DISCOVERED
+    caller_froze: bool = False
+    path_map: dict[str, str] = field(default_factory=dict)
+
+    def advance(self, phase: Phase) -> None:
+        if phase not in ALLOWED[self.phase]:
+            raise RuntimeError(f"switch cannot go from {self.phase.value} to {phase.value}")
+        self.phase = phase
+
+
+@dataclass
+class SwapReport:
+    ok: bool
+    phase: str
+    processes: int
+    threads: int
+    fds_moved: int
+    descriptions_moved: int
+    dirs_moved: int
+    epoll_readded: int
+    unmovable: list[dict]
+    error: str | None = None
+    stop_window_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,170 @@
+"""Readers for the /proc files the engine needs (one function per file, no caching)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mount:
+    mnt_id: int
+    dev: int  # st_dev encoding (os.makedev)
+    root: str  # path inside the filesystem that is mounted here
+    mountpoint: str
+    fstype: str
+
+
+def mountinfo(pid: int | str = "self") -> dict[int, Mount]:
+    mounts = {}
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            parts = left.split()
+            major, minor = parts[2].split(":")
+            mounts[int(parts[0])] = Mount(int(parts[0]), os.makedev(int(major), int(minor)),
+                                          unescape(parts[3]), unescape(parts[4]), right.split()[0])
+    return mounts
+
+
+def unescape(path: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+
+
+@dataclass(frozen=True)
+class Lock:
+    kind: str  # POSIX, FLOCK, OFDLCK, LEASE...
+    mode: str  # ADVISORY / MANDATORY
+    access: str  # READ / WRITE
+    pid: int
+    start: int
+    end: int | None  # None means EOF
+
+
+@dataclass(frozen=True)
+class EpollTarget:
+    tfd: int
+    events: int
+    data: int
+    ino: int
+    sdev: int
+
+
+@dataclass(frozen=True)
+class InotifyWatch:
+    wd: int
+    ino: int
+    sdev: int
+    mask: int
+
+
+@dataclass
+class FdInfo:
+    pos: int
+    flags: int
+    mnt_id: int
+    ino: int
+    locks: list[Lock] = field(default_factory=list)
+    epoll: list[EpollTarget] = field(default_factory=list)
+    inotify: list[InotifyWatch] = field(default_factory=list)
+
+
+_LOCK = re.compile(r"lock:\s+\d+:\s+(?:->\s+)?(\S+)\s+(\S+)\s+(\S+)\s+(-?\d+)\s+\S+\s+(\d+)\s+(\S+)")
+_TFD = re.compile(r"tfd:\s+(\d+)\s+events:\s+([0-9a-f]+)\s+data:\s+([0-9a-f]+)\s+pos:\d+\s+ino:([0-9a-f]+)\s+sdev:([0-9a-f]+)")
+_INOTIFY = re.compile(r"inotify wd:(\d+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+)")
+
+
+def fdinfo(pid: int, fd: int) -> FdInfo:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        text = f.read()
+    return parse_fdinfo(text)
+
+
+def parse_fdinfo(text: str) -> FdInfo:
+    values = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("pos", "flags", "mnt_id", "ino"):
+            values[key] = value.strip()
+    info = FdInfo(pos=int(values.get("pos", "0")), flags=int(values.get("flags", "0"), 8),
+                  mnt_id=int(values.get("mnt_id", "-1")), ino=int(values.get("ino", "0")))
+    for m in _LOCK.finditer(text):
+        end = None if m.group(6) == "EOF" else int(m.group(6))
+        info.locks.append(Lock(m.group(1), m.group(2), m.group(3), int(m.group(4)), int(m.group(5)), end))
+    for m in _TFD.finditer(text):
+        info.epoll.append(EpollTarget(int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16),
+                                      int(m.group(4), 16), int(m.group(5), 16)))
+    for m in _INOTIFY.finditer(text):
+        info.inotify.append(InotifyWatch(int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16),
+                                         int(m.group(4), 16)))
+    return info
+
+
+@dataclass(frozen=True)
+class Vma:
+    start: int
+    end: int
+    perms: str  # e.g. "rw-p"
+    offset: int
+    dev: int
+    ino: int
+    path: str
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+
+def maps(pid: int) -> list[Vma]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            major, minor = (int(x, 16) for x in parts[3].split(":"))
+            path = parts[5].rstrip("\n") if len(parts) > 5 else ""
+            out.append(Vma(start, end, parts[1], int(parts[2], 16), os.makedev(major, minor),
+                           int(parts[4]), path))
+    return out
+
+
+@dataclass(frozen=True)
+class Status:
+    tgid: int
+    nspid: tuple[int, ...]
+    sig_ignored: int
+    sig_caught: int
+
+
+def status(pid: int) -> Status:
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return Status(int(fields["Tgid"]), tuple(int(x) for x in fields.get("NSpid", str(pid)).split()),
+                  int(fields["SigIgn"], 16), int(fields["SigCgt"], 16))
+
+
+def threads(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for tid in threads(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def fd_numbers(pid: int) -> list[int]:
+    return sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
+
+
+def ns_inode(pid: int | str, ns: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{ns}").st_ino

@@ -1,0 +1,150 @@
+"""Running syscalls inside a seized, stopped task (the compel-like layer).
+
+The code of blob.S is written into the zero tail of the task's [vdso] page (a private
+copy-on-write page: other processes are unaffected), together with the registers the
+task must resume with.  Each injection sets rip to an entry of that code and continues
+the task; the code ends by sending the task a signal it ignores, which stops it for us.
+If the tracer dies instead, the signal is dropped and the code restores the registers
+itself, so a killed manager never leaves a task with altered registers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+from spfs.swap import blob, ptrace
+from spfs.swap.arch import Nr, UserRegs, as_resumed
+from spfs.swap.table import SyscallTable
+
+log = logging.getLogger(__name__)
+
+PROT_RW = 0x3
+MAP_PRIVATE_ANON = 0x22
+PAGE = 4096
+REGION = 512  # bytes reserved at the end of the vdso mapping (blob.SIZE rounded up)
+
+# Default action "ignore": dropping them has no effect on a task that does not catch them.
+MARKER_CANDIDATES = (signal.SIGURG, signal.SIGWINCH, signal.SIGCHLD)
+NEVER_MARKERS = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT}
+
+
+class InjectionError(RuntimeError):
+    pass
+
+
+def choose_marker_signal(sig_ignored: int, sig_caught: int, blocked: int) -> int | None:
+    """A signal the task neither catches nor blocks and whose delivery does nothing."""
+    def bit(sig: int) -> int:
+        return 1 << (sig - 1)
+
+    for sig in range(1, 65):
+        if sig in NEVER_MARKERS:
+            continue
+        if sig_ignored & bit(sig) and not blocked & bit(sig):
+            return sig
+    for sig in MARKER_CANDIDATES:
+        if not (sig_caught | sig_ignored | blocked) & bit(sig):
+            return int(sig)
+    return None
+
+
+@dataclass
+class Tracee:
+    """A seized thread, with the registers it must leave its stop with."""
+
+    tid: int
+    tgid: int
+    regs: UserRegs | None = None
+    pending: list[ptrace.SigInfo] = field(default_factory=list)
+
+    def record_signal(self) -> None:
+        self.pending.append(ptrace.getsiginfo(self.tid))
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    failed_index: int
+    error: int  # -errno of the failed entry
+
+
+class Injector:
+    """Injection into one thread of one process; other threads of it stay stopped."""
+
+    def __init__(self, tracee: Tracee, vdso: tuple[int, int], marker_signal: int, timeout: float):
+        assert tracee.regs is not None
+        self.tracee = tracee
+        self.marker_signal = marker_signal
+        self.timeout = timeout
+        self.base = vdso[1] - REGION
+        self.mem = -1
+        self.original = b""
+
+    def install(self) -> None:
+        self.mem = os.open(f"/proc/{self.tracee.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        self.original = os.pread(self.mem, REGION, self.base)
+        if any(self.original) and not self.original.startswith(blob.CODE):
+            raise InjectionError(f"task {self.tracee.tid}: the end of [vdso] is not free")
+        resume = as_resumed(self.tracee.regs)
+        image = blob.image(self.tracee.tgid, self.tracee.tid, self.marker_signal, resume)
+        os.pwrite(self.mem, image, self.base)
+
+    def uninstall(self) -> None:
+        """Put back the vdso bytes (zeros) and the task's registers; the task stays stopped."""
+        if self.mem < 0:
+            return
+        try:
+            os.pwrite(self.mem, bytes(len(self.original)), self.base)
+            ptrace.setregs(self.tracee.tid, self.tracee.regs)
+        finally:
+            os.close(self.mem)
+            self.mem = -1
+
+    def _enter(self, entry: int, **values: int) -> UserRegs:
+        regs = self.tracee.regs.copy()
+        regs.rip = self.base + entry
+        regs.orig_rax = ctypes.c_ulonglong(-1).value
+        for name, value in values.items():
+            setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
+        ptrace.setregs(self.tracee.tid, regs)
+        ptrace.cont(self.tracee.tid)
+        return self._wait_marker()
+
+    def _wait_marker(self) -> UserRegs:
+        tid = self.tracee.tid
+        while True:
+            stop = ptrace.wait_stop(tid, self.timeout)
+            if stop.exited:
+                raise InjectionError(f"task {tid} exited during injection (status {stop.status:#x})")
+            if stop.is_signal_delivery:
+                regs = ptrace.getregs(tid)
+                if stop.signal == self.marker_signal and regs.rip == self.base + blob.MARKER_END:
+                    return regs
+                if stop.signal == ptrace.SIGTRAP or stop.signal in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL):
+                    raise InjectionError(f"task {tid}: injected code faulted with signal {stop.signal} "
+                                         f"at {regs.rip:#x}")
+                self.tracee.record_signal()  # delivered again before detach
+            ptrace.cont(tid)
+
+    def syscall(self, nr: int, *args: int) -> int:
+        names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+        regs = self._enter(blob.ENTRY_SINGLE, rax=nr, **dict(zip(names, args)))
+        return ctypes.c_longlong(regs.rbx).value
+
+    def run(self, table: SyscallTable) -> RunResult:
+        if not table.entries:
+            return RunResult(True, -1, 0)
+        length = (table.size + PAGE - 1) // PAGE * PAGE
+        scratch = self.syscall(Nr.mmap, 0, length, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
+        if -4096 < scratch < 0:
+            raise InjectionError(f"task {self.tracee.tid}: mmap of {length} bytes failed: {os.strerror(-scratch)}")
+        os.pwrite(self.mem, table.serialize(scratch), scratch)
+        regs = self._enter(blob.ENTRY_RUN, r12=scratch, r13=len(table.entries), r14=scratch, r15=length)
+        if regs.r13 == 0:
+            return RunResult(True, -1, 0)
+        index = (regs.r12 - scratch) // blob.TABLE_ENTRY_SIZE
+        return RunResult(False, index, ctypes.c_longlong(regs.rbx).value)
