@@ -10,6 +10,7 @@ already left.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from dataclasses import dataclass
@@ -140,6 +141,13 @@ def describe_placements(pid: int | None, paths: list[str],
         placements.append(Placement(path, entry.root, attrs_from_options(entry.options),
                                     entry.propagation))
     return placements
+
+
+def with_mountpoint_flags(placements: list[Placement], ms_flags: int) -> list[Placement]:
+    """The mountpoint gets the flags recorded for the real mount (SPFS's own mount has FUSE's
+    defaults there); binds keep the flags they have."""
+    first = dataclasses.replace(placements[0], attr_flags=m.mount_attr_from_ms(ms_flags))
+    return [first, *placements[1:]]
 
 
 def _in_root(path: str, root: str | None) -> str:

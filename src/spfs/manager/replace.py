@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from spfs.manager.freezer import CgroupFreezer, FreezerLocks, frozen
 from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper, SpfsHandle,
                                      SwapJob)
-from spfs.manager.nsexec import Namespaces, run_in_namespaces, ChildResult
+from spfs.manager.mounts import with_mountpoint_flags
+from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
 from spfs.manager.phases import ReplacePhase as P
 from spfs.manager.phases import ReplaceProgress
 from spfs.manager.protocol import SpfsMode
@@ -147,7 +148,8 @@ class ReplacePipeline:
     def _freeze_swap_move(self, job: ReplaceJob) -> None:
         assert job.real_fd is not None
         try:
-            placements = self.mover.describe(job.target, job.paths)
+            placements = with_mountpoint_flags(self.mover.describe(job.target, job.paths),
+                                               job.real_fs.flags)
             spfs_dev = _stat_dev(job.target, job.mountpoint, self.timeouts.move)
             freezer = CgroupFreezer(job.freeze_cgroup)
         except OSError as exc:

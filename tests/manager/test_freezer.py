@@ -1,0 +1,137 @@
+"""Freezing real cgroups, v1 (freezer.state) and v2 (cgroup.freeze)."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from spfs.manager.freezer import CgroupFreezer, FreezeError, FreezerVersion, frozen
+
+from manager_helpers import kill_and_reap, wait_for
+
+COUNTER = ("import sys, time\n"
+           "n = 0\n"
+           "while True:\n"
+           "    n += 1\n"
+           "    open(sys.argv[1], 'w').write(str(n))\n"
+           "    time.sleep(0.005)\n")
+
+
+@pytest.fixture
+def counter(cgroup, tmp_path):
+    out = tmp_path / "count"
+    proc = subprocess.Popen([sys.executable, "-c", COUNTER, str(out)])
+    try:
+        cgroup.add(proc.pid)
+        wait_for(lambda: out.exists() and out.read_text(), what="counter start")
+        yield proc, out
+    finally:
+        cgroup.thaw()
+        kill_and_reap(proc)
+
+
+def _progress(out, seconds=0.1):
+    before = out.read_text()
+    time.sleep(seconds)
+    return out.read_text() != before
+
+
+def test_detects_version(cgroup):
+    assert CgroupFreezer(cgroup.path).version is FreezerVersion(cgroup.version)
+
+
+def test_not_a_cgroup(tmp_path):
+    with pytest.raises(FreezeError) as info:
+        CgroupFreezer(tmp_path)
+    assert info.value.errno == errno.ENOENT
+
+
+def test_freeze_stops_the_tasks_and_thaw_resumes_them(cgroup, counter):
+    _, out = counter
+    freezer = CgroupFreezer(cgroup.path)
+    freezer.freeze(5)
+    try:
+        assert cgroup.frozen() and freezer.is_frozen()
+        assert not _progress(out)
+    finally:
+        freezer.thaw(5)
+    assert not cgroup.frozen()
+    assert _progress(out)
+
+
+def test_context_thaws_when_the_body_fails(cgroup, counter):
+    _, out = counter
+    with pytest.raises(RuntimeError):
+        with frozen(CgroupFreezer(cgroup.path), threading.Lock(), 1, 5, 5):
+            assert cgroup.frozen()
+            raise RuntimeError("swap failed")
+    assert not cgroup.frozen() and _progress(out)
+
+
+def test_lock_serialises_replaces_of_one_cgroup(cgroup, counter):
+    lock = threading.Lock()
+    lock.acquire()  # another replace holds the freezer
+    try:
+        with pytest.raises(FreezeError) as info:
+            with frozen(CgroupFreezer(cgroup.path), lock, 0.1, 5, 5):
+                pass
+        assert info.value.errno == errno.EBUSY
+        assert not cgroup.frozen()
+    finally:
+        lock.release()
+
+
+def test_guard_thaws_when_the_freezing_process_is_killed(cgroup, counter):
+    """The manager dying while frozen must not leave the container frozen."""
+    _, out = counter
+    code = ("import sys, threading, time\n"
+            "from spfs.manager.freezer import CgroupFreezer, frozen\n"
+            "with frozen(CgroupFreezer(sys.argv[1]), threading.Lock(), 1, 5, 5):\n"
+            "    print('frozen', flush=True)\n"
+            "    time.sleep(60)\n")
+    freezer_proc = subprocess.Popen([sys.executable, "-c", code, str(cgroup.path)],
+                                    stdout=subprocess.PIPE, text=True)
+    try:
+        assert freezer_proc.stdout.readline().strip() == "frozen"
+        assert cgroup.frozen()
+        os.kill(freezer_proc.pid, signal.SIGKILL)
+        wait_for(lambda: not cgroup.frozen(), timeout=5, what="guard thaw")
+        assert _progress(out)
+    finally:
+        kill_and_reap(freezer_proc)
+
+
+def test_freeze_that_cannot_complete_times_out_thawed(cgroup, tmp_path):
+    """A task sleeping in a FUSE request that never gets answered (a task parked on an SPFS
+    stub) keeps the cgroup from freezing: we give up in time and leave it thawed."""
+    mnt = tmp_path / "fuse"
+    mnt.mkdir()
+    fs = subprocess.Popen([sys.executable, str(Path(__file__).parent / "blocking_fuse.py"),
+                           str(mnt)], stdout=subprocess.PIPE, text=True)
+    reader = None
+    try:
+        assert fs.stdout.readline().strip() == "ready"
+        reader = subprocess.Popen([sys.executable, "-c",
+                                   f"open({str(mnt / 'block')!r}, 'rb').read(10)"])
+        cgroup.add(reader.pid)
+        wait_for(lambda: Path(f"/proc/{reader.pid}/wchan").read_text() not in ("0", ""),
+                 what="reader blocked")
+        time.sleep(0.2)
+        freezer = CgroupFreezer(cgroup.path)
+        started = time.monotonic()
+        with pytest.raises(FreezeError) as info:
+            freezer.freeze(0.5)
+        assert info.value.errno == errno.ETIMEDOUT
+        assert time.monotonic() - started < 3
+        assert freezer.is_thawed() and not cgroup.frozen()
+    finally:
+        kill_and_reap(fs)  # aborts the connection: the reader gets an error and exits
+        if reader is not None:
+            kill_and_reap(reader)
+        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
