@@ -140,6 +140,7 @@ class SwapPlan:
     phase: Phase = Phase.DISCOVERED
     caller_froze: bool = False
     path_map: dict[str, str] = field(default_factory=dict)
+    prepared: object | None = None  # prepare.Prepared once prepared
 
     def advance(self, phase: Phase) -> None:
         if phase not in ALLOWED[self.phase]:

@@ -1,0 +1,95 @@
+"""Python API of the swap engine: discover -> prepare -> commit (see docs/swap.md)."""
+
+from __future__ import annotations
+
+import logging
+
+from spfs.swap.arch import require_x86_64
+from spfs.swap.discover import discover as _discover
+from spfs.swap.engine import Engine, FailPoint
+from spfs.swap.model import Phase, SwapError, SwapPlan, SwapReport
+from spfs.swap.prepare import Prepared
+from spfs.swap.prepare import prepare as _prepare
+
+log = logging.getLogger(__name__)
+
+
+def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[int] | None = None,
+             path_map: dict[str, str] | None = None) -> SwapPlan:
+    """Find every task and reference on `source`; stops nothing."""
+    require_x86_64()
+    return _discover(source, target, cgroup=cgroup, pids=pids, path_map=path_map)
+
+
+def prepare(plan: SwapPlan) -> None:
+    """Open everything on the target; stops nothing.  Raises SwapError."""
+    plan.prepared = _prepare(plan)
+
+
+def abandon(plan: SwapPlan) -> None:
+    """Drop a prepared plan without committing it."""
+    if isinstance(plan.prepared, Prepared):
+        plan.prepared.close()
+    if plan.phase in (Phase.DISCOVERED, Phase.PREPARED):
+        plan.advance(Phase.RELEASED)
+
+
+def commit(plan: SwapPlan, *, freeze: bool = True, timeout: float = 5.0, fail: FailPoint | None = None,
+           pin: bool = True) -> SwapReport:
+    """Stop, swap, resume.  On any failure every touched process is reverted to the source
+    and the report says why (ok=False); tasks are always left running (or frozen, if the
+    caller had frozen the cgroup)."""
+    if not isinstance(plan.prepared, Prepared):
+        raise SwapError("commit needs prepare(plan) first")
+    engine = Engine(plan, plan.prepared, freeze=freeze, timeout=timeout, fail=fail, pin=pin)
+    error = None
+    try:
+        engine.run()
+    except SwapError as exc:
+        error = str(exc)
+        log.error("switch failed: %s", exc)
+    finally:
+        plan.prepared.close()  # releases A's descriptions (and flock/OFD locks on A)
+    return report(plan, engine, error)
+
+
+def report(plan: SwapPlan, engine: Engine | None = None, error: str | None = None) -> SwapReport:
+    work = [p for p in plan.processes if p.has_work]
+    w = engine.window if engine else None
+    timings = {}
+    if w and w.first_stop and w.released:
+        timings = {name: t - w.first_stop for name, t in w.marks.items()}
+        timings.update(all_stopped=w.all_stopped - w.first_stop if w.all_stopped else 0.0,
+                       injected=w.injected - w.first_stop if w.injected else 0.0)
+    ok = error is None and plan.phase in (Phase.RELEASED, Phase.COMMITTED) and (
+        engine is None or engine.window.injected > 0 or not engine.units)
+    return SwapReport(
+        ok=ok,
+        phase=plan.phase.value,
+        processes=len(work),
+        threads=sum(len(p.tids) for p in work),
+        fds_moved=sum(len(p.fds) for p in work if p.fd_table_of is None) if ok else 0,
+        descriptions_moved=len(plan.descriptions) if ok else 0,
+        dirs_moved=sum(len([d for d in p.dirs if d.kind in ("cwd", "root")]) for p in work if p.fs_of is None) if ok else 0,
+        epoll_readded=sum(len(p.epoll) for p in work if p.fd_table_of is None) if ok else 0,
+        unmovable=[{"pid": u.pid, "what": u.what, "reason": u.reason} for u in plan.unmovable],
+        error=error,
+        stop_window_s=(w.released - w.first_stop) if (w and w.released and w.first_stop) else 0.0,
+        timings=timings,
+    )
+
+
+def switch(source: str, target: str, *, cgroup: str | None = None, pids: list[int] | None = None,
+           path_map: dict[str, str] | None = None, freeze: bool = True, timeout: float = 5.0,
+           allow_unmovable: bool = False) -> SwapReport:
+    """discover + prepare + commit.  Refuses (nothing stopped) when something can't be moved,
+    unless allow_unmovable."""
+    plan = discover(source, target, cgroup=cgroup, pids=pids, path_map=path_map)
+    if plan.unmovable and not allow_unmovable:
+        plan.advance(Phase.RELEASED)
+        return report(plan, None, f"{len(plan.unmovable)} references cannot be moved; nothing was stopped")
+    try:
+        prepare(plan)
+    except SwapError as exc:
+        return report(plan, None, str(exc))
+    return commit(plan, freeze=freeze, timeout=timeout)

@@ -1,0 +1,364 @@
+"""The stop window: freeze -> seize+interrupt every thread -> thaw -> wait for the stops ->
+re-validate -> inject per process -> (revert on failure) -> restore -> detach.
+
+Nothing in here may leave a task stopped, frozen or with altered registers: release()
+runs in a finally block and does best-effort work per task, and the injected code
+restores a task by itself if this process dies (see remote.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+
+from spfs.swap import procfs, ptrace, tables
+from spfs.swap.arch import check_task_regs, without_spurious_eintr
+from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
+from spfs.swap.discover import cgroup_pids
+from spfs.swap.model import Phase, ProcessPlan, SwapError, SwapPlan
+from spfs.swap.prepare import Prepared
+from spfs.swap.remote import Injector, Tracee, choose_marker_signal
+
+log = logging.getLogger(__name__)
+
+SEIZE_OPTIONS = ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACEVFORK
+PTRACE_GETEVENTMSG = 0x4201
+F_OFD_SETLK = 37
+SPLICE_F_NONBLOCK = 2
+
+# Set from a signal handler (CLI) to ask a running switch to revert and stop.
+abort_requested = threading.Event()
+
+
+@dataclass
+class FailPoint:
+    """Test hook: make the switch fail inside the table of the n-th injected process."""
+
+    unit: int
+    entry: int = 0
+
+
+class UnitFailed(SwapError):
+    pass
+
+
+@dataclass
+class Window:
+    """Timestamps of the stop window (time.perf_counter)."""
+
+    first_stop: float = 0.0
+    all_stopped: float = 0.0
+    injected: float = 0.0
+    released: float = 0.0
+    marks: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, plan: SwapPlan, prepared: Prepared, *, freeze: bool = True, timeout: float = 5.0,
+                 fail: FailPoint | None = None, pin: bool = True):
+        self.plan = plan
+        self.prepared = prepared
+        self.timeout = timeout
+        self.fail = fail
+        self.pin = pin
+        self.freezer = Freezer(plan.cgroup) if (plan.cgroup and freeze) else None
+        self.stop_set = [p for p in plan.processes if p.has_work or p.fd_table_of or p.fs_of]
+        self.units = [p for p in self.stop_set if self._does_fds(p) or self._does_dirs(p)]
+        self.tracees: dict[int, Tracee] = {}
+        self.injectors: dict[int, Injector] = {}
+        self.touched: list[ProcessPlan] = []
+        self.window = Window()
+        self.we_froze = False
+        self.caller_froze = False
+
+    @staticmethod
+    def _does_fds(p: ProcessPlan) -> bool:
+        return bool(p.fds or p.epoll) and p.fd_table_of is None
+
+    @staticmethod
+    def _does_dirs(p: ProcessPlan) -> bool:
+        return bool(p.dirs) and p.fs_of is None
+
+    # -- the whole transaction -------------------------------------------------------
+    def run(self) -> None:
+        if self.plan.phase is not Phase.PREPARED:
+            raise SwapError(f"commit needs a prepared plan (phase is {self.plan.phase.value})")
+        if not self.units:
+            self.plan.advance(Phase.STOPPED)
+            self.plan.advance(Phase.COMMITTED)
+            return
+        watchdog = Watchdog(self.freezer) if self.freezer else None
+        affinity = self._pin() if self.pin else {}
+        try:
+            self._stop_all(watchdog)
+            self.plan.advance(Phase.STOPPED)
+            self._revalidate()
+            self._set_description_state()
+            self._inject_all()
+            self.plan.advance(Phase.COMMITTED)
+        except BaseException as exc:
+            if self.plan.phase is Phase.STOPPED:
+                self._rollback()
+                self.plan.advance(Phase.ROLLED_BACK)
+            elif self.plan.phase is not Phase.FAILED:
+                self.plan.advance(Phase.FAILED)
+            if isinstance(exc, SwapError):
+                raise
+            if isinstance(exc, (OSError, TimeoutError, RuntimeError)):
+                raise SwapError(f"switch failed, everything left on the source: {exc}") from exc
+            raise
+        finally:
+            self._release(watchdog)
+            restore_affinity(affinity)
+
+    # -- stopping ---------------------------------------------------------------------
+    def _pin(self) -> dict[int, set[int]]:
+        cpu = min(os.sched_getaffinity(0))
+        tids = [threading.get_native_id()] + [t for p in self.stop_set for t in p.tids]
+        return pin_to_cpu(tids, cpu)
+
+    def _stop_all(self, watchdog: Watchdog | None) -> None:
+        self.window.first_stop = time.perf_counter()
+        if self.freezer is not None:
+            assert watchdog is not None
+            self.caller_froze = self.freezer.is_frozen()
+            watchdog.arm(restore_frozen=self.caller_froze)
+            if not self.caller_froze:
+                self.freezer.freeze(self.timeout)
+                self.we_froze = True
+            self._check_no_new_processes()
+        for p in self.stop_set:
+            self._seize_process(p)
+        if self.freezer is not None:
+            # Injected code never runs while frozen; tasks trap before any user code after thaw.
+            self.freezer.thaw(self.timeout)
+            self.we_froze = False
+        deadline = time.monotonic() + self.timeout
+        for tid in list(self.tracees):
+            self._wait_interrupt_stop(tid, deadline)
+        if self.freezer is None:
+            for p in self.stop_set:  # threads created between discovery and the seize
+                self._seize_process(p)
+            for tid in list(self.tracees):
+                if self.tracees[tid].regs is None:
+                    self._wait_interrupt_stop(tid, deadline)
+        self.window.all_stopped = time.perf_counter()
+        log.info("stopped %d threads of %d processes in %.2f ms", len(self.tracees), len(self.stop_set),
+                 (self.window.all_stopped - self.window.first_stop) * 1e3)
+
+    def _check_no_new_processes(self) -> None:
+        known = {p.pid for p in self.plan.processes}
+        new = [pid for pid in cgroup_pids(self.plan.cgroup) if pid not in known]
+        for pid in new:
+            with contextlib.suppress(FileNotFoundError):
+                if _holds_source(pid, self.plan.source.dev):
+                    raise SwapError(f"process {pid} appeared after discovery and uses the source; run the switch again")
+
+    def _seize_process(self, p: ProcessPlan) -> None:
+        for tid in procfs.threads(p.pid):
+            if tid in self.tracees:
+                continue
+            ptrace.seize(tid, SEIZE_OPTIONS)
+            self.tracees[tid] = Tracee(tid, p.pid)
+            ptrace.interrupt(tid)
+
+    def _wait_interrupt_stop(self, tid: int, deadline: float) -> None:
+        tracee = self.tracees[tid]
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SwapError(f"task {tid} did not stop in {self.timeout} s (uninterruptible sleep, "
+                                "e.g. a request parked on a stub FUSE mount?)")
+            stop = ptrace.wait_stop(tid, remaining)
+            if stop.exited:
+                del self.tracees[tid]
+                raise SwapError(f"task {tid} exited during the switch")
+            if stop.is_event_stop:
+                regs = ptrace.getregs(tid)
+                check_task_regs(regs, tid)
+                fixed = without_spurious_eintr(regs, caught_signal_pending=bool(tracee.pending))
+                if fixed is not None:
+                    ptrace.setregs(tid, fixed)
+                    regs = fixed
+                tracee.regs = regs
+                return
+            if stop.event in (ptrace.PTRACE_EVENT_CLONE, ptrace.PTRACE_EVENT_FORK, ptrace.PTRACE_EVENT_VFORK):
+                msg = ctypes.c_ulong()
+                ptrace.libc.ptrace(PTRACE_GETEVENTMSG, tid, None, ctypes.byref(msg))
+                if stop.event == ptrace.PTRACE_EVENT_CLONE:
+                    self.tracees[msg.value] = Tracee(msg.value, tracee.tgid)  # auto-attached thread
+                else:
+                    raise_later = SwapError(f"process {tracee.tgid} forked {msg.value} during the switch; run it again")
+                    self.tracees[msg.value] = Tracee(msg.value, msg.value)
+                    self._wait_interrupt_stop(msg.value, deadline)
+                    ptrace.cont(tid)
+                    raise raise_later
+                self._wait_interrupt_stop(msg.value, deadline)
+            elif stop.is_signal_delivery:
+                tracee.record_signal()
+            ptrace.cont(tid)
+
+    # -- validation and manager-side state ----------------------------------------------------
+    def _revalidate(self) -> None:
+        me = os.getpid()
+        for p in self.stop_set:
+            numbers = procfs.fd_numbers(p.pid)
+            if numbers != p.fd_numbers:
+                for fd in set(numbers) - set(p.fd_numbers):
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(f"/proc/{p.pid}/fd/{fd}").st_dev == self.plan.source.dev:
+                            raise SwapError(f"process {p.pid} opened fd {fd} on the source after discovery; "
+                                            "run the switch again")
+                p.fd_numbers = numbers
+            for ref in p.fds:
+                if ptrace.kcmp(me, p.pid, ptrace.KCMP_FILE, ref.desc.old_fd, ref.fd) != 0:
+                    raise SwapError(f"fd {ref.fd} of process {p.pid} changed after discovery; run the switch again")
+                if ref.posix_locks or stat.S_ISREG(ref.desc.mode):
+                    ref.posix_locks = [lk for lk in procfs.fdinfo(p.pid, ref.fd).locks if lk.kind == "POSIX"]
+            for d in p.dirs:
+                if d.kind in ("cwd", "root"):
+                    now = os.stat(f"/proc/{p.pid}/{d.kind}")
+                    then = os.fstat(d.old_fd)
+                    if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
+                        raise SwapError(f"{d.kind} of process {p.pid} changed after discovery; run the switch again")
+        self.window.marks["revalidated"] = time.perf_counter()
+
+    def _set_description_state(self) -> None:
+        """Offsets, flock and OFD locks live in the description: set them from here."""
+        copied_fifos: set[str] = set()
+        for desc in self.plan.descriptions:
+            if stat.S_ISREG(desc.mode) or (stat.S_ISDIR(desc.mode) and not desc.flags & os.O_PATH):
+                if not desc.flags & os.O_PATH:
+                    pos = os.lseek(desc.old_fd, 0, os.SEEK_CUR)
+                    if stat.S_ISDIR(desc.mode) and pos:
+                        log.warning("directory %s read to offset %d: directory offsets do not carry over, "
+                                    "restarting at 0", desc.rel, pos)
+                        pos = 0
+                    os.lseek(desc.new_fd, pos, os.SEEK_SET)
+            for lock in procfs.fdinfo(os.getpid(), desc.old_fd).locks:
+                if lock.kind == "FLOCK":
+                    op = fcntl.LOCK_EX if lock.access == "WRITE" else fcntl.LOCK_SH
+                    try:
+                        fcntl.flock(desc.new_fd, op | fcntl.LOCK_NB)
+                    except OSError as exc:
+                        raise SwapError(f"flock on {desc.rel} on the target is held by someone else: {exc}") from exc
+                elif lock.kind == "OFDLCK":
+                    try:
+                        fcntl.fcntl(desc.new_fd, F_OFD_SETLK, tables.flock_struct(lock))
+                    except OSError as exc:
+                        raise SwapError(f"OFD lock on {desc.rel} on the target is held by someone else: {exc}") from exc
+            if stat.S_ISFIFO(desc.mode):
+                path = os.path.join(self.plan.target, desc.rel)
+                if path not in copied_fifos:
+                    copied_fifos.add(path)
+                    _copy_pipe_content(desc.old_fd, self.prepared.fifo_keepers[path])
+        self.window.marks["descriptions"] = time.perf_counter()
+
+    # -- injection ----------------------------------------------------------------------
+    def _injector(self, p: ProcessPlan) -> Injector:
+        if p.pid in self.injectors:
+            return self.injectors[p.pid]
+        tid = p.pid if p.pid in self.tracees else next(t for t, tr in self.tracees.items() if tr.tgid == p.pid)
+        tracee = self.tracees[tid]
+        marker = choose_marker_signal(p.sig_ignored, p.sig_caught, ptrace.getsigmask(tid))
+        if marker is None:
+            raise UnitFailed(f"process {p.pid} catches or blocks every signal usable as a marker")
+        if p.vdso is None:
+            raise UnitFailed(f"process {p.pid} has no [vdso] to host the injected code")
+        injector = Injector(tracee, p.vdso, marker, self.timeout)
+        self.injectors[p.pid] = injector
+        injector.install()
+        return injector
+
+    def _inject_all(self) -> None:
+        donor = os.getpid()
+        for index, p in enumerate(self.units):
+            if abort_requested.is_set():
+                raise SwapError("switch aborted by a signal; reverting")
+            fail_after = self.fail.entry if self.fail and self.fail.unit == index else None
+            table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+                                 fail_after=fail_after)
+            injector = self._injector(p)
+            self.touched.append(p)
+            result = injector.run(table)
+            if not result.ok:
+                what = table.entries[result.failed_index].what
+                raise UnitFailed(f"process {p.pid}: {what} failed: {os.strerror(-result.error)}")
+        self.window.injected = time.perf_counter()
+
+    def _rollback(self) -> None:
+        donor = os.getpid()
+        for p in reversed(self.touched):
+            try:
+                strays = tuple(sorted(set(procfs.fd_numbers(p.pid)) - set(p.fd_numbers)))
+                table = tables.build(p, donor, forward=False, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+                                     close_first=strays)
+                result = self._injector(p).run(table)
+                if not result.ok:
+                    log.error("revert of process %d failed at %s: %s", p.pid,
+                              table.entries[result.failed_index].what, os.strerror(-result.error))
+            except Exception:  # noqa: BLE001 - keep reverting the others
+                log.exception("revert of process %d failed", p.pid)
+        log.warning("reverted %d processes to the source", len(self.touched))
+
+    # -- release --------------------------------------------------------------------------
+    def _release(self, watchdog: Watchdog | None) -> None:
+        for injector in self.injectors.values():
+            try:
+                injector.uninstall()
+            except OSError as exc:
+                log.error("could not restore task %d: %s", injector.tracee.tid, exc)
+        if self.freezer is not None and (self.caller_froze or self.we_froze):
+            with contextlib.suppress(Exception):
+                self.freezer.freeze(self.timeout)  # traced tasks count as frozen: completes at once
+        for tracee in self.tracees.values():
+            try:
+                if tracee.regs is not None and tracee.tgid not in self.injectors:
+                    ptrace.setregs(tracee.tid, tracee.regs)
+                for info in tracee.pending:
+                    ptrace.requeue_signal(tracee.tgid, tracee.tid, info)
+            except OSError as exc:
+                log.error("task %d: %s", tracee.tid, exc)
+        for tracee in self.tracees.values():
+            try:
+                ptrace.detach(tracee.tid)
+            except OSError as exc:
+                if exc.errno != 3:  # ESRCH: gone, or not stopped (then the kernel detaches on our exit)
+                    log.error("detach %d: %s", tracee.tid, exc)
+        self.window.released = time.perf_counter()
+        if self.freezer is not None and not self.caller_froze:
+            with contextlib.suppress(Exception):
+                if self.freezer.is_frozen():
+                    self.freezer.thaw(self.timeout)
+        if watchdog is not None:
+            watchdog.close()
+        self.plan.advance(Phase.RELEASED)
+
+
+def _holds_source(pid: int, dev: int) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(f"/proc/{pid}/fd/{fd}").st_dev == dev:
+                return True
+    return any(os.stat(f"/proc/{pid}/{k}").st_dev == dev for k in ("cwd", "root"))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _copy_pipe_content(fifo_fd: int, keeper: int) -> None:
+    """Duplicate what is buffered in the source FIFO into the target FIFO (tee: non-destructive)."""
+    reader = os.open(f"/proc/self/fd/{fifo_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
+        copied = _libc.tee(reader, keeper, ctypes.c_size_t(size), SPLICE_F_NONBLOCK)
+        if copied < 0 and ctypes.get_errno() != 11:  # EAGAIN: empty pipe
+            raise OSError(ctypes.get_errno(), "tee from the source FIFO")
+    finally:
+        os.close(reader)

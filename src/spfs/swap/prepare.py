@@ -1,0 +1,139 @@
+"""Prepare: open everything on B (and take our own reference to every A description)
+before anything is stopped, so the stop window only installs what is already open."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+import struct
+
+from spfs.swap import procfs
+from spfs.swap.model import Description, DirRef, Phase, SwapError, SwapPlan
+from spfs.swap.ptrace import pidfd_getfd
+
+log = logging.getLogger(__name__)
+
+REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC
+SETFL_BITS = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME | getattr(os, "O_ASYNC", 0o20000)
+O_ASYNC = 0o20000
+F_GETOWN_EX, F_SETOWN_EX, F_GETSIG, F_SETSIG = 16, 15, 11, 10
+
+
+def target_path(plan: SwapPlan, rel: str) -> str:
+    if os.path.isabs(rel):  # a path map entry may name an absolute place
+        return rel
+    return os.path.join(plan.target, rel) if rel else plan.target
+
+
+def _open_new(plan: SwapPlan, desc: Description, fifo_keepers: dict[str, int]) -> int:
+    path = target_path(plan, desc.rel)
+    flags = (desc.flags & ~REOPEN_DROP) | os.O_CLOEXEC
+    if stat.S_ISFIFO(desc.mode):
+        # Opening a FIFO blocks (or fails for a writer) without the other end: hold a
+        # read-write keeper and open non-blocking, then restore the flags.
+        if path not in fifo_keepers:
+            fifo_keepers[path] = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_NONBLOCK)
+    else:
+        fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(desc.mode):
+            raise SwapError(f"{path} is not the same kind of file as on the source")
+        if not desc.flags & os.O_PATH:
+            fcntl.fcntl(fd, fcntl.F_SETFL, desc.flags & SETFL_BITS)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _copy_owner(old_fd: int, new_fd: int) -> None:
+    """F_SETOWN/F_SETSIG live in the open file description: copy them over."""
+    owner = bytearray(8)
+    raw = fcntl.fcntl(old_fd, F_GETOWN_EX, bytes(owner))
+    kind, pid = struct.unpack("<ii", raw)
+    if pid:
+        fcntl.fcntl(new_fd, F_SETOWN_EX, struct.pack("<ii", kind, pid))
+    sig = fcntl.fcntl(old_fd, F_GETSIG)
+    if sig:
+        fcntl.fcntl(new_fd, F_SETSIG, sig)
+
+
+class Prepared:
+    """Manager-side fds of one switch; close() releases them all."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.pidfds: dict[int, int] = {}
+        self.fifo_keepers: dict[str, int] = {}
+
+    def pidfd(self, pid: int) -> int:
+        if pid not in self.pidfds:
+            self.pidfds[pid] = os.pidfd_open(pid)
+        return self.pidfds[pid]
+
+    def track(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def close_keepers(self) -> None:
+        for fd in self.fifo_keepers.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fifo_keepers.clear()
+
+    def close(self) -> None:
+        self.close_keepers()
+        for fd in self.fds + list(self.pidfds.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        self.pidfds.clear()
+
+
+def prepare(plan: SwapPlan) -> Prepared:
+    """Open every reference's counterpart on B; raises SwapError with nothing stopped."""
+    if plan.phase is not Phase.DISCOVERED:
+        raise SwapError(f"prepare needs a freshly discovered plan (phase is {plan.phase.value})")
+    prepared = Prepared()
+    my_pidns = procfs.ns_inode("self", "pid")
+    try:
+        for p in plan.processes:
+            if p.has_work and procfs.ns_inode(p.pid, "pid") != my_pidns:
+                raise SwapError(f"process {p.pid} is in another pid namespace; run the switch from "
+                                "inside it (not supported yet)")
+        for desc in plan.descriptions:
+            pid, fd = desc.holders[0]
+            desc.old_fd = prepared.track(pidfd_getfd(prepared.pidfd(pid), fd))
+            desc.new_fd = prepared.track(_open_new(plan, desc, prepared.fifo_keepers))
+            if desc.flags & O_ASYNC or stat.S_ISFIFO(desc.mode):
+                _copy_owner(desc.old_fd, desc.new_fd)
+            if stat.S_ISFIFO(desc.mode):
+                with contextlib.suppress(OSError):
+                    size = fcntl.fcntl(desc.old_fd, fcntl.F_GETPIPE_SZ)
+                    fcntl.fcntl(desc.new_fd, fcntl.F_SETPIPE_SZ, size)
+        for p in plan.processes:
+            for d in p.dirs:
+                _prepare_dir(plan, prepared, d)
+            if any(d.kind == "root" for d in p.dirs) and not any(d.kind == "cwd" for d in p.dirs):
+                cwd = DirRef(p.pid, "cwd-kept", "")
+                cwd.old_fd = cwd.new_fd = prepared.track(os.open(f"/proc/{p.pid}/cwd", os.O_PATH | os.O_CLOEXEC))
+                p.dirs.append(cwd)
+    except SwapError:
+        prepared.close()
+        raise
+    except OSError as exc:
+        prepared.close()
+        raise SwapError(f"prepare failed: {exc}") from exc
+    plan.advance(Phase.PREPARED)
+    log.info("prepared %d descriptions on %s", len(plan.descriptions), plan.target)
+    return prepared
+
+
+def _prepare_dir(plan: SwapPlan, prepared: Prepared, d: DirRef) -> None:
+    d.old_fd = prepared.track(os.open(f"/proc/{d.pid}/{d.kind}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    d.new_fd = prepared.track(os.open(target_path(plan, d.rel), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
