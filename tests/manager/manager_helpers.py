@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +114,15 @@ class Daemon:
         return (self.work_dir / "spfs-manager.log").read_text()
 
 
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        try:
+            sock.connect(path)
+            return True
+        except OSError:
+            return False
+
+
 def start_daemon(tmp_path: Path, *extra: str, env: dict | None = None) -> Daemon:
     work_dir = tmp_path / "wd"
     socket_path = str(work_dir / "control.sock")
@@ -121,7 +131,7 @@ def start_daemon(tmp_path: Path, *extra: str, env: dict | None = None) -> Daemon
                              "--spfs-command", STANDIN_SPFS, *extra],
                             env={**os.environ, **(env or {})})
     try:
-        wait_for(lambda: os.path.exists(socket_path) or proc.poll() is not None,
+        wait_for(lambda: _accepts(socket_path) or proc.poll() is not None,
                  what="manager socket")
     except BaseException:
         kill_and_reap(proc)

@@ -15,6 +15,17 @@ import socket
 import sys
 
 
+def mirror_tree(source: str, target: str) -> None:
+    """The real fs of the lab already holds the tree SPFS stands in for; here the real fs is
+    an empty tmpfs, so give it the directories (and prove the proxy path is reachable)."""
+    for dirpath, dirnames, _ in os.walk(source):
+        for name in dirnames:
+            rel = os.path.relpath(os.path.join(dirpath, name), source)
+            os.makedirs(os.path.join(target, rel), exist_ok=True)
+    with open(os.path.join(target, "proxied-by-standin"), "w") as f:
+        f.write(str(os.getpid()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("mountpoint")
@@ -34,6 +45,8 @@ def main() -> int:
     if os.spawnvp(os.P_WAIT, "mount", ["mount", "-t", "tmpfs", "-o", opts, "spfs-standin",
                                        args.mountpoint]) != 0:
         return 4
+    # the manager moves the mount into the container: keep our own handle on its root
+    root_fd = os.open(args.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     modes_file = args.socket_path + ".modes"
     with open(modes_file, "a") as f:
         f.write(args.mode + "\n")
@@ -50,6 +63,8 @@ def main() -> int:
             if not fail:
                 with open(modes_file, "a") as f:
                     f.write(f"{request['mode']} {request.get('proxy_dir') or ''}\n")
+                if request.get("proxy_dir"):
+                    mirror_tree(f"/proc/self/fd/{root_fd}", request["proxy_dir"])
             reply = {"ok": False, "errno": 5, "error": "refused"} if fail else {"ok": True}
             conn.send(json.dumps(reply).encode())
 

@@ -86,7 +86,7 @@ def run_switch(argv: list[str]) -> int:
 
 
 def _setup_logging(path: str, verbosity: int) -> None:
-    handler = logging.FileHandler(path)
+    handler = logging.FileHandler(path, errors="backslashreplace")
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s: %(message)s"))
     root = logging.getLogger()
@@ -135,6 +135,9 @@ def run_daemon(args: argparse.Namespace) -> int:
         return 1
     if args.daemon:
         _detach()
+    pid_file = os.path.join(work_dir, "spfs-manager.pid")
+    with open(pid_file, "w") as f:
+        f.write(f"{os.getpid()}\n")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -157,6 +160,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     finally:
         manager.shutdown()
         server.close()
+        os.unlink(pid_file)
         log.info("spfs-manager stopped")
     return 0
 

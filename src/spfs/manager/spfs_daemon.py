@@ -141,6 +141,15 @@ class SpfsProcess:
                 log.warning("spfs %s: unmounting %s: %s", self.spec.id, path, exc)
 
 
+def _remove_work_dir(work_dir: str) -> None:
+    """Only what we created, never recursively: a mount may still sit below."""
+    for remove, path in ((os.unlink, "spfs.sock"), (os.rmdir, "mnt"), (os.rmdir, "")):
+        try:
+            remove(os.path.join(work_dir, path) if path else work_dir)
+        except OSError:
+            pass
+
+
 @dataclass
 class SpfsProcessLauncher:
     command: tuple[str, ...] = DEFAULT_SPFS_COMMAND
@@ -179,6 +188,7 @@ class SpfsProcessLauncher:
                 self._move_into_container(spec, staging)
         except BaseException:
             handle.stop()
+            _remove_work_dir(spec.work_dir)
             raise
         return handle
 

@@ -1,0 +1,270 @@
+"""The replace pipeline on the host, driven through Manager.handle with the exact request
+strings: real namespaces, real cgroups (v1 and v2), real tmpfs as the real filesystem, real
+mount moves.  Two parts are stand-ins because their issues have not landed: the SPFS daemon
+(standin_spfs.py mounts a tmpfs and records modes) and the swap engine (a recorder that checks
+it is called while the cgroup is frozen)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from manager_helpers import STANDIN_SPFS, wait_for
+from spfs.manager.freezer import CgroupFreezer, FreezerLocks
+from spfs.manager.interfaces import SwapJob
+from spfs.manager.manager import Manager, ManagerConfig
+from spfs.manager.mounts import top_mount_at
+from spfs.manager.phases import ReplacePhase
+from spfs.manager.protocol import parse_packet
+from spfs.manager.realmount import RetryPolicy
+from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts
+from spfs.manager.spfs_daemon import SpfsProcessLauncher
+from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
+
+TERMINAL = {"done", "failed", "rolled_back"}
+
+
+class RecordingSwapper:
+    """Stands in for the swap engine: records each job and whether the cgroup was frozen."""
+
+    def __init__(self, fail: OSError | None = None, delay: float = 0.0) -> None:
+        self.fail = fail
+        self.delay = delay
+        self.calls: list[tuple[SwapJob, bool]] = []
+
+    def swap(self, job: SwapJob) -> None:
+        self.calls.append((job, CgroupFreezer(job.cgroup).is_frozen()))
+        time.sleep(self.delay)
+        if self.fail:
+            raise self.fail
+
+    def switch(self, *args) -> None:
+        raise OSError(errno.ENOSYS, "not here")
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, container, cgroup, swapper: RecordingSwapper,
+                 mount_deadline: float = 5.0) -> None:
+        self.container = container
+        self.cgroup = cgroup
+        self.swapper = swapper
+        work = tmp_path / "mgr"
+        work.mkdir()
+        pipeline = ReplacePipeline(
+            NamespaceRealFsMounter(RetryPolicy(deadline=mount_deadline, first_delay=0.05)),
+            NamespaceMountMover(), swapper, FreezerLocks(),
+            ReplaceTimeouts(hold=20, freezer_lock=20, freeze=5, thaw=5))
+        self.manager = Manager(ManagerConfig(str(work), str(work)),
+                               SpfsProcessLauncher(command=tuple(STANDIN_SPFS.split())),
+                               pipeline, swapper)
+
+    def text(self, request: str, data: str | None = None) -> int:
+        packet = request.encode() + b"\0" + (data.encode() + b"\0" if data else b"")
+        return -self.manager.handle(parse_packet(packet).request).code
+
+    def status(self, mount_id: str) -> dict:
+        reply = self.manager.handle(parse_packet(f"status;id={mount_id}".encode()).request)
+        return reply.data["mounts"][0]
+
+    def wait_terminal(self, mount_id: str, timeout: float = 20.0) -> dict:
+        wait_for(lambda: (self.status(mount_id)["replace"] or {}).get("phase") in TERMINAL,
+                 timeout, "replace end")
+        return self.status(mount_id)["replace"]
+
+    def modes(self, mount_id: str) -> list[str]:
+        path = Path(self.manager.config.work_dir) / f"spfs-{mount_id}" / "spfs.sock.modes"
+        return [line.split()[0] for line in path.read_text().splitlines()]
+
+    def close(self) -> None:
+        self.manager.shutdown(timeout=10)
+        for spfs in list(self.manager.mounts.values()):
+            spfs.handle.stop()
+            if spfs.job and spfs.job.real_fd is not None:
+                os.close(spfs.job.real_fd)
+
+
+@pytest.fixture
+def make_harness(tmp_path, container, cgroup):
+    made = []
+
+    def make(swapper=None, **kw) -> Harness:
+        harness = Harness(tmp_path, container, cgroup, swapper or RecordingSwapper(), **kw)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.close()
+
+
+def _worker(container, cgroup, tmp_path: Path):
+    """A task of the container, in its cgroup, that shows whether it runs."""
+    beat = tmp_path / "beat"
+    worker = container.spawn("import sys, time\n"
+                             "n = 0\n"
+                             "while True:\n"
+                             f"    n += 1; open({str(beat)!r}, 'w').write(str(n))\n"
+                             "    time.sleep(0.01)\n")
+    cgroup.add(worker.pid)
+    wait_for(lambda: beat.exists() and beat.read_text(), what="worker")
+    return beat
+
+
+def _runs(beat: Path) -> bool:
+    before = beat.read_text()
+    time.sleep(0.1)
+    return beat.read_text() != before
+
+
+def _mount_spfs(h: Harness, mount_id: str = "87") -> tuple[str, str]:
+    base = h.container.base
+    mp, bind = str(base / f"mp{mount_id}"), str(base / f"bind{mount_id}")
+    os.mkdir(mp)
+    os.mkdir(bind)
+    os.chmod(mp, 0o750)
+    assert h.text(f"mount;id={mount_id};mode=stub;mountpoint={mp};ns_mountpoint={mp};"
+                  f"ns_pid={h.container.pid}") == 0
+    h.container.run("sh", "-ec", f"mkdir {mp}/sub; mount --bind {mp}/sub {bind}; "
+                                 f"mount -o remount,bind,ro {bind}")
+    return mp, bind
+
+
+def _replace(h: Harness, mount_id: str, bind: str, source: str = "realfs",
+             fstype: str = "tmpfs", mode: str = "") -> int:
+    return h.text(f"replace;id={mount_id};source={source};type={fstype};flags=6;"
+                  f"bindmounts={bind},;freeze_cgroup={h.cgroup.path};{mode}", "size=4m")
+
+
+def test_replace_end_to_end(make_harness, container, cgroup, tmp_path):
+    h = make_harness()
+    beat = _worker(container, cgroup, tmp_path)
+    mp, bind = _mount_spfs(h)
+    top = top_mount_at(container.mounts(), mp)
+    assert top.source == "spfs-standin"
+    assert container.stat(mp).st_mode & 0o7777 == 0o750  # root stat as the original
+    assert _replace(h, "87", bind) == 0
+    assert h.status("87")["replace"]["phase"] == "held"
+    assert h.text("mode;all;mode=stub") == 0
+    assert h.text("replace;all;mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == "done", result
+    assert [t["phase"] for t in result["timings_ms"]] == [
+        "held", "mounting_target", "proxy", "frozen", "swapping", "mounts_moved", "thawed",
+        "done"]
+    # the swap engine ran while the cgroup was frozen, with the SPFS paths and device
+    (job, was_frozen), = h.swapper.calls
+    assert was_frozen and job.spfs_paths == (mp, bind)
+    # the real fs is at the mountpoint and the bind, one superblock, flags kept
+    mounts = container.mounts()
+    at_mp, at_bind = top_mount_at(mounts, mp), top_mount_at(mounts, bind)
+    assert at_mp.source == at_bind.source == "realfs"
+    assert container.stat(mp).st_dev == container.stat(bind).st_dev
+    assert job.spfs_dev != container.stat(mp).st_dev
+    assert at_bind.root == "/sub" and "ro" in at_bind.options
+    assert {"nosuid", "nodev"} <= set(at_mp.options)  # flags=6 recorded in the request
+    # SPFS was switched to proxy onto the detached real mount, which it could reach
+    assert h.modes("87") == ["stub", "proxy"]
+    assert (Path(f"/proc/{container.pid}/root{mp}") / "proxied-by-standin").exists()
+    assert not cgroup.frozen() and _runs(beat)
+
+
+def test_hold_blocks_until_release(make_harness, container, cgroup):
+    h = make_harness()
+    mp, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind) == 0
+    time.sleep(1.0)
+    assert h.status("87")["replace"]["phase"] == "held"
+    assert h.text("status;id=87") == -errno.EINPROGRESS
+    assert top_mount_at(container.mounts(), mp).source == "spfs-standin"
+    assert h.text("replace;all;mode=release") == 0
+    assert h.wait_terminal("87")["phase"] == "done"
+    assert h.text("status;id=87") == 0
+
+
+def test_replace_with_release_in_the_request_starts_at_once(make_harness):
+    h = make_harness()
+    _, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    assert h.wait_terminal("87")["phase"] == "done"
+
+
+def test_mount_failure_leaves_spfs_in_stub_and_nothing_frozen(make_harness, container, cgroup):
+    h = make_harness(mount_deadline=1.0)
+    mp, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, fstype="nfs4", mode="mode=release") == 0  # no NFS here
+    result = h.wait_terminal("87")
+    assert result["phase"] == "failed" and result["failed_in"] == "mounting_target"
+    assert result["error_code"] == errno.ENODEV
+    assert h.text("status;id=87") == -errno.ENODEV
+    assert h.status("87")["mode"] == "stub" and h.modes("87") == ["stub"]
+    assert top_mount_at(container.mounts(), mp).source == "spfs-standin"
+    assert not h.swapper.calls and not cgroup.frozen()
+
+
+def test_swap_failure_rolls_back_to_proxy_and_thaws(make_harness, container, cgroup,
+                                                    tmp_path):
+    h = make_harness(RecordingSwapper(fail=OSError(errno.EIO, "swap broke")))
+    beat = _worker(container, cgroup, tmp_path)
+    mp, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == "rolled_back" and result["failed_in"] == "swapping"
+    assert "swap broke" in result["error"]
+    # SPFS stays in place, proxying onto the real mount that exists; container runs
+    assert h.status("87")["mode"] == "proxy"
+    mounts = container.mounts()
+    assert top_mount_at(mounts, mp).source == top_mount_at(mounts, bind).source == \
+        "spfs-standin"
+    assert not cgroup.frozen() and _runs(beat)
+
+
+def test_missing_bind_rolls_back_before_freezing(make_harness, container, cgroup):
+    h = make_harness()
+    _mount_spfs(h)
+    not_a_mount = str(container.base)
+    assert _replace(h, "87", not_a_mount + "/nothing", mode="mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == "rolled_back" and result["failed_in"] == "frozen"
+    assert result["error_code"] == errno.ENOENT
+    assert not h.swapper.calls and not cgroup.frozen()
+
+
+def test_a_failed_replace_can_be_retried(make_harness, container):
+    h = make_harness(mount_deadline=0.5)
+    mp, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, fstype="nosuchfs", mode="mode=release") == 0
+    assert h.wait_terminal("87")["phase"] == "failed"
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    assert h.wait_terminal("87")["phase"] == "done"
+    assert _replace(h, "87", bind) == -errno.EALREADY
+
+
+def test_two_shares_of_one_container_do_not_deadlock(make_harness, container, cgroup,
+                                                     tmp_path):
+    h = make_harness(RecordingSwapper(delay=0.3))
+    beat = _worker(container, cgroup, tmp_path)
+    _, bind_a = _mount_spfs(h, "1")
+    _, bind_b = _mount_spfs(h, "2")
+    assert _replace(h, "1", bind_a) == 0 and _replace(h, "2", bind_b) == 0
+    assert h.text("replace;all;mode=release") == 0
+    assert h.wait_terminal("1")["phase"] == "done"
+    assert h.wait_terminal("2")["phase"] == "done"
+    assert all(frozen for _, frozen in h.swapper.calls) and len(h.swapper.calls) == 2
+    assert not cgroup.frozen() and _runs(beat)
+
+
+def test_replace_request_errors(make_harness, container, cgroup):
+    h = make_harness()
+    _, bind = _mount_spfs(h)
+    assert h.text("replace;id=404;source=s;type=tmpfs;flags=0;freeze_cgroup=/x") == \
+        -errno.ENOENT
+    assert h.text("replace;id=87;source=s;type=tmpfs;flags=0") == -errno.EINVAL  # no cgroup
+    assert _replace(h, "87", bind) == 0
+    assert _replace(h, "87", bind) == -errno.EBUSY
+    assert h.text("replace;id=87;source=s;type=tmpfs;flags=0;freeze_cgroup=/other") == \
+        -errno.EBUSY
+    assert h.text(f"mount;id=87;mode=stub;mountpoint={container.base}") == -errno.EEXIST
