@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from spfs.swap.arch import require_x86_64
 from spfs.swap.discover import discover as _discover
@@ -35,13 +36,14 @@ def abandon(plan: SwapPlan) -> None:
 
 
 def commit(plan: SwapPlan, *, freeze: bool = True, timeout: float = 5.0, fail: FailPoint | None = None,
-           pin: bool = True) -> SwapReport:
+           pin: bool = True, on_stopped: Callable[[], None] | None = None) -> SwapReport:
     """Stop, swap, resume.  On any failure every touched process is reverted to the source
     and the report says why (ok=False); tasks are always left running (or frozen, if the
-    caller had frozen the cgroup)."""
+    caller had frozen the cgroup).  `on_stopped` runs once every task is stopped (e.g. to
+    sync data from A to B in tests); an exception from it aborts the switch."""
     if not isinstance(plan.prepared, Prepared):
         raise SwapError("commit needs prepare(plan) first")
-    engine = Engine(plan, plan.prepared, freeze=freeze, timeout=timeout, fail=fail, pin=pin)
+    engine = Engine(plan, plan.prepared, freeze=freeze, timeout=timeout, fail=fail, pin=pin, on_stopped=on_stopped)
     error = None
     try:
         engine.run()

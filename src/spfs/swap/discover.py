@@ -272,12 +272,24 @@ def _kernel_dev(sdev: int) -> int:
 def _attach_anon(processes: list[ProcessPlan], anon: dict[int, list[tuple[int, procfs.FdInfo]]],
                  owner: dict[tuple[int, int], Description], source: Location,
                  unmovable: list[Unmovable]) -> None:
+    regs: list[EpollReg] = []
     for p in processes:
         for fd, info in anon.get(p.pid, []):
             for target in info.epoll:
                 desc = owner.get((p.pid, target.tfd))
                 if desc is not None:
-                    p.epoll.append(EpollReg(p.pid, fd, target, desc))
+                    regs.append(EpollReg(p.pid, fd, target, desc))
+    # An epoll instance shared by several processes (fork) holds each registration once.
+    for same_epoll in _kcmp_sort(regs, lambda a, b: kcmp(a.pid, b.pid, KCMP_FILE, a.epfd, b.epfd)):
+        seen: set[tuple[int, int]] = set()
+        for reg in same_epoll:
+            key = (reg.target.tfd, reg.desc.index)
+            if key not in seen:
+                seen.add(key)
+                by_pid = next(p for p in processes if p.pid == reg.pid)
+                by_pid.epoll.append(reg)
+    for p in processes:
+        for fd, info in anon.get(p.pid, []):
             for watch in info.inotify:
                 if _kernel_dev(watch.sdev) == source.dev:
                     p.inotify.append(InotifyReg(p.pid, fd, watch))

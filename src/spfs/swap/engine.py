@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spfs.swap import procfs, ptrace, tables
@@ -61,18 +62,19 @@ class Window:
 
 class Engine:
     def __init__(self, plan: SwapPlan, prepared: Prepared, *, freeze: bool = True, timeout: float = 5.0,
-                 fail: FailPoint | None = None, pin: bool = True):
+                 fail: FailPoint | None = None, pin: bool = True, on_stopped: Callable[[], None] | None = None):
         self.plan = plan
         self.prepared = prepared
         self.timeout = timeout
         self.fail = fail
         self.pin = pin
+        self.on_stopped = on_stopped
         self.freezer = Freezer(plan.cgroup) if (plan.cgroup and freeze) else None
         self.stop_set = [p for p in plan.processes if p.has_work or p.fd_table_of or p.fs_of]
         self.units = [p for p in self.stop_set if self._does_fds(p) or self._does_dirs(p)]
         self.tracees: dict[int, Tracee] = {}
         self.injectors: dict[int, Injector] = {}
-        self.touched: list[ProcessPlan] = []
+        self.touched: list[tuple[ProcessPlan, set[str]]] = []  # with what their commit did
         self.window = Window()
         self.we_froze = False
         self.caller_froze = False
@@ -98,6 +100,8 @@ class Engine:
         try:
             self._stop_all(watchdog)
             self.plan.advance(Phase.STOPPED)
+            if self.on_stopped is not None:
+                self.on_stopped()
             self._revalidate()
             self._set_description_state()
             self._inject_all()
@@ -285,20 +289,22 @@ class Engine:
             table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
                                  fail_after=fail_after)
             injector = self._injector(p)
-            self.touched.append(p)
+            done = set(table.marks)  # assume all until the run says otherwise
+            self.touched.append((p, done))
             result = injector.run(table)
             if not result.ok:
+                done.intersection_update(table.done_marks(result.failed_index))
                 what = table.entries[result.failed_index].what
                 raise UnitFailed(f"process {p.pid}: {what} failed: {os.strerror(-result.error)}")
         self.window.injected = time.perf_counter()
 
     def _rollback(self) -> None:
         donor = os.getpid()
-        for p in reversed(self.touched):
+        for p, done in reversed(self.touched):
             try:
                 strays = tuple(sorted(set(procfs.fd_numbers(p.pid)) - set(p.fd_numbers)))
                 table = tables.build(p, donor, forward=False, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
-                                     close_first=strays)
+                                     close_first=strays, only=done)
                 result = self._injector(p).run(table)
                 if not result.ok:
                     log.error("revert of process %d failed at %s: %s", p.pid,

@@ -44,6 +44,14 @@ class Entry:
 class SyscallTable:
     entries: list[Entry] = field(default_factory=list)
     data: bytearray = field(default_factory=bytearray)
+    marks: dict[str, int] = field(default_factory=dict)  # name -> index of the entry that makes it happen
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = len(self.entries) - 1
+
+    def done_marks(self, failed_index: int | None) -> set[str]:
+        """Names whose entry ran (all of them when failed_index is None)."""
+        return {m for m, i in self.marks.items() if failed_index is None or i < failed_index}
 
     def slot(self) -> Ref:
         return self.blob(bytes(8))

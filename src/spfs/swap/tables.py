@@ -22,8 +22,12 @@ def flock_struct(lock: Lock) -> bytes:
 
 
 def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, do_dirs: bool,
-          close_first: tuple[int, ...] = (), fail_after: int | None = None) -> SyscallTable:
+          close_first: tuple[int, ...] = (), only: set[str] | None = None,
+          fail_after: int | None = None) -> SyscallTable:
     """Install, in `process`, the B descriptions (forward) or the A ones (revert).
+
+    Marks name what each part changes ("fd N", "root", "cwd"); `only` restricts a revert
+    to the parts a failed commit had done.
 
     POSIX locks belong to the process and are dropped by any close of the inode, so they
     are checked on B through the temporary fd first (the switch fails before touching A if
@@ -37,6 +41,8 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
     table.call(Nr.pidfd_open, donor_pid, 0, store=pidfd, what="pidfd_open(manager)")
     if do_fds:
         for ref in process.fds:
+            if only is not None and f"fd {ref.fd}" not in only:
+                continue
             source_fd = ref.desc.new_fd if forward else ref.desc.old_fd
             table.call(Nr.pidfd_getfd, Load(pidfd), source_fd, 0, store=tmp, what=f"pidfd_getfd for fd {ref.fd}")
             locks = [table.blob(flock_struct(lock)) for lock in ref.posix_locks]
@@ -44,27 +50,32 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
                 for lock in locks:
                     table.call(Nr.fcntl, Load(tmp), F_SETLK, Addr(lock), what=f"lock check on B for fd {ref.fd}")
             table.call(Nr.dup3, Load(tmp), ref.fd, os.O_CLOEXEC if ref.cloexec else 0, what=f"dup3 onto fd {ref.fd}")
+            table.mark(f"fd {ref.fd}")
             table.call(Nr.close, Load(tmp), what="close temporary fd")
             for lock in locks:
                 table.call(Nr.fcntl, ref.fd, F_SETLK, Addr(lock), allow_fail=not forward, what=f"POSIX lock on fd {ref.fd}")
         for reg in process.epoll:
+            if only is not None and f"fd {reg.target.tfd}" not in only:
+                continue
             event = table.blob(struct.pack("<IQ", reg.target.events, reg.target.data))
             # On revert the A registration is still alive (we hold A's description): EEXIST is fine.
             table.call(Nr.epoll_ctl, reg.epfd, EPOLL_CTL_ADD, reg.target.tfd, Addr(event), allow_fail=not forward,
                        what=f"epoll_ctl ADD fd {reg.target.tfd} to epoll fd {reg.epfd}")
     if do_dirs:
         root = next((d for d in process.dirs if d.kind == "root"), None)
-        if root is not None:
+        if root is not None and (only is None or "root" in only):
             table.call(Nr.pidfd_getfd, Load(pidfd), root.new_fd if forward else root.old_fd, 0, store=tmp,
                        what="pidfd_getfd for root")
             table.call(Nr.fchdir, Load(tmp), what="fchdir to new root")
             table.call(Nr.chroot, Addr(table.blob(b".\0")), what="chroot")
+            table.mark("root")
             table.call(Nr.close, Load(tmp), what="close temporary fd")
         for d in process.dirs:
-            if d.kind in ("cwd", "cwd-kept"):
+            if d.kind in ("cwd", "cwd-kept") and (only is None or "cwd" in only or "root" in only):
                 table.call(Nr.pidfd_getfd, Load(pidfd), d.new_fd if forward else d.old_fd, 0, store=tmp,
                            what="pidfd_getfd for cwd")
                 table.call(Nr.fchdir, Load(tmp), what="fchdir to new cwd")
+                table.mark("cwd")
                 table.call(Nr.close, Load(tmp), what="close temporary fd")
     if fail_after is not None and fail_after < len(table.entries):
         table.entries.insert(fail_after, Entry(Nr.close, (-1,), None, False, "injected failure (test)"))

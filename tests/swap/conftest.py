@@ -1,0 +1,164 @@
+"""Fixtures for swap tests: real tmpfs mounts A and B, real cgroups, C victims built with gcc."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+VICTIMS = Path(__file__).parent / "victims"
+V1_FREEZER = Path("/sys/fs/cgroup/freezer")
+V2_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+@pytest.fixture(scope="session")
+def victim_bin(tmp_path_factory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is needed to build the test victims")
+    out = tmp_path_factory.mktemp("bin") / "victim"
+    subprocess.run(["gcc", "-O1", "-Wall", "-o", str(out), str(VICTIMS / "victim.c"), "-lpthread"], check=True)
+    return out
+
+
+def _umount(path: Path) -> None:
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@dataclass
+class Mounts:
+    root: Path
+    a: Path
+    b: Path
+    ctrl: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def populate(self, records: int = 200000, sub: str = "") -> Path:
+        where = self.a / sub
+        where.mkdir(exist_ok=True)
+        with open(where / "ro.txt", "w") as f:
+            f.write("".join(f"{i:08d}\n" for i in range(records)))
+        os.mkfifo(where / "fifo")
+        os.mkfifo(where / "fifo2")
+        return where
+
+    def mirror(self) -> None:
+        """Make B an exact copy of A (the way SPFS and the NFS export hold the same data)."""
+        subprocess.run(["cp", "-a", f"{self.a}/.", f"{self.b}/"], check=True)
+
+    def sync_contents(self) -> None:
+        """Copy file contents A -> B into the existing B inodes (run while tasks are stopped)."""
+        for src in self.a.rglob("*"):
+            dst = self.b / src.relative_to(self.a)
+            if src.is_file() and not src.is_fifo():
+                if dst.exists():
+                    with open(src, "rb") as fin, open(dst, "r+b") as fout:
+                        data = fin.read()
+                        fout.write(data)
+                        fout.truncate(len(data))
+                else:
+                    shutil.copy2(src, dst)
+
+    def spawn(self, binary: Path, *args: str, cgroup: Path | None = None, workdir: Path | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
+        def enter_cgroup() -> None:
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+        proc = subprocess.Popen([str(binary), str(workdir or self.a), str(self.ctrl), *args], preexec_fn=enter_cgroup,
+                                cwd=cwd)
+        self.procs.append(proc)
+        return proc
+
+    def wait_ready(self, count: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(1 for n in os.listdir(self.ctrl) if n.startswith("ready.")) < count:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise AssertionError(f"victim {dead[0].pid} exited early with {dead[0].returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("victims did not get ready")
+            time.sleep(0.01)
+
+    def stop_victims(self, timeout: float = 15.0) -> None:
+        (self.ctrl / "stop").touch()
+        for p in self.procs:
+            p.wait(timeout)
+
+    def reports(self) -> dict[int, dict[str, str]]:
+        out = {}
+        for path in self.ctrl.glob("report.*"):
+            out[int(path.name.split(".")[1])] = dict(line.split("=", 1) for line in path.read_text().splitlines())
+        return out
+
+
+@pytest.fixture
+def mounts(tmp_path) -> Mounts:
+    root = tmp_path
+    a, b, ctrl = root / "A", root / "B", root / "ctrl"
+    for d in (a, b, ctrl):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "spfs-test-a", str(a)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "spfs-test-b", str(b)], check=True)
+    m = Mounts(root, a, b, ctrl)
+    try:
+        yield m
+    finally:
+        (ctrl / "stop").touch()
+        for p in m.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        for d in (a, b):
+            if os.path.ismount(d):
+                _umount(d)
+
+
+def _kill_cgroup(path: Path) -> None:
+    for _ in range(50):
+        pids = [int(x) for x in (path / "cgroup.procs").read_text().split()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+@pytest.fixture(params=["v1", "v2"])
+def cgroup(request) -> Path:
+    name = f"spfs-swap-test-{uuid.uuid4().hex[:8]}"
+    if request.param == "v1":
+        path = V1_FREEZER / name
+    else:
+        if not (V2_ROOT / "cgroup.procs").exists():
+            pytest.skip("no cgroup2 hierarchy at /sys/fs/cgroup/unified")
+        path = V2_ROOT / name
+    path.mkdir()
+    if request.param == "v2" and not (path / "cgroup.freeze").exists():
+        path.rmdir()
+        pytest.skip("cgroup2 without cgroup.freeze")
+    try:
+        yield path
+    finally:
+        if request.param == "v1":
+            (path / "freezer.state").write_text("THAWED")
+        else:
+            (path / "cgroup.freeze").write_text("0")
+        _kill_cgroup(path)
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)

@@ -1,0 +1,135 @@
+"""End-to-end switches of real C victims from tmpfs A to tmpfs B."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from spfs import swap
+from tests.swap.checks import assert_locks_held_by, check_log, check_records, check_report
+
+
+def _switch(mounts, **where):
+    mounts.mirror()
+    plan = swap.discover(str(mounts.a), str(mounts.b), **where)
+    assert plan.unmovable == []
+    swap.prepare(plan)
+    report = swap.commit(plan, on_stopped=mounts.sync_contents)
+    assert report.ok, report.error
+    return plan, report
+
+
+def _finish_and_check(mounts, pids, *, a_gone=True):
+    time.sleep(0.2)
+    if a_gone:
+        assert subprocess.run(["umount", str(mounts.a)]).returncode == 0, "A still busy after the switch"
+    for pid in pids:
+        assert_locks_held_by(pid, mounts.b)
+    time.sleep(0.1)
+    mounts.stop_victims()
+    reports = mounts.reports()
+    assert set(reports) >= set(pids)
+    for pid in pids:
+        check_report(reports[pid], mounts.b)
+    return reports
+
+
+def test_single_victim_by_pid(mounts, victim_bin):
+    mounts.populate()
+    proc = mounts.spawn(victim_bin)
+    mounts.wait_ready(1)
+    time.sleep(0.1)
+    plan, report = _switch(mounts, pids=[proc.pid])
+    assert report.fds_moved == 10 and report.descriptions_moved == 9 and report.epoll_readded == 1
+    assert report.dirs_moved == 1
+    reports = _finish_and_check(mounts, [proc.pid])
+    n = int(reports[proc.pid]["iterations"])
+    check_log(mounts.b / "log.txt", n)
+    check_records(mounts.b / "shared.txt", "P", n)
+    check_records(mounts.b / "nb.txt", "N", n)
+    assert (mounts.b / f"c.{(n - 1) // 50 * 50}").exists()
+    assert proc.returncode == 0
+
+
+def test_multithreaded_victim_in_cgroup(mounts, victim_bin, cgroup):
+    mounts.populate()
+    proc = mounts.spawn(victim_bin, "threads", "6", cgroup=cgroup)
+    mounts.wait_ready(1)
+    time.sleep(0.1)
+    plan, report = _switch(mounts, cgroup=str(cgroup))
+    assert report.threads == 7
+    reports = _finish_and_check(mounts, [proc.pid])
+    n = int(reports[proc.pid]["iterations"])
+    check_log(mounts.b / "log.txt", n)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["fork", "clonefiles"])
+def test_shared_descriptions_and_fd_tables(mounts, victim_bin, mode):
+    mounts.populate()
+    proc = mounts.spawn(victim_bin, mode)
+    mounts.wait_ready(1)
+    time.sleep(0.1)
+    plan, report = _switch(mounts, pids=[proc.pid])
+    child = next(p for p in plan.processes if p.pid != proc.pid)
+    if mode == "clonefiles":
+        assert child.fd_table_of == proc.pid
+    else:
+        assert {h[0] for h in plan.descriptions[1].holders} == {proc.pid, child.pid}
+    reports = _finish_and_check(mounts, [proc.pid])
+    n = int(reports[proc.pid]["iterations"])
+    child_writes = int((mounts.ctrl / f"child.{child.pid}").read_text().split("=")[1])
+    check_records(mounts.b / "shared.txt", "P", n)
+    check_records(mounts.b / "shared.txt", "C", child_writes)
+
+
+def test_hundred_processes_in_cgroup(mounts, victim_bin, cgroup):
+    procs = []
+    for i in range(100):
+        workdir = mounts.populate(records=5000, sub=f"v{i}")
+        procs.append(mounts.spawn(victim_bin, cgroup=cgroup, workdir=workdir))
+    mounts.wait_ready(100, timeout=40)
+    plan, report = _switch_many(mounts, cgroup)
+    assert report.processes == 100
+    time.sleep(0.2)
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
+    mounts.stop_victims()
+    reports = mounts.reports()
+    assert len(reports) == 100
+    for i, proc in enumerate(procs):
+        check_report(reports[proc.pid], mounts.b / f"v{i}")
+        check_log(mounts.b / f"v{i}" / "log.txt", int(reports[proc.pid]["iterations"]))
+    assert all(p.returncode == 0 for p in procs)
+
+
+def _switch_many(mounts, cgroup):
+    mounts.mirror()
+    plan = swap.discover(str(mounts.a), str(mounts.b), cgroup=str(cgroup))
+    swap.prepare(plan)
+    report = swap.commit(plan, on_stopped=mounts.sync_contents)
+    assert report.ok, report.error
+    return plan, report
+
+
+def test_dry_plan_stops_nothing_and_lists_unmovable(mounts, victim_bin):
+    mounts.populate()
+    proc = mounts.spawn(victim_bin)
+    mounts.wait_ready(1)
+    # A file unlinked while open cannot be reopened by name: reported, not moved.
+    holder = subprocess.Popen(["sh", "-c", f"exec 7<{mounts.a}/gone.txt; rm {mounts.a}/gone.txt; sleep 30"],
+                              stdin=subprocess.DEVNULL) if (mounts.a / "gone.txt").write_text("x") else None
+    time.sleep(0.2)
+    try:
+        plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid, holder.pid])
+        assert any(u.pid == holder.pid and "unlinked" in u.reason for u in plan.unmovable)
+        state = open(f"/proc/{proc.pid}/stat").read().split()[2]
+        assert state in "RS"
+        report = swap.switch(str(mounts.a), str(mounts.b), pids=[proc.pid, holder.pid])
+        assert not report.ok and "cannot be moved" in report.error
+        assert os.readlink(f"/proc/{proc.pid}/cwd") == str(mounts.a)
+    finally:
+        holder.kill()
+        holder.wait()
