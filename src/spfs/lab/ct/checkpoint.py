@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spfs.lab.ct.container import CtError, alive, run, stop_processes, wait_for
+from spfs.lab.ct.container import alive, stop_processes
+from spfs.lab.ct.util import CtError, run, wait_for
 from spfs.lab.ct.spec import CtState
 from spfs.lab.env import lab_env
 from spfs.lab.paths import GUEST_DIR

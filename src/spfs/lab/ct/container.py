@@ -16,32 +16,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from spfs.lab.ct import rootfs
+from spfs.lab.ct import nfs_helpers, rootfs
+from spfs.lab.ct.util import CtError, run, wait_for
 from spfs.lab.ct.spec import (NAME_RE, ROOTS, STATE_ROOT, BindMount, CtState, NfsMount,
                               SpecError, all_states)
 
 log = logging.getLogger(__name__)
 
 CT_PATH = "/bin:/sbin:/usr/bin:/usr/sbin"
-
-
-class CtError(RuntimeError):
-    pass
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, step: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise CtError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
-
-
-def run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    if proc.returncode != 0:
-        raise CtError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
-    return proc
 
 
 def nsenter(state: CtState, *, mount: bool = True, net: bool = True, pid: bool = False,
@@ -125,6 +107,8 @@ def _start(state: CtState, mount_timeout: float) -> None:
     wait_for("the container's namespaces", (state.state_dir / "ns-ready").exists, 10)
 
     _setup_network(state)
+    if nfs_helpers.needed(state):
+        nfs_helpers.start(state)
     for m in state.nfs:
         _mount_nfs(state, m, mount_timeout)
     for b in state.binds:
@@ -220,7 +204,9 @@ def ct_pids(state: CtState) -> list[int]:
 
 
 def stop_processes(state: CtState, timeout: float = 20.0) -> None:
-    """Kill the container's processes (killing its init ends the pid namespace)."""
+    """Kill the container's processes (killing its init ends the pid namespace) and the
+    guest-side NFS helpers of its netns, so the netns itself goes away."""
+    netns = nfs_helpers.netns_id(state.init_pid) if state.init_pid else None
     if state.init_pid:
         try:
             os.kill(state.init_pid, signal.SIGKILL)
@@ -232,6 +218,8 @@ def stop_processes(state: CtState, timeout: float = 20.0) -> None:
         except ProcessLookupError:
             pass
     wait_for(f"the processes of {state.name} to exit", lambda: not ct_pids(state), timeout)
+    if netns:
+        nfs_helpers.stop(state, netns)
 
 
 def destroy(name: str, missing_ok: bool = False) -> None:

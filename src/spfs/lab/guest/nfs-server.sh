@@ -19,6 +19,12 @@ EX
     echo 10 > /proc/fs/nfsd/nfsv4gracetime 2>/dev/null
     echo 10 > /proc/fs/nfsd/nfsv4leasetime 2>/dev/null
     rpcbind -w || return 1
+    # The kernel registers lockd/nfsd through rpcbind's AF_LOCAL socket, looked up by path in
+    # a mount namespace that every lab container shares with the guest until it pivots; a
+    # container's lockd would then overwrite the server's nlockmgr ports in *this* rpcbind
+    # (NFSv3 locks in a ct hang in nlmclnt_call). Without the path the kernel falls back to
+    # 127.0.0.1:111 in its own netns: the server's here, the container's own in a ct.
+    rm -f /run/rpcbind.sock
     exportfs -ra || return 1
     rpc.nfsd 8 || return 1
     rpc.mountd || return 1
