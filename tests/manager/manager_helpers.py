@@ -123,12 +123,14 @@ def _accepts(path: str) -> bool:
             return False
 
 
-def start_daemon(tmp_path: Path, *extra: str, env: dict | None = None) -> Daemon:
+def start_daemon(tmp_path: Path, *extra: str, env: dict | None = None,
+                 spfs_command: str | None = STANDIN_SPFS) -> Daemon:
     work_dir = tmp_path / "wd"
     socket_path = str(work_dir / "control.sock")
     proc = subprocess.Popen([sys.executable, "-m", "spfs.manager.cli", "--work-dir",
                              str(work_dir), "--socket-path", socket_path, "-v",
-                             "--spfs-command", STANDIN_SPFS, *extra],
+                             *(["--spfs-command", spfs_command] if spfs_command else []),
+                             *extra],
                             env={**os.environ, **(env or {})})
     try:
         wait_for(lambda: _accepts(socket_path) or proc.poll() is not None,

@@ -2,7 +2,7 @@
 
 It honours the command line the manager uses (MOUNTPOINT --mode M --socket-path S --ready-fd N
 --log F --foreground [-v] [--proxy-dir D] [--proxy-mntns-pid P]), mounts a *tmpfs* at
-MOUNTPOINT instead of a FUSE filesystem, answers the JSON mode command on its control socket
+MOUNTPOINT instead of a FUSE filesystem, answers set_mode requests (spfs.fs.protocol) on its control socket
 and appends every mode it is switched to to MODES_FILE (the socket path + ".modes").  It
 does not block or proxy anything: the tests using it check the manager's side only.
 """
@@ -10,18 +10,21 @@ does not block or proxy anything: the tests using it check the manager's side on
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 
 
 def mirror_tree(source: str, target: str) -> None:
-    """The real fs of the lab already holds the tree SPFS stands in for; here the real fs is
-    an empty tmpfs, so give it the directories (and prove the proxy path is reachable)."""
-    for dirpath, dirnames, _ in os.walk(source):
+    """The real fs of the lab already holds the files SPFS stands in for; here the real fs is
+    an empty tmpfs, so copy them over (which also proves the proxy path is reachable)."""
+    for dirpath, dirnames, filenames in os.walk(source):
+        rel_dir = os.path.relpath(dirpath, source)
         for name in dirnames:
-            rel = os.path.relpath(os.path.join(dirpath, name), source)
-            os.makedirs(os.path.join(target, rel), exist_ok=True)
+            os.makedirs(os.path.join(target, rel_dir, name), exist_ok=True)
+        for name in filenames:
+            shutil.copy2(os.path.join(dirpath, name), os.path.join(target, rel_dir, name))
     with open(os.path.join(target, "proxied-by-standin"), "w") as f:
         f.write(str(os.getpid()))
 
@@ -59,13 +62,15 @@ def main() -> int:
         conn, _ = sock.accept()
         with conn:
             request = json.loads(conn.recv(65536))
+            assert request["op"] == "set_mode", request
             fail = os.environ.get("STANDIN_FAIL_MODE") == request.get("mode")
             if not fail:
                 with open(modes_file, "a") as f:
                     f.write(f"{request['mode']} {request.get('proxy_dir') or ''}\n")
                 if request.get("proxy_dir"):
                     mirror_tree(f"/proc/self/fd/{root_fd}", request["proxy_dir"])
-            reply = {"ok": False, "errno": 5, "error": "refused"} if fail else {"ok": True}
+            reply = {"code": 5, "error": "EIO", "message": "refused", "result": None} if fail \
+                else {"code": 0, "error": "", "message": "ok", "result": {}}
             conn.send(json.dumps(reply).encode())
 
 

@@ -1,8 +1,8 @@
 """The replace pipeline on the host, driven through Manager.handle with the exact request
 strings: real namespaces, real cgroups (v1 and v2), real tmpfs as the real filesystem, real
 mount moves.  Two parts are stand-ins because their issues have not landed: the SPFS daemon
-(standin_spfs.py mounts a tmpfs and records modes) and the swap engine (a recorder that checks
-it is called while the cgroup is frozen)."""
+(standin_spfs.py mounts a tmpfs and records modes) and, in most tests, the swap engine (a recorder
+that checks it is called while the cgroup is frozen; the last test uses the real one)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from spfs.manager.realmount import RetryPolicy
 from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts
 from spfs.manager.spfs_daemon import SpfsProcessLauncher
 from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
+from spfs.manager.swapper import SwapEngineAdapter
 
 TERMINAL = {"done", "failed", "rolled_back"}
 
@@ -36,11 +37,12 @@ class RecordingSwapper:
         self.delay = delay
         self.calls: list[tuple[SwapJob, bool]] = []
 
-    def swap(self, job: SwapJob) -> None:
+    def swap(self, job: SwapJob) -> dict:
         self.calls.append((job, CgroupFreezer(job.cgroup).is_frozen()))
         time.sleep(self.delay)
         if self.fail:
             raise self.fail
+        return {"recorded": True}
 
     def switch(self, *args) -> None:
         raise OSError(errno.ENOSYS, "not here")
@@ -268,3 +270,35 @@ def test_replace_request_errors(make_harness, container, cgroup):
     assert h.text("replace;id=87;source=s;type=tmpfs;flags=0;freeze_cgroup=/other") == \
         -errno.EBUSY
     assert h.text(f"mount;id=87;mode=stub;mountpoint={container.base}") == -errno.EEXIST
+
+
+def test_real_swap_engine_moves_the_workload(make_harness, container, cgroup, tmp_path):
+    """Issue 4's engine in the SWAPPING phase: the worker's fd and cwd end on the real fs."""
+    h = make_harness(SwapEngineAdapter())
+    mp, bind = _mount_spfs(h)
+    log_path = f"{mp}/sub/w.log"
+    beat = tmp_path / "beat"
+    worker = container.spawn("import os, time\n"
+                             f"f = open({log_path!r}, 'a'); os.chdir({mp + '/sub'!r})\n"
+                             "n = 0\n"
+                             "while True:\n"
+                             "    n += 1; f.write(f'{n}\\n'); f.flush()\n"
+                             f"    open({str(beat)!r}, 'w').write(str(n))\n"
+                             "    time.sleep(0.01)\n")
+    cgroup.add(worker.pid)
+    wait_for(lambda: beat.exists() and beat.read_text(), what="worker")
+    spfs_dev = container.stat(mp).st_dev
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == "done", result
+    assert result["details"]["swap"]["ok"] and result["details"]["swap"]["fds_moved"] >= 1
+    real_dev = container.stat(mp).st_dev
+    assert real_dev != spfs_dev and container.stat(bind).st_dev == real_dev
+    fd_devs = {os.stat(f"/proc/{worker.pid}/fd/{fd}").st_dev
+               for fd in os.listdir(f"/proc/{worker.pid}/fd")}
+    assert real_dev in fd_devs and spfs_dev not in fd_devs
+    assert os.stat(f"/proc/{worker.pid}/cwd").st_dev == real_dev
+    real_log = Path(f"/proc/{container.pid}/root{log_path}")
+    size = real_log.stat().st_size
+    wait_for(lambda: real_log.stat().st_size > size, what="writes on the real fs")
+    assert not cgroup.frozen()

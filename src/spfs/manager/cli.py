@@ -24,7 +24,7 @@ from spfs.manager.manager import Manager, ManagerConfig
 from spfs.manager.realmount import RetryPolicy
 from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts
 from spfs.manager.server import ControlServer
-from spfs.manager.spfs_daemon import DEFAULT_SPFS_COMMAND, SpfsProcessLauncher
+from spfs.manager.spfs_daemon import DEFAULT_SPFS_COMMAND, SpfsProcessLauncher, SpfsTimeouts
 from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
 from spfs.manager.swapper import SwapEngineAdapter
 
@@ -57,6 +57,8 @@ def daemon_parser() -> argparse.ArgumentParser:
                         help="seconds a replace may wait for 'release'")
     parser.add_argument("--freeze-timeout", type=float, default=10.0,
                         help="seconds to wait for a cgroup to freeze or thaw")
+    parser.add_argument("--spfs-ready-timeout", type=float, default=30.0,
+                        help="seconds an spfs daemon may take to get ready")
     parser.add_argument("--spfs-command", default=" ".join(DEFAULT_SPFS_COMMAND),
                         help="how to run spfs (split on blanks)")
     return parser
@@ -113,7 +115,8 @@ def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str) -> Mana
         NamespaceMountMover(), SwapEngineAdapter(), FreezerLocks(), timeouts)
     config = ManagerConfig(work_dir=work_dir, log_dir=log_dir, verbosity=args.verbose,
                            exit_with_spfs=args.exit_with_spfs)
-    launcher = SpfsProcessLauncher(command=tuple(args.spfs_command.split()))
+    launcher = SpfsProcessLauncher(command=tuple(args.spfs_command.split()),
+                                   timeouts=SpfsTimeouts(ready=args.spfs_ready_timeout))
     return Manager(config, launcher, pipeline, SwapEngineAdapter())
 
 

@@ -4,7 +4,7 @@ driven and tested independently of how each step is done."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from spfs.manager.mounts import Placement
 from spfs.manager.nsexec import Namespaces
@@ -70,8 +70,9 @@ class SwapJob:
 
 
 class ReferenceSwapper(Protocol):
-    def swap(self, job: SwapJob) -> None: ...
+    def swap(self, job: SwapJob) -> dict[str, Any]:
+        """Returns the engine's report; raises OSError when nothing could be moved."""
 
     def switch(self, source: str | None, device: int | None, target: str, cgroup: str,
-               ns_pid: int | None) -> None:
+               ns_pid: int | None) -> dict[str, Any]:
         """The `switch` request: move references from one mount to another."""

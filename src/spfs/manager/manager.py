@@ -199,8 +199,9 @@ class Manager:
 
     # -- switch
     def _switch(self, req: SwitchRequest) -> Reply:
-        self.swapper.switch(req.source, req.device, req.target, req.freeze_cgroup, req.ns_pid)
-        return Reply()
+        report = self.swapper.switch(req.source, req.device, req.target, req.freeze_cgroup,
+                                     req.ns_pid)
+        return Reply(data={"report": report})
 
     # -- status
     def _status(self, req: StatusRequest) -> Reply:

@@ -73,6 +73,7 @@ class ReplaceProgress:
     error_code: int = 0
     failed_in: ReplacePhase | None = None
     rollback_errors: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # e.g. the swap engine's report
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +116,7 @@ class ReplaceProgress:
                 "error_code": self.error_code,
                 "failed_in": self.failed_in.value if self.failed_in else None,
                 "rollback_errors": list(self.rollback_errors),
+                "details": dict(self.details),
                 "timings_ms": [
                     {
                         "phase": t.phase.value,

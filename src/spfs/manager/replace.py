@@ -161,8 +161,9 @@ class ReplacePipeline:
                         self.timeouts.thaw):
                 phase = P.SWAPPING
                 job.progress.advance(P.SWAPPING)
-                self.swapper.swap(SwapJob(job.freeze_cgroup, job.target, tuple(job.paths),
-                                          spfs_dev, self._real_root(job)))
+                job.progress.details["swap"] = self.swapper.swap(SwapJob(
+                    job.freeze_cgroup, job.target, tuple(job.paths), spfs_dev,
+                    self._real_root(job)))
                 phase = P.MOUNTS_MOVED
                 job.progress.advance(P.MOUNTS_MOVED)
                 self.mover.move(job.real_fd, placements, job.target)

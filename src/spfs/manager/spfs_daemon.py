@@ -10,17 +10,16 @@ staging mount is detached.  Readiness is the ready-fd being closed, bounded in t
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
+from spfs.fs import control_client
 from spfs.manager import mountapi as m
 from spfs.manager.interfaces import SpfsSpec
 from spfs.manager.mounts import read_mountinfo, top_mount_at
@@ -101,26 +100,12 @@ class SpfsProcess:
 
     def set_mode(self, mode: SpfsMode, proxy_dir: str | None = None,
                  proxy_ns_pid: int | None = None) -> None:
-        request: dict[str, object] = {"cmd": "mode", "mode": mode.value}
-        if proxy_dir is not None:
-            request["proxy_dir"] = proxy_dir
-        if proxy_ns_pid is not None:
-            request["proxy_mntns_pid"] = proxy_ns_pid
-        reply = self._control(request)
-        if not reply.get("ok", reply.get("code", 1) == 0):
-            code = int(reply.get("errno", reply.get("code", errno.EIO)) or errno.EIO)
-            raise OSError(code, f"spfs {self.spec.id}: mode {mode.value} refused: "
-                                f"{reply.get('error') or reply.get('message')}")
-
-    def _control(self, request: dict[str, object]) -> dict[str, object]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-            sock.settimeout(self.timeouts.control)
-            sock.connect(self.socket_path)
-            sock.send(json.dumps(request).encode())
-            reply = json.loads(sock.recv(65536) or b"{}")
-        if not isinstance(reply, dict):
-            raise OSError(errno.EPROTO, f"spfs {self.spec.id}: bad control reply {reply!r}")
-        return reply
+        try:
+            control_client.set_mode(self.socket_path, mode.value, proxy_dir=proxy_dir,
+                                    ns_pid=proxy_ns_pid, timeout=self.timeouts.control)
+        except control_client.ControlError as exc:
+            raise OSError(exc.code, f"spfs {self.spec.id}: mode {mode.value}: "
+                                    f"{exc.message}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:

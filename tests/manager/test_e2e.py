@@ -1,0 +1,91 @@
+"""The whole product on the host: a live spfs-manager starting the real spfs (issue 3) in a
+"container" (private mount namespace + cgroup), a workload blocked on the stub, then the real
+replace with the real swap engine (issue 4), tmpfs standing in for NFS (the pipeline is
+fs-agnostic; NFS is for the lab)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from manager_helpers import start_daemon, stop_daemon, wait_for
+from spfs.manager.mounts import top_mount_at
+
+TERMINAL = {"done", "failed", "rolled_back"}
+
+WORKER = """
+import os, sys, time
+beat, log_path = sys.argv[1], sys.argv[2]
+open(beat, "w").write("started")
+f = open(log_path, "a")          # blocks while SPFS is a stub
+os.chdir(os.path.dirname(log_path))
+n = 0
+while True:
+    n += 1
+    f.write(f"{n}\\n"); f.flush()
+    open(beat, "w").write(str(n))
+    time.sleep(0.01)
+"""
+
+
+def _replace_status(daemon, mount_id: str) -> dict:
+    return daemon.status()[mount_id]["replace"] or {}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 3's spfs is not committed yet and, as it stands "
+                   "in the checkout, never reports ready in stub mode (ready-fd stays open)")
+def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
+    mp, bind = container.base / "mp", container.base / "bind"
+    mp.mkdir()
+    bind.mkdir()
+    os.chmod(mp, 0o751)
+    daemon = start_daemon(tmp_path, "--exit-with-spfs", "--spfs-ready-timeout", "5",
+                          spfs_command=None)
+    try:
+        assert daemon.text(f"mount;id=1;mode=stub;mountpoint={mp};ns_pid={container.pid}") == 0
+        assert top_mount_at(container.mounts(), str(mp)).fstype.startswith("fuse")
+        assert container.stat(str(mp)).st_mode & 0o7777 == 0o751
+        spfs_pid = daemon.status()["1"]["spfs_pid"]
+        container.run("mount", "--bind", str(mp), str(bind))
+
+        beat = tmp_path / "beat"
+        worker = container.spawn(WORKER.replace("sys.argv[1], sys.argv[2]",
+                                                f"{str(beat)!r}, {str(mp / 'w.log')!r}"))
+        cgroup.add(worker.pid)
+        wait_for(lambda: beat.exists() and beat.read_text() == "started", what="worker")
+        time.sleep(0.3)
+        assert beat.read_text() == "started"  # blocked on the stub
+
+        assert daemon.text(f"replace;id=1;source=realfs;type=tmpfs;flags=0;"
+                           f"bindmounts={bind},;freeze_cgroup={cgroup.path};",
+                           "size=16m,mode=755") == 0
+        assert daemon.text("mode;all;mode=stub") == 0
+        assert daemon.text("replace;all;mode=release") == 0
+        wait_for(lambda: _replace_status(daemon, "1").get("phase") in TERMINAL, 30,
+                 "replace end")
+        result = _replace_status(daemon, "1")
+        assert result["phase"] == "done", result
+
+        # every path is the real fs, one superblock; the worker's fd and cwd are on it
+        mounts = container.mounts()
+        assert top_mount_at(mounts, str(mp)).source == "realfs"
+        assert top_mount_at(mounts, str(bind)).source == "realfs"
+        real_dev = container.stat(str(mp)).st_dev
+        assert container.stat(str(bind)).st_dev == real_dev
+        fds = [os.stat(f"/proc/{worker.pid}/fd/{fd}") for fd in os.listdir(
+            f"/proc/{worker.pid}/fd")]
+        assert any(st.st_dev == real_dev for st in fds)
+        assert os.stat(f"/proc/{worker.pid}/cwd").st_dev == real_dev
+        # the workload kept writing, without gaps, into the real fs
+        wait_for(lambda: int(beat.read_text()) > 20, what="worker progress")
+        lines = (Path(f"/proc/{container.pid}/root{mp}") / "w.log").read_text().split()
+        assert lines[:20] == [str(i) for i in range(1, 21)]
+        assert not cgroup.frozen()
+        # nothing uses SPFS any more: it exits, and the manager after it
+        wait_for(lambda: not os.path.exists(f"/proc/{spfs_pid}"), 20, "spfs exit")
+        assert daemon.proc.wait(20) == 0
+    finally:
+        stop_daemon(daemon)
