@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from spfs.fs import control_client
 from spfs.manager import mountapi as m
 from spfs.manager.interfaces import SpfsSpec
 from spfs.manager.mounts import read_mountinfo, top_mount_at
@@ -100,6 +99,10 @@ class SpfsProcess:
 
     def set_mode(self, mode: SpfsMode, proxy_dir: str | None = None,
                  proxy_ns_pid: int | None = None) -> None:
+        try:  # issue 3's client; imported late so the manager starts without it
+            from spfs.fs import control_client
+        except ImportError:
+            raise OSError(errno.ENOSYS, "spfs.fs.control_client (issue 3) is missing") from None
         try:
             control_client.set_mode(self.socket_path, mode.value, proxy_dir=proxy_dir,
                                     ns_pid=proxy_ns_pid, timeout=self.timeouts.control)
