@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -363,8 +364,12 @@ def _copy_pipe_content(fifo_fd: int, keeper: int) -> None:
     reader = os.open(f"/proc/self/fd/{fifo_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         size = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
-        copied = _libc.tee(reader, keeper, ctypes.c_size_t(size), SPLICE_F_NONBLOCK)
-        if copied < 0 and ctypes.get_errno() != 11:  # EAGAIN: empty pipe
-            raise OSError(ctypes.get_errno(), "tee from the source FIFO")
+        while True:
+            copied = _libc.tee(reader, keeper, ctypes.c_size_t(size), SPLICE_F_NONBLOCK)
+            err = ctypes.get_errno() if copied < 0 else 0
+            if err != errno.EINTR:
+                break
+        if copied < 0 and err != errno.EAGAIN:  # EAGAIN: empty pipe
+            raise OSError(err, "tee from the source FIFO")
     finally:
         os.close(reader)

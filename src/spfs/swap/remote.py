@@ -98,8 +98,9 @@ class Injector:
         if self.mem < 0:
             return
         try:
-            os.pwrite(self.mem, bytes(len(self.original)), self.base)
+            # Registers first: a task parked in the blob must never see the blob erased.
             ptrace.setregs(self.tracee.tid, self.tracee.regs)
+            os.pwrite(self.mem, bytes(len(self.original)), self.base)
         finally:
             os.close(self.mem)
             self.mem = -1

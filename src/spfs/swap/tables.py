@@ -77,7 +77,7 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
                 table.call(Nr.fchdir, Load(tmp), what="fchdir to new cwd")
                 table.mark("cwd")
                 table.call(Nr.close, Load(tmp), what="close temporary fd")
-    if fail_after is not None and fail_after < len(table.entries):
-        table.entries.insert(fail_after, Entry(Nr.close, (-1,), None, False, "injected failure (test)"))
+    if fail_after is not None:  # clipped: a large value fails right after the last change
+        table.entries.insert(min(fail_after, len(table.entries)), Entry(Nr.close, (-1,), None, False, "injected failure (test)"))
     table.call(Nr.close, Load(pidfd), what="close pidfd")
     return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -11,7 +12,6 @@ from spfs.swap.cgroup import Freezer
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    freezer = Freezer(argv[0])
     armed: str | None = None
     for line in sys.stdin:
         words = line.split()
@@ -19,7 +19,8 @@ def main(argv: list[str]) -> int:
             armed = words[1]
         elif words[:1] == ["disarm"]:
             armed = None
-    if armed is not None:
+    if armed is not None and os.path.isdir(argv[0]):
+        freezer = Freezer(argv[0])
         frozen = armed == "frozen"
         try:
             freezer.freeze(10) if frozen else freezer.thaw(10)
