@@ -103,17 +103,20 @@ def make_harness(tmp_path, container, cgroup):
         harness.close()
 
 
-def _worker(container, cgroup, tmp_path: Path):
-    """A task of the container, in its cgroup, that shows whether it runs."""
+def _worker(container, cgroup, tmp_path: Path, setup: str = "", each: str = "") -> tuple:
+    """A task of the container, in its cgroup, that shows whether it runs: it runs `setup`
+    once, then `each` and a heartbeat every 10 ms."""
     beat = tmp_path / "beat"
-    worker = container.spawn("import sys, time\n"
+    worker = container.spawn("import os, sys, time\n"
+                             f"{setup}\n"
                              "n = 0\n"
                              "while True:\n"
-                             f"    n += 1; open({str(beat)!r}, 'w').write(str(n))\n"
+                             f"    n += 1; {each or 'pass'}\n"
+                             f"    open({str(beat)!r}, 'w').write(str(n))\n"
                              "    time.sleep(0.01)\n")
     cgroup.add(worker.pid)
     wait_for(lambda: beat.exists() and beat.read_text(), what="worker")
-    return beat
+    return beat, worker
 
 
 def _runs(beat: Path) -> bool:
@@ -143,7 +146,7 @@ def _replace(h: Harness, mount_id: str, bind: str, source: str = "realfs",
 
 def test_replace_end_to_end(make_harness, container, cgroup, tmp_path):
     h = make_harness()
-    beat = _worker(container, cgroup, tmp_path)
+    beat, _ = _worker(container, cgroup, tmp_path)
     mp, bind = _mount_spfs(h)
     top = top_mount_at(container.mounts(), mp)
     assert top.source == "spfs-standin"
@@ -210,7 +213,7 @@ def test_mount_failure_leaves_spfs_in_stub_and_nothing_frozen(make_harness, cont
 def test_swap_failure_rolls_back_to_proxy_and_thaws(make_harness, container, cgroup,
                                                     tmp_path):
     h = make_harness(RecordingSwapper(fail=OSError(errno.EIO, "swap broke")))
-    beat = _worker(container, cgroup, tmp_path)
+    beat, _ = _worker(container, cgroup, tmp_path)
     mp, bind = _mount_spfs(h)
     assert _replace(h, "87", bind, mode="mode=release") == 0
     result = h.wait_terminal("87")
@@ -248,7 +251,7 @@ def test_a_failed_replace_can_be_retried(make_harness, container):
 def test_two_shares_of_one_container_do_not_deadlock(make_harness, container, cgroup,
                                                      tmp_path):
     h = make_harness(RecordingSwapper(delay=0.3))
-    beat = _worker(container, cgroup, tmp_path)
+    beat, _ = _worker(container, cgroup, tmp_path)
     _, bind_a = _mount_spfs(h, "1")
     _, bind_b = _mount_spfs(h, "2")
     assert _replace(h, "1", bind_a) == 0 and _replace(h, "2", bind_b) == 0
@@ -277,16 +280,9 @@ def test_real_swap_engine_moves_the_workload(make_harness, container, cgroup, tm
     h = make_harness(SwapEngineAdapter())
     mp, bind = _mount_spfs(h)
     log_path = f"{mp}/sub/w.log"
-    beat = tmp_path / "beat"
-    worker = container.spawn("import os, time\n"
-                             f"f = open({log_path!r}, 'a'); os.chdir({mp + '/sub'!r})\n"
-                             "n = 0\n"
-                             "while True:\n"
-                             "    n += 1; f.write(f'{n}\\n'); f.flush()\n"
-                             f"    open({str(beat)!r}, 'w').write(str(n))\n"
-                             "    time.sleep(0.01)\n")
-    cgroup.add(worker.pid)
-    wait_for(lambda: beat.exists() and beat.read_text(), what="worker")
+    _, worker = _worker(container, cgroup, tmp_path,
+                        setup=f"f = open({log_path!r}, 'a'); os.chdir({mp + '/sub'!r})",
+                        each="f.write(f'{n}\\n'); f.flush()")
     spfs_dev = container.stat(mp).st_dev
     assert _replace(h, "87", bind, mode="mode=release") == 0
     result = h.wait_terminal("87")

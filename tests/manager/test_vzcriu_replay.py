@@ -60,24 +60,24 @@ def test_restore_sequence(vz_manager, container, cgroup_v1, criu):
     bind.mkdir()
     mnt_id, root_pid = 59, container.pid
     freeze_cgroup = str(cgroup_v1.path)
+    source = "source=10.200.0.1:/share;type=nfs4;flags=0"
+    if criu == "3.15":  # the request the reference quotes (ns_mountpoint, trailing ';')
+        mount = f"mount;id={mnt_id};mode=restore;mountpoint={mountpoint};" \
+                f"ns_mountpoint={mountpoint};ns_pid={root_pid}"
+        replace = f"replace;id={mnt_id};{source};freeze_cgroup={freeze_cgroup};" \
+                  f"bindmounts={bind},;"
+    else:  # v3.18 spfs_request_mount(): root=, bindmounts before freeze_cgroup, and the last
+        # ';' overwritten by the NUL that separates the mount data
+        mount = f"mount;id={mnt_id};mode=restore;mountpoint={mountpoint};" \
+                f"ns_pid={root_pid};root=/"
+        replace = f"replace;id={mnt_id};{source};bindmounts={bind},;" \
+                  f"freeze_cgroup={freeze_cgroup}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(30)
         sock.connect(sock_path)
-        if criu == "3.15":  # the request the reference quotes (ns_mountpoint, trailing ';')
-            mount = (f"mount;id={mnt_id};mode=restore;mountpoint={mountpoint};"
-                     f"ns_mountpoint={mountpoint};ns_pid={root_pid}").encode()
-            assert vzcriu_send(sock, mount + b"\0") == 0
-            container.run("mount", "--bind", str(mountpoint), str(bind))
-            replace = (f"replace;id={mnt_id};source=10.200.0.1:/share;type=nfs4;flags=0;"
-                       f"freeze_cgroup={freeze_cgroup};bindmounts={bind},;").encode()
-        else:  # v3.18 spfs_request_mount(): root=, bindmounts before freeze_cgroup, and the
-            # last ';' overwritten by the NUL that separates the mount data
-            mount = (f"mount;id={mnt_id};mode=restore;mountpoint={mountpoint};"
-                     f"ns_pid={root_pid};root=/").encode()
-            assert vzcriu_send(sock, mount + b"\0") == 0
-            container.run("mount", "--bind", str(mountpoint), str(bind))
-            replace = (f"replace;id={mnt_id};source=10.200.0.1:/share;type=nfs4;flags=0;"
-                       f"bindmounts={bind},;freeze_cgroup={freeze_cgroup}").encode()
+        assert vzcriu_send(sock, mount.encode() + b"\0") == 0
+        container.run("mount", "--bind", str(mountpoint), str(bind))  # CRIU restores the bind
+        replace = replace.encode()
         assert vzcriu_send(sock, replace + b"\0" + NFS_OPTIONS + b"\0") == 0
         # after post-restore: spfs_set_mode(sock, "stub"); after post-resume: release
         assert vzcriu_send(sock, b"mode;all;mode=stub\0") == 0
