@@ -9,10 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+
 
 from spfs.manager.client_cmd import send_request, text_packet
 from spfs.manager.mounts import read_mountinfo

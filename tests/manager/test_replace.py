@@ -6,19 +6,22 @@ that checks it is called while the cgroup is frozen; the last test uses the real
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from manager_helpers import STANDIN_SPFS, wait_for
+from manager_helpers import STANDIN_SPFS, kill_and_reap, wait_for
 from spfs.manager.freezer import CgroupFreezer, FreezerLocks
 from spfs.manager.interfaces import SwapJob
 from spfs.manager.manager import Manager, ManagerConfig
 from spfs.manager.mounts import top_mount_at
-from spfs.manager.phases import ReplacePhase
 from spfs.manager.protocol import parse_packet
 from spfs.manager.realmount import RetryPolicy
 from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts
@@ -298,3 +301,31 @@ def test_real_swap_engine_moves_the_workload(make_harness, container, cgroup, tm
     size = real_log.stat().st_size
     wait_for(lambda: real_log.stat().st_size > size, what="writes on the real fs")
     assert not cgroup.frozen()
+
+
+def test_manager_killed_while_frozen_leaves_the_container_running(container, cgroup,
+                                                                  tmp_path):
+    """SIGKILL of the manager in SWAPPING (cgroup frozen): the thaw guard thaws it."""
+    beat, _ = _worker(container, cgroup, tmp_path)
+    mp = container.base / "mp"
+    mp.mkdir()
+    work = tmp_path / "killed"
+    work.mkdir()
+    script = Path(__file__).parent / "replace_until_killed.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(work), str(container.pid),
+                             str(mp), str(cgroup.path)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent)
+    spfs_pid = None
+    try:
+        spfs_pid = int(proc.stdout.readline().split()[1])
+        assert proc.stdout.readline().strip() == "swapping"
+        assert cgroup.frozen() and not _runs(beat)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: not cgroup.frozen(), 5, "thaw by the guard")
+        assert _runs(beat)
+    finally:
+        kill_and_reap(proc)
+        if spfs_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spfs_pid, signal.SIGKILL)
