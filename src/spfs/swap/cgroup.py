@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import subprocess
 import sys
 import time
@@ -83,8 +84,21 @@ class Watchdog:
     def __init__(self, freezer: Freezer):
         self.freezer = freezer
         self.proc = subprocess.Popen([sys.executable, "-m", "spfs.swap.watchdog", str(freezer.path)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
                                      start_new_session=True)
+        self.ready = False
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the child runs (its start-up must not compete with the stop window)."""
+        if self.ready:
+            return
+        assert self.proc.stdout is not None
+        poller = select.poll()
+        poller.register(self.proc.stdout, select.POLLIN)
+        ready = poller.poll(timeout * 1000)
+        if not ready or self.proc.stdout.readline().strip() != b"ready":
+            raise FreezerError("the freezer watchdog did not start")
+        self.ready = True
 
     def arm(self, restore_frozen: bool) -> None:
         self._send(f"arm {'frozen' if restore_frozen else 'thawed'}")

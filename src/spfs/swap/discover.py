@@ -210,7 +210,7 @@ def _dedupe_descriptions(found: list[_FoundFd], unmovable: list[Unmovable],
                     unmovable.append(Unmovable(f.pid, f"fd {f.fd}", f"file type {oct(kind)} is not supported"))
                 continue
             desc = Description(index=len(descriptions), rel=rel, flags=first.info.flags, mode=first.st.st_mode,
-                               holders=[(f.pid, f.fd) for f in same])
+                               dev=first.st.st_dev, ino=first.st.st_ino, holders=[(f.pid, f.fd) for f in same])
             desc.locks = [lk for f in same for lk in f.info.locks if lk.kind in ("FLOCK", "OFDLCK")]
             descriptions.append(desc)
             for f in same:

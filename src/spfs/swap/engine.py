@@ -79,6 +79,7 @@ class Engine:
         self.window = Window()
         self.we_froze = False
         self.caller_froze = False
+        self.locked_inodes: set[tuple[int, int]] = set()
 
     @staticmethod
     def _does_fds(p: ProcessPlan) -> bool:
@@ -96,7 +97,9 @@ class Engine:
             self.plan.advance(Phase.STOPPED)
             self.plan.advance(Phase.COMMITTED)
             return
-        watchdog = Watchdog(self.freezer) if self.freezer else None
+        watchdog = self.prepared.watchdog if self.freezer else None
+        if watchdog is not None:
+            watchdog.wait_ready(self.timeout + 10)
         affinity = self._pin() if self.pin else {}
         try:
             self._stop_all(watchdog)
@@ -212,6 +215,12 @@ class Engine:
     # -- validation and manager-side state ----------------------------------------------------
     def _revalidate(self) -> None:
         me = os.getpid()
+        held = procfs.locks()
+        posix = {}
+        for h in held:
+            if h.lock.kind == "POSIX":
+                posix.setdefault((h.lock.pid, h.dev, h.ino), []).append(h.lock)
+        self.locked_inodes = {(h.dev, h.ino) for h in held if h.lock.kind in ("FLOCK", "OFDLCK")}
         for p in self.stop_set:
             numbers = procfs.fd_numbers(p.pid)
             if numbers != p.fd_numbers:
@@ -224,14 +233,22 @@ class Engine:
             for ref in p.fds:
                 if ptrace.kcmp(me, p.pid, ptrace.KCMP_FILE, ref.desc.old_fd, ref.fd) != 0:
                     raise SwapError(f"fd {ref.fd} of process {p.pid} changed after discovery; run the switch again")
-                if ref.posix_locks or stat.S_ISREG(ref.desc.mode):
-                    ref.posix_locks = [lk for lk in procfs.fdinfo(p.pid, ref.fd).locks if lk.kind == "POSIX"]
+                ref.posix_locks = []
             for d in p.dirs:
                 if d.kind in ("cwd", "root"):
                     now = os.stat(f"/proc/{p.pid}/{d.kind}")
                     then = os.fstat(d.old_fd)
                     if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
                         raise SwapError(f"{d.kind} of process {p.pid} changed after discovery; run the switch again")
+        by_pid = {p.pid: p for p in self.stop_set}
+        for (pid, dev, ino), found in posix.items():
+            p = by_pid.get(pid)
+            if p is None:
+                continue
+            owner = by_pid.get(p.fd_table_of, p) if p.fd_table_of else p  # POSIX locks belong to the fd table
+            ref = next((r for r in owner.fds if (r.desc.dev, r.desc.ino) == (dev, ino)), None)
+            if ref is not None:
+                ref.posix_locks = found
         self.window.marks["revalidated"] = time.perf_counter()
 
     def _set_description_state(self) -> None:
@@ -246,24 +263,30 @@ class Engine:
                                     "restarting at 0", desc.rel, pos)
                         pos = 0
                     os.lseek(desc.new_fd, pos, os.SEEK_SET)
-            for lock in procfs.fdinfo(os.getpid(), desc.old_fd).locks:
-                if lock.kind == "FLOCK":
-                    op = fcntl.LOCK_EX if lock.access == "WRITE" else fcntl.LOCK_SH
-                    try:
-                        fcntl.flock(desc.new_fd, op | fcntl.LOCK_NB)
-                    except OSError as exc:
-                        raise SwapError(f"flock on {desc.rel} on the target is held by someone else: {exc}") from exc
-                elif lock.kind == "OFDLCK":
-                    try:
-                        fcntl.fcntl(desc.new_fd, F_OFD_SETLK, tables.flock_struct(lock))
-                    except OSError as exc:
-                        raise SwapError(f"OFD lock on {desc.rel} on the target is held by someone else: {exc}") from exc
+            if (desc.dev, desc.ino) in self.locked_inodes:
+                self._copy_description_locks(desc)
             if stat.S_ISFIFO(desc.mode):
                 path = os.path.join(self.plan.target, desc.rel)
                 if path not in copied_fifos:
                     copied_fifos.add(path)
                     _copy_pipe_content(desc.old_fd, self.prepared.fifo_keepers[path])
         self.window.marks["descriptions"] = time.perf_counter()
+
+    @staticmethod
+    def _copy_description_locks(desc) -> None:
+        """Take the description's flock/OFD locks on B; A's go only when A's description closes."""
+        for lock in procfs.fdinfo(os.getpid(), desc.old_fd).locks:
+            if lock.kind == "FLOCK":
+                op = fcntl.LOCK_EX if lock.access == "WRITE" else fcntl.LOCK_SH
+                try:
+                    fcntl.flock(desc.new_fd, op | fcntl.LOCK_NB)
+                except OSError as exc:
+                    raise SwapError(f"flock on {desc.rel} on the target is held by someone else: {exc}") from exc
+            elif lock.kind == "OFDLCK":
+                try:
+                    fcntl.fcntl(desc.new_fd, F_OFD_SETLK, tables.flock_struct(lock))
+                except OSError as exc:
+                    raise SwapError(f"OFD lock on {desc.rel} on the target is held by someone else: {exc}") from exc
 
     # -- injection ----------------------------------------------------------------------
     def _injector(self, p: ProcessPlan) -> Injector:
@@ -344,7 +367,7 @@ class Engine:
                 if self.freezer.is_frozen():
                     self.freezer.thaw(self.timeout)
         if watchdog is not None:
-            watchdog.close()
+            watchdog.disarm()
         self.plan.advance(Phase.RELEASED)
 
 

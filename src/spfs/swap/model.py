@@ -51,6 +51,8 @@ class Description:
     rel: str  # path relative to A (or the name on B given by the caller's path map)
     flags: int
     mode: int
+    dev: int
+    ino: int
     holders: list[tuple[int, int]] = field(default_factory=list)
     locks: list[Lock] = field(default_factory=list)
     old_fd: int = -1  # the manager's own reference to the A description (pidfd_getfd)

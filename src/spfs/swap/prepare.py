@@ -11,6 +11,7 @@ import stat
 import struct
 
 from spfs.swap import procfs
+from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.model import Description, DirRef, Phase, SwapError, SwapPlan
 from spfs.swap.ptrace import pidfd_getfd
 
@@ -70,6 +71,7 @@ class Prepared:
         self.fds: list[int] = []
         self.pidfds: dict[int, int] = {}
         self.fifo_keepers: dict[str, int] = {}
+        self.watchdog: Watchdog | None = None
 
     def pidfd(self, pid: int) -> int:
         if pid not in self.pidfds:
@@ -87,6 +89,9 @@ class Prepared:
         self.fifo_keepers.clear()
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
         self.close_keepers()
         for fd in self.fds + list(self.pidfds.values()):
             with contextlib.suppress(OSError):
@@ -129,6 +134,13 @@ def prepare(plan: SwapPlan) -> Prepared:
     except OSError as exc:
         prepared.close()
         raise SwapError(f"prepare failed: {exc}") from exc
+    if plan.cgroup:
+        # Started now so that its interpreter start-up is over before anything is frozen.
+        try:
+            prepared.watchdog = Watchdog(Freezer(plan.cgroup))
+        except (OSError, RuntimeError) as exc:
+            prepared.close()
+            raise SwapError(f"cannot supervise the freezer of {plan.cgroup}: {exc}") from exc
     plan.advance(Phase.PREPARED)
     log.info("prepared %d descriptions on %s", len(plan.descriptions), plan.target)
     return prepared

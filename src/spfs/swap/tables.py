@@ -39,6 +39,7 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
     pidfd = table.slot()
     tmp = table.slot()
     table.call(Nr.pidfd_open, donor_pid, 0, store=pidfd, what="pidfd_open(manager)")
+    relock: list[tuple[int, object]] = []
     if do_fds:
         for ref in process.fds:
             if only is not None and f"fd {ref.fd}" not in only:
@@ -52,8 +53,11 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
             table.call(Nr.dup3, Load(tmp), ref.fd, os.O_CLOEXEC if ref.cloexec else 0, what=f"dup3 onto fd {ref.fd}")
             table.mark(f"fd {ref.fd}")
             table.call(Nr.close, Load(tmp), what="close temporary fd")
-            for lock in locks:
-                table.call(Nr.fcntl, ref.fd, F_SETLK, Addr(lock), allow_fail=not forward, what=f"POSIX lock on fd {ref.fd}")
+            relock.extend((ref.fd, lock) for lock in locks)
+        # Any close of an fd on an inode drops the process's POSIX locks on it (the temporary
+        # fds above), so they are taken for good only after every install.
+        for fd, lock in relock:
+            table.call(Nr.fcntl, fd, F_SETLK, Addr(lock), allow_fail=not forward, what=f"POSIX lock on fd {fd}")
         for reg in process.epoll:
             if only is not None and f"fd {reg.target.tfd}" not in only:
                 continue

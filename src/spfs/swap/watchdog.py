@@ -13,6 +13,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     armed: str | None = None
+    print("ready", flush=True)
     for line in sys.stdin:
         words = line.split()
         if words[:1] == ["arm"]:
