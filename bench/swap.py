@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from spfs import swap  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+VICTIM_SRC = HERE.parent / "tests" / "swap" / "victims" / "bench_victim.c"
 ANCHORS_MS = {"100x10": {"C spfs-manager": 450, "naive Python prototype": 104, "goal": 30},
               "1000x1": {"C spfs-manager": 1830, "goal": 150},
               "1x1000": {"C spfs-manager": 470}}
@@ -37,7 +38,7 @@ ANCHORS_MS = {"100x10": {"C spfs-manager": 450, "naive Python prototype": 104, "
 
 def build_victim(workdir: Path) -> Path:
     out = workdir / "swap_victim"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(HERE / "swap_victim.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(VICTIM_SRC)], check=True)
     return out
 
 
