@@ -1,0 +1,239 @@
+"""Mode changes, status and the other control-socket commands, on the trio loop.
+
+A mode change (all steps logged with their durations):
+ 1. check the transition and open the new target (nothing changes if that fails);
+ 2. invalidate the kernel caches the new mode must not see (attributes and entries of
+    every inode; page cache of inodes whose bytes come from the old mode) while the old
+    mode still answers, so the invalidation cannot wait on a parked request;
+ 3. park new requests (switching), invalidate attributes again and the page cache of
+    inodes read or written during step 2;
+ 4. re-bind inodes and restore-mode handles to the new target, then open the gate:
+    parked requests run in the new mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import trio
+
+from spfs.fs import invalidation
+from spfs.fs.handles import close_quietly
+from spfs.fs.inodes import ROOT_INODE
+from spfs.fs.manifest import ManifestEntry, load_manifest, parse_entries
+from spfs.fs.modes import Mode, ModeError, check_transition
+from spfs.fs.operations import SpfsOperations
+from spfs.fs.proxy_backend import ProxyBackend
+from spfs.fs.creds import CallerCredentials
+from spfs.fs.rebind import drop_restore_nodes, rebind_inodes, reopen_restore_handles
+from spfs.fs.target_dir import TargetDir, open_target
+
+log = logging.getLogger(__name__)
+
+INVALIDATE_TIMEOUT_S = 10.0
+OPEN_TARGET_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass
+class SwitchRecord:
+    old: str
+    new: str
+    proxy_dir: str | None
+    seconds: float = 0.0
+    invalidate_seconds: float = 0.0
+    rebind_seconds: float = 0.0
+    released: int = 0
+    rebound: int = 0
+    stale: int = 0
+    reopened: int = 0
+    broken: int = 0
+    invalidation_complete: bool = True
+
+
+class FsController:
+    def __init__(self, ops: SpfsOperations, creds: CallerCredentials,
+                 target: TargetDir | None = None) -> None:
+        self.ops = ops
+        self.creds = creds
+        self.target = target
+        self.last_switch: SwitchRecord | None = None
+        self.switches = 0
+        self._lock = trio.Lock()
+
+    @property
+    def mode(self) -> Mode:
+        return self.ops.gate.mode
+
+    def install_target(self, target: TargetDir) -> None:
+        """Make *target* the proxy backend (used at start and by switches)."""
+        self.target = target
+        self.ops.proxy = ProxyBackend(self.ops.table, self.ops.handles, self.ops.timeouts,
+                                      self.creds, target.fd, target.path)
+
+    # -- mode changes --------------------------------------------------------------------
+    async def set_mode(self, wanted: Mode, proxy_dir: str | None = None,
+                       ns_pid: int | None = None) -> SwitchRecord:
+        async with self._lock:
+            return await self._set_mode(wanted, proxy_dir, ns_pid)
+
+    async def _open_target(self, proxy_dir: str | None, ns_pid: int | None) -> TargetDir:
+        if not proxy_dir:
+            raise ModeError("proxy mode needs a proxy directory")
+        with trio.move_on_after(OPEN_TARGET_TIMEOUT_S):
+            return await trio.to_thread.run_sync(open_target, proxy_dir, ns_pid,
+                                                 abandon_on_cancel=True)
+        raise ModeError(f"opening proxy directory {proxy_dir} timed out after "
+                        f"{OPEN_TARGET_TIMEOUT_S:.0f} s")
+
+    async def _set_mode(self, wanted: Mode, proxy_dir: str | None,
+                        ns_pid: int | None) -> SwitchRecord:
+        gate, ops = self.ops.gate, self.ops
+        old = gate.mode
+        check_transition(old, wanted)
+        start = time.monotonic()
+        record = SwitchRecord(old=old.value, new=wanted.value, proxy_dir=proxy_dir)
+        target = await self._open_target(proxy_dir, ns_pid) if wanted is Mode.PROXY else None
+        log.info("mode change %s -> %s%s started (%d parked requests, %d open handles)",
+                 old.value, wanted.value, f" ({proxy_dir})" if proxy_dir else "",
+                 gate.parked, len(ops.handles))
+        same_target = (target is not None and self.target is not None
+                       and (target.dev, target.ino) == (self.target.dev, self.target.ino)
+                       and old is not Mode.RESTORE)
+        leaving_data = old is Mode.RESTORE or (old is Mode.PROXY and not same_target)
+
+        # Step 2: with the old mode still answering.
+        inv_start = time.monotonic()
+        if old is not Mode.STUB:
+            ops.cache_fills = set()
+            result = await invalidation.invalidate(self._batch(data=leaving_data),
+                                                   INVALIDATE_TIMEOUT_S)
+            record.invalidation_complete = result.completed
+        # Step 3: park, then catch what was cached meanwhile.
+        gate.begin_switch()
+        try:
+            fills, ops.cache_fills = ops.cache_fills or set(), None
+            if old is not Mode.STUB:  # nothing was cached while everything was parked
+                invalidation.invalidate_attrs_now(list(ops.table.inodes))
+            if leaving_data and fills:
+                result = await invalidation.invalidate(
+                    invalidation.InvalidationBatch(data_inodes=sorted(fills)), INVALIDATE_TIMEOUT_S)
+                record.invalidation_complete &= result.completed
+            record.invalidate_seconds = time.monotonic() - inv_start
+            # Step 4.
+            rebind_start = time.monotonic()
+            if target is not None:
+                self._switch_target(old, target, same_target, record)
+            record.rebind_seconds = time.monotonic() - rebind_start
+        except BaseException:
+            if target is not None and target is not self.target:
+                close_quietly(target.fd)
+            gate.abort_switch()
+            raise
+        record.released = gate.parked
+        gate.finish_switch(wanted)
+        if wanted is Mode.PROXY:
+            self._close_deferred()
+        record.seconds = time.monotonic() - start
+        self.last_switch = record
+        self.switches += 1
+        log.info("mode change %s -> %s done in %.1f ms (invalidate %.1f ms, rebind %.1f ms; "
+                 "released %d parked, rebound %d, stale %d, reopened %d, broken %d%s)",
+                 old.value, wanted.value, record.seconds * 1e3, record.invalidate_seconds * 1e3,
+                 record.rebind_seconds * 1e3, record.released, record.rebound, record.stale,
+                 record.reopened, record.broken,
+                 "" if record.invalidation_complete else ", invalidation still pending")
+        return record
+
+    def _switch_target(self, old: Mode, target: TargetDir, same_target: bool,
+                       record: SwitchRecord) -> None:
+        ops = self.ops
+        if same_target:
+            close_quietly(target.fd)  # nothing moves: keep every binding as it is
+            return
+        result = rebind_inodes(ops.table, target)
+        reopen_restore_handles(ops.table, ops.handles, result)
+        if old is Mode.RESTORE or ops.restore is not None:
+            drop_restore_nodes(ops.table)
+            ops.restore = None
+        previous = ops.proxy
+        self.install_target(target)
+        if previous is not None:
+            previous.close()
+        record.rebound, record.stale = result.rebound, result.stale
+        record.reopened, record.broken = result.reopened, result.broken
+
+    def _batch(self, data: bool) -> invalidation.InvalidationBatch:
+        table = self.ops.table
+        return invalidation.InvalidationBatch(
+            attr_inodes=list(table.inodes),
+            data_inodes=[ino for ino, inode in table.inodes.items() if not inode.is_dir] if data else [],
+            entries=list(table.entries))
+
+    def _close_deferred(self) -> None:
+        fds = self.ops.take_deferred_closes()
+        if fds:
+            # A close can block on a target that was down; never on the loop thread.
+            trio.lowlevel.spawn_system_task(functools.partial(trio.to_thread.run_sync, _close_all, fds))
+
+    # -- other commands ------------------------------------------------------------------
+    async def invalidate(self, paths: list[str] | None) -> dict[str, Any]:
+        table = self.ops.table
+        if paths is None:
+            batch = self._batch(data=True)
+        else:
+            inos = [self._find(path) for path in paths]
+            batch = invalidation.InvalidationBatch(
+                attr_inodes=inos, data_inodes=inos,
+                entries=[key for ino in inos for key in table.inodes[ino].names])
+        result = await invalidation.invalidate(batch, INVALIDATE_TIMEOUT_S)
+        return {"items": len(batch), "completed": result.completed,
+                "seconds": round(result.seconds, 6), "errors": result.errors}
+
+    def _find(self, path: str) -> int:
+        ino = ROOT_INODE
+        for part in os.fsencode(path).split(b"/"):
+            if not part or part == b".":
+                continue
+            found = self.ops.table.entries.get((ino, part))
+            if found is None:
+                raise ModeError(f"{path!r} is not known to SPFS (never looked up)")
+            ino = found
+        return ino
+
+    def add_manifest_entries(self, raw_entries: Any = None, manifest_file: str | None = None) -> int:
+        if self.mode is not Mode.RESTORE or self.ops.restore is None:
+            raise ModeError(f"manifest entries can only be added in restore mode "
+                            f"(current mode: {self.mode.value})")
+        entries: tuple[ManifestEntry, ...]
+        if manifest_file is not None:
+            entries = load_manifest(manifest_file).entries
+        else:
+            entries = parse_entries(raw_entries)
+        self.ops.restore.add_entries(entries)
+        invalidation.invalidate_attrs_now(list(self.ops.table.inodes))
+        return len(entries)
+
+    def status(self) -> dict[str, Any]:
+        ops = self.ops
+        return {
+            "mode": self.mode.value,
+            "switching": ops.gate.switching,
+            "proxy_dir": self.target.path if self.target and self.mode is not Mode.RESTORE else None,
+            "parked": ops.gate.parked,
+            "open_handles": len(ops.handles),
+            "inodes": len(ops.table),
+            "stub_timeout": ops.gate.stub_timeout,
+            "switches": self.switches,
+            "last_switch": dataclasses.asdict(self.last_switch) if self.last_switch else None,
+            "pid": os.getpid(),
+        }
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        close_quietly(fd)

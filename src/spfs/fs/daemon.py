@@ -1,0 +1,191 @@
+"""Lifecycle of the spfs daemon: prepare, mount, serve, unmount.
+
+Everything that can be refused (manifest, proxy directory, mountpoint, control socket) is
+checked before mounting, so bad input leaves nothing mounted. The ready descriptors are
+closed once a stat of the mountpoint has gone through the running FUSE loop. SIGTERM or
+SIGINT fail parked requests with EIO and lazily detach the mount; the daemon exits 0 once
+the kernel has dropped the mount (immediately, or when the last open file is closed). A
+second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import signal
+import stat
+import time
+
+import pyfuse3
+import trio
+
+from spfs.fs import attrs, mountinfo, syscalls
+from spfs.fs.control_server import ControlServer, bind_control_socket
+from spfs.fs.controller import FsController
+from spfs.fs.creds import CallerCredentials
+from spfs.fs.gate import ModeGate
+from spfs.fs.handles import HandleTable, close_quietly
+from spfs.fs.inodes import ROOT_INODE, InodeTable, ProxyObject
+from spfs.fs.manifest import Manifest, load_manifest
+from spfs.fs.modes import Mode
+from spfs.fs.operations import SpfsOperations
+from spfs.fs.restore_backend import RestoreBackend
+from spfs.fs.target_dir import TargetDir, open_target
+
+log = logging.getLogger(__name__)
+
+# allow_other lets the container's users in; default_permissions makes the kernel check
+# their permissions (without it any user could write root's files, feasibility §1).
+MANDATORY_OPTIONS = frozenset({"fsname=spfs", "subtype=spfs", "allow_other", "default_permissions"})
+
+
+class StartupError(Exception):
+    """Refused before mounting; the message says why."""
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    mountpoint: str
+    mode: Mode
+    proxy_dir: str | None = None
+    proxy_mntns_pid: int | None = None
+    manifest: str | None = None
+    socket_path: str | None = None
+    ready_fds: list[int] = dataclasses.field(default_factory=list)
+    stub_timeout: float | None = None
+    fuse_options: list[str] = dataclasses.field(default_factory=list)
+    max_parked: int = 20000
+    cache_timeout: float = 1.0
+    read_ahead_kb: int = 1024
+    direct_io: bool = False
+
+
+@dataclasses.dataclass
+class Prepared:
+    root_stat: os.stat_result
+    manifest: Manifest | None
+    target: TargetDir | None
+
+
+def prepare(config: DaemonConfig) -> Prepared:
+    try:
+        root_stat = os.stat(config.mountpoint)
+    except OSError as exc:
+        raise StartupError(f"mountpoint {config.mountpoint}: {exc.strerror}") from None
+    if not stat.S_ISDIR(root_stat.st_mode):
+        raise StartupError(f"mountpoint {config.mountpoint} is not a directory")
+    manifest = None
+    if config.mode is Mode.RESTORE:
+        manifest = load_manifest(config.manifest) if config.manifest else Manifest(entries=())
+    elif config.manifest:
+        raise StartupError("--manifest is only used in restore mode")
+    target = None
+    if config.mode is Mode.PROXY:
+        if not config.proxy_dir:
+            raise StartupError("proxy mode needs --proxy-dir")
+        target = open_target(config.proxy_dir, config.proxy_mntns_pid)
+    return Prepared(root_stat=root_stat, manifest=manifest, target=target)
+
+
+def _raise_fd_limit() -> None:
+    # Proxy mode keeps one O_PATH descriptor per inode the kernel knows.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def build(config: DaemonConfig, prepared: Prepared) -> tuple[SpfsOperations, FsController]:
+    table, handles = InodeTable(), HandleTable()
+    timeouts = attrs.CacheTimeouts(attr=config.cache_timeout, entry=config.cache_timeout)
+    gate = ModeGate(config.mode, config.stub_timeout)
+    ops = SpfsOperations(gate, table, handles, prepared.root_stat, timeouts)
+    ops.direct_io = config.direct_io
+    controller = FsController(ops, CallerCredentials())
+    if prepared.manifest is not None:
+        ops.restore = RestoreBackend(table, handles, timeouts)
+        ops.restore.load(prepared.manifest)
+    else:
+        table.add(stat.S_IFDIR, ino=ROOT_INODE)
+    if prepared.target is not None:
+        target = prepared.target
+        controller.install_target(target)
+        table.bind_proxy(table.inodes[ROOT_INODE],
+                         ProxyObject(fd=os.dup(target.fd), dev=target.dev, ino=target.ino))
+    return ops, controller
+
+
+async def _handle_signals(config: DaemonConfig, ops: SpfsOperations) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if ops.gate.shutting_down:
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+            log.info("%s: failing %d parked requests, detaching %s; exiting once the kernel "
+                     "lets go of the mount", signal.Signals(signum).name, ops.gate.parked,
+                     config.mountpoint)
+            ops.gate.shut_down()
+            try:
+                await trio.to_thread.run_sync(syscalls.umount2, config.mountpoint,
+                                              syscalls.MNT_DETACH)
+            except OSError as exc:
+                log.error("detaching %s failed: %s", config.mountpoint, exc)
+
+
+async def _announce_ready(config: DaemonConfig, initialised: trio.Event) -> None:
+    await initialised.wait()
+    # A stat that goes through the kernel and back proves the mount answers.
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
+    for fd in config.ready_fds:
+        close_quietly(fd)
+    log.info("spfs ready at %s in %s mode", config.mountpoint, config.mode.value)
+
+
+async def _serve(config: DaemonConfig, ops: SpfsOperations, server: ControlServer | None) -> None:
+    initialised = trio.Event()
+    ops.on_init = initialised.set
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_handle_signals, config, ops)
+        nursery.start_soon(_announce_ready, config, initialised)
+        if server is not None:
+            nursery.start_soon(server.serve)
+        await pyfuse3.main(min_tasks=1, max_tasks=config.max_parked)
+        nursery.cancel_scope.cancel()
+
+
+def run(config: DaemonConfig) -> int:
+    """Mount and serve until unmounted. Raises StartupError (and friends) before mounting."""
+    started = time.monotonic()
+    prepared = prepare(config)
+    server_sock = bind_control_socket(config.socket_path) if config.socket_path else None
+    _raise_fd_limit()
+    os.umask(0)  # modes arrive already masked by the kernel; apply them verbatim
+    ops, controller = build(config, prepared)
+    server = ControlServer(server_sock, config.socket_path, controller) if server_sock else None
+    options = set(MANDATORY_OPTIONS) | set(config.fuse_options)
+    try:
+        pyfuse3.init(ops, config.mountpoint, options)
+    except Exception:
+        if server is not None:
+            server.close()
+        raise
+    log.info("mounted %s (%s mode) in %.1f ms", config.mountpoint, config.mode.value,
+             (time.monotonic() - started) * 1e3)
+    unmount = True
+    try:
+        if config.read_ahead_kb > 0:
+            mountinfo.set_read_ahead(config.mountpoint, config.read_ahead_kb)
+        trio.run(_serve, config, ops, server)
+        unmount = not ops.gate.shutting_down
+    finally:
+        pyfuse3.close(unmount=unmount)
+        if server is not None:
+            server.close()
+        ops.table.close_all()
+        for handle in ops.handles.handles.values():
+            close_quietly(handle.fd)
+    log.info("unmounted %s, exiting", config.mountpoint)
+    return 0

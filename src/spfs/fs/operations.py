@@ -1,0 +1,319 @@
+"""The pyfuse3 request handlers: gate every request on the mode, then hand it to the
+backend of that mode (restore_backend.py or proxy_backend.py).
+
+Answered at once in every mode, never parked: FORGET, FLUSH, RELEASE, RELEASEDIR,
+getattr of the root (from a stat of the mountpoint taken at start while in stub) and the
+emulated `*.spfs.*` xattrs. Closing a descriptor or swapping it away from a stub therefore
+never hangs (feasibility §1 pitfall 4).
+
+Locks are deliberately not implemented: without FUSE lock operations the kernel keeps
+POSIX and flock locks on the FUSE inode, where /proc/PID/fdinfo shows them and the
+manager can migrate them.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from spfs.fs import attrs
+from spfs.fs.gate import ModeGate
+from spfs.fs.handles import Handle, HandleTable, close_quietly
+from spfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from spfs.fs.modes import Mode
+from spfs.fs.proxy_backend import ProxyBackend
+from spfs.fs.restore_backend import RestoreBackend
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def is_spfs_xattr(name: bytes) -> bool:
+    """`security.spfs.link_remap`, `user.spfs.x`, ...: the second component is `spfs`."""
+    parts = name.split(b".")
+    return len(parts) >= 2 and parts[1] == b"spfs"
+
+
+def served(method: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """Park the request while there is no mode to serve it in, then run it synchronously.
+
+    The body never awaits, so per-request credentials set inside it cannot leak into
+    another request, and OSErrors from the target become the caller's errno.
+    """
+    @functools.wraps(method)
+    async def handler(self: "SpfsOperations", *args: Any) -> T:
+        if not self.gate.open:
+            await self.gate.wait()
+        try:
+            return method(self, *args)
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+    return handler
+
+
+class SpfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False      # no NFS export of the FUSE mount: never '.'/'..' lookups
+    enable_writeback_cache = False   # written bytes must reach the target at once
+
+    def __init__(self, gate: ModeGate, table: InodeTable, handles: HandleTable,
+                 stub_root: os.stat_result, timeouts: attrs.CacheTimeouts) -> None:
+        super().__init__()
+        self.gate = gate
+        self.table = table
+        self.handles = handles
+        self.stub_root = stub_root
+        self.timeouts = timeouts
+        self.restore: RestoreBackend | None = None
+        self.proxy: ProxyBackend | None = None
+        self.direct_io = False
+        # Inodes whose page cache got bytes while a switch was invalidating (switcher.py).
+        self.cache_fills: set[int] | None = None
+        # Descriptors released while no mode serves: closing them could block on a
+        # target that is down, so the switcher closes them later in a thread.
+        self.deferred_closes: list[int] = []
+        self.on_init: Callable[[], None] = lambda: None
+
+    def init(self) -> None:
+        self.on_init()
+
+    @property
+    def backend(self) -> RestoreBackend | ProxyBackend:
+        backend = self.restore if self.gate.mode is Mode.RESTORE else self.proxy
+        if backend is None:
+            raise FUSEError(errno.EIO)
+        return backend
+
+    def _handle_backend(self, handle: Handle) -> RestoreBackend | ProxyBackend:
+        backend = self.restore if handle.restore else self.proxy
+        if backend is None:
+            raise FUSEError(errno.EIO)
+        return backend
+
+    def _entry(self, parent: int, name: bytes, inode: Inode) -> pyfuse3.EntryAttributes:
+        attr = self.backend.attributes(inode)
+        inode.lookups += 1
+        self.table.add_name(parent, name, inode.ino)
+        return attr
+
+    def _file_info(self, handle: Handle) -> pyfuse3.FileInfo:
+        # keep_cache=False: every open drops the inode's page cache, so bytes cached in an
+        # earlier mode or from an older target version are never served to a new open.
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False,
+                                direct_io=self.direct_io and not handle.restore)
+
+    # -- never parked --------------------------------------------------------------------
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.table.forget(ino, count)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE and not self.gate.open:
+            return attrs.stub_root(self.stub_root)
+        return await self._getattr(inode)
+
+    @served
+    def _getattr(self, ino: int) -> pyfuse3.EntryAttributes:
+        return self.backend.attributes(self.table.get(ino))
+
+    async def flush(self, fh: int) -> None:
+        if not self.gate.open:
+            return
+        handle = self.handles.get(fh)
+        try:
+            self._handle_backend(handle).flush(handle)
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        self._release(fh)
+
+    async def releasedir(self, fh: int) -> None:
+        self._release(fh)
+
+    def _release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        if handle is None:
+            return
+        inode = self.table.inodes.get(handle.ino)
+        if inode is not None:
+            inode.open_handles -= 1
+            self.table.maybe_drop(inode)
+        if handle.fd is not None:
+            if self.gate.open:
+                close_quietly(handle.fd)
+            else:
+                self.deferred_closes.append(handle.fd)
+
+    # -- emulated xattrs (every mode, never reach the target) ------------------------------
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        if is_spfs_xattr(name):
+            self.table.get(inode).spfs_xattrs[name] = value
+            return
+        await self._setxattr(inode, name, value, ctx)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if is_spfs_xattr(name):
+            try:
+                return self.table.get(inode).spfs_xattrs[name]
+            except KeyError:
+                raise FUSEError(pyfuse3.ENOATTR) from None
+        return await self._getxattr(inode, name, ctx)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if is_spfs_xattr(name):
+            if self.table.get(inode).spfs_xattrs.pop(name, None) is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            return
+        await self._removexattr(inode, name, ctx)
+
+    @served
+    def _setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.backend.setxattr(self.table.get(ino), name, value, ctx)
+
+    @served
+    def _getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.backend.getxattr(self.table.get(ino), name, ctx)
+
+    @served
+    def _removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.backend.removexattr(self.table.get(ino), name, ctx)
+
+    @served
+    def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        # The emulated names stay unlisted (as in the C spfs) so that copies made through
+        # the mount never carry them along.
+        return [n for n in self.backend.listxattr(self.table.get(ino), ctx)
+                if not is_spfs_xattr(n)]
+
+    # -- names ---------------------------------------------------------------------------
+    @served
+    def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(parent, name, self.backend.lookup(parent, name, ctx))
+
+    @served
+    def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.table.get(ino)
+        handle = self.handles.get(fh) if fh is not None else None
+        self.backend.setattr(inode, attr, fields, handle, ctx)
+        return self.backend.attributes(inode)
+
+    @served
+    def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.backend.readlink(self.table.get(ino), ctx)
+
+    @served
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(parent, name, self.backend.mknod(parent, name, mode, rdev, ctx))
+
+    @served
+    def mkdir(self, parent: int, name: bytes, mode: int,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(parent, name, self.backend.mkdir(parent, name, mode, ctx))
+
+    @served
+    def symlink(self, parent: int, name: bytes, target: bytes,
+                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(parent, name, self.backend.symlink(parent, name, target, ctx))
+
+    @served
+    def link(self, ino: int, new_parent: int, new_name: bytes,
+             ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.backend.link(self.table.get(ino), new_parent, new_name, ctx)
+        return self._entry(new_parent, new_name, inode)
+
+    @served
+    def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.backend.unlink(parent, name, ctx)
+
+    @served
+    def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.backend.rmdir(parent, name, ctx)
+
+    @served
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int,
+               ctx: pyfuse3.RequestContext) -> None:
+        self.backend.rename(parent, name, new_parent, new_name, flags, ctx)
+
+    # -- files ---------------------------------------------------------------------------
+    @served
+    def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        inode = self.table.get(ino)
+        handle = self.backend.open(inode, flags, ctx)
+        inode.open_handles += 1
+        return self._file_info(handle)
+
+    @served
+    def create(self, parent: int, name: bytes, mode: int, flags: int,
+               ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        handle, inode = self.backend.create(parent, name, mode, flags, ctx)
+        inode.open_handles += 1
+        return self._file_info(handle), self._entry(parent, name, inode)
+
+    @served
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self.handles.get(fh)
+        if self.cache_fills is not None:
+            self.cache_fills.add(handle.ino)
+        return self._handle_backend(handle).read(handle, offset, size)
+
+    @served
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self.handles.get(fh)
+        if self.cache_fills is not None:
+            self.cache_fills.add(handle.ino)
+        return self._handle_backend(handle).write(handle, offset, data)
+
+    @served
+    def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.handles.get(fh)
+        self._handle_backend(handle).fsync(handle, datasync)
+
+    # -- directories ---------------------------------------------------------------------
+    @served
+    def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
+        inode = self.table.get(ino)
+        handle = self.backend.opendir(inode, ctx)
+        inode.open_handles += 1
+        return handle.fh
+
+    @served
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.handles.get(fh)
+        backend = self._handle_backend(handle)
+        if start_id == 0 or handle.dir_names is None:
+            handle.dir_names = backend.list_dir(handle)
+        for index in range(start_id, len(handle.dir_names)):
+            name = handle.dir_names[index]
+            try:
+                inode = backend.lookup(handle.ino, name, None)  # type: ignore[arg-type]
+                attr = backend.attributes(inode)
+            except (OSError, FUSEError):
+                continue  # removed since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
+                self.table.maybe_drop(inode)
+                break
+            inode.lookups += 1
+            self.table.add_name(handle.ino, name, inode.ino)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    @served
+    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        return self.backend.statfs(ctx)
+
+    # -- switching support ----------------------------------------------------------------
+    def take_deferred_closes(self) -> list[int]:
+        fds, self.deferred_closes = self.deferred_closes, []
+        return fds

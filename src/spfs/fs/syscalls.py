@@ -1,0 +1,91 @@
+"""Thin ctypes wrappers for the Linux syscalls Python's os module lacks.
+
+Everything here exists on Linux 6.1 (the lab guest): openat2 (5.6), renameat2 (3.15),
+setns (3.0). setfsuid/setfsgid/setgroups are issued as raw syscalls because the kernel
+applies them to the calling thread only, whereas glibc's setgroups() (and Python's
+os.setgroups) broadcasts the change to every thread of the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+# x86-64 syscall numbers (the project is x86-64 only, like CRIU's and ptrace's parts).
+SYS_SETGROUPS = 116
+SYS_SETFSUID = 122
+SYS_SETFSGID = 123
+SYS_RENAMEAT2 = 316
+SYS_OPENAT2 = 437
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+CLONE_NEWNS = 0x00020000
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def openat2(dirfd: int, path: bytes | str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): open *path* relative to *dirfd* under the RESOLVE_* restrictions."""
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    while True:
+        res = _syscall(SYS_OPENAT2, dirfd, ctypes.c_char_p(path), ctypes.byref(how),
+                       ctypes.sizeof(how))
+        if res >= 0:
+            return res
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:  # openat2 may ask for a retry when a rename raced
+            continue
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
+    _check(_syscall(SYS_RENAMEAT2, olddirfd, ctypes.c_char_p(oldname), newdirfd,
+                    ctypes.c_char_p(newname), ctypes.c_uint(flags)), "renameat2")
+
+
+def set_thread_fsuid(uid: int) -> None:
+    # setfsuid never fails with an error code; it returns the previous value.
+    _syscall(SYS_SETFSUID, ctypes.c_uint(uid))
+
+
+def set_thread_fsgid(gid: int) -> None:
+    _syscall(SYS_SETFSGID, ctypes.c_uint(gid))
+
+
+def set_thread_groups(groups: list[int] | tuple[int, ...]) -> None:
+    array = (ctypes.c_uint * max(1, len(groups)))(*groups)
+    _check(_syscall(SYS_SETGROUPS, ctypes.c_size_t(len(groups)), array), "setgroups")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+MNT_DETACH = 2
+
+
+def umount2(path: str, flags: int) -> None:
+    _check(_libc.umount2(os.fsencode(path), flags), f"umount2 {path}")
