@@ -265,6 +265,22 @@ def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[
                     unmovable=unmovable, cgroup=cgroup, path_map=path_map)
 
 
+def late_relative_path(plan: SwapPlan, pid: int, link: str, mnt_id: int, st: os.stat_result) -> str:
+    """Path relative to the source of an fd found only after the stop; SwapError if unusable."""
+    from spfs.swap.model import SwapError
+
+    if st.st_nlink == 0 and link.endswith(DELETED):
+        rel = _Scanner(plan.source, plan.path_map).sb_relative(pid, link[: -len(DELETED)], mnt_id)
+        mapped = plan.path_map.get(rel or "")
+        if mapped is None:
+            raise SwapError(f"process {pid} opened {link} (unlinked) after discovery")
+        return mapped
+    rel = _Scanner(plan.source, plan.path_map).sb_relative(pid, link, mnt_id)
+    if rel is None or stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO):
+        raise SwapError(f"process {pid} opened {link} after discovery and it cannot be moved")
+    return rel
+
+
 def _kernel_dev(sdev: int) -> int:
     return os.makedev(sdev >> 20, sdev & 0xFFFFF)
 

@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from spfs.swap import procfs, ptrace, tables
 from spfs.swap.arch import check_task_regs, without_spurious_eintr
 from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
 from spfs.swap.discover import cgroup_pids
-from spfs.swap.model import Phase, ProcessPlan, SwapError, SwapPlan
-from spfs.swap.prepare import Prepared
+from spfs.swap.discover import late_relative_path
+from spfs.swap.model import Description, FdRef, Phase, ProcessPlan, SwapError, SwapPlan
+from spfs.swap.prepare import Prepared, open_on_target
 from spfs.swap.remote import Injector, Tracee, choose_marker_signal
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,6 @@ class Engine:
         self.window = Window()
         self.we_froze = False
         self.caller_froze = False
-        self.locked_inodes: set[tuple[int, int]] = set()
 
     @staticmethod
     def _does_fds(p: ProcessPlan) -> bool:
@@ -215,20 +216,13 @@ class Engine:
     # -- validation and manager-side state ----------------------------------------------------
     def _revalidate(self) -> None:
         me = os.getpid()
-        held = procfs.locks()
-        posix = {}
-        for h in held:
-            if h.lock.kind == "POSIX":
-                posix.setdefault((h.lock.pid, h.dev, h.ino), []).append(h.lock)
-        self.locked_inodes = {(h.dev, h.ino) for h in held if h.lock.kind in ("FLOCK", "OFDLCK")}
         for p in self.stop_set:
             numbers = procfs.fd_numbers(p.pid)
             if numbers != p.fd_numbers:
-                for fd in set(numbers) - set(p.fd_numbers):
+                for fd in sorted(set(numbers) - set(p.fd_numbers)):
                     with contextlib.suppress(FileNotFoundError):
                         if os.stat(f"/proc/{p.pid}/fd/{fd}").st_dev == self.plan.source.dev:
-                            raise SwapError(f"process {p.pid} opened fd {fd} on the source after discovery; "
-                                            "run the switch again")
+                            self._adopt_late_fd(p, fd)
                 p.fd_numbers = numbers
             for ref in p.fds:
                 if ptrace.kcmp(me, p.pid, ptrace.KCMP_FILE, ref.desc.old_fd, ref.fd) != 0:
@@ -240,16 +234,63 @@ class Engine:
                     then = os.fstat(d.old_fd)
                     if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
                         raise SwapError(f"{d.kind} of process {p.pid} changed after discovery; run the switch again")
-        by_pid = {p.pid: p for p in self.stop_set}
-        for (pid, dev, ino), found in posix.items():
-            p = by_pid.get(pid)
-            if p is None:
-                continue
-            owner = by_pid.get(p.fd_table_of, p) if p.fd_table_of else p  # POSIX locks belong to the fd table
-            ref = next((r for r in owner.fds if (r.desc.dev, r.desc.ino) == (dev, ino)), None)
-            if ref is not None:
-                ref.posix_locks = found
+        self._find_locks()
         self.window.marks["revalidated"] = time.perf_counter()
+
+    def _adopt_late_fd(self, p: ProcessPlan, fd: int) -> None:
+        """An fd opened on the source between discovery and the stop: add it to the plan."""
+        owner = next((q for q in self.stop_set if q.pid == p.fd_table_of), p) if p.fd_table_of else p
+        if any(r.fd == fd for r in owner.fds):
+            return  # already adopted through a process sharing the fd table
+        info = procfs.fdinfo(p.pid, fd)
+        st = os.stat(f"/proc/{p.pid}/fd/{fd}")
+        me = os.getpid()
+        desc = next((d for d in self.plan.descriptions if (d.dev, d.ino) == (st.st_dev, st.st_ino)
+                     and ptrace.kcmp(me, p.pid, ptrace.KCMP_FILE, d.old_fd, fd) == 0), None)
+        if desc is None:
+            link = os.readlink(f"/proc/{p.pid}/fd/{fd}")
+            rel = late_relative_path(self.plan, p.pid, link, info.mnt_id, st)
+            desc = Description(index=len(self.plan.descriptions), rel=rel, flags=info.flags, mode=st.st_mode,
+                               dev=st.st_dev, ino=st.st_ino)
+            desc.old_fd = self.prepared.track(ptrace.pidfd_getfd(self.prepared.pidfd(p.pid), fd))
+            desc.new_fd = self.prepared.track(open_on_target(self.plan, desc, self.prepared.fifo_keepers))
+            self.plan.descriptions.append(desc)
+        desc.holders.append((p.pid, fd))
+        owner.fds.append(FdRef(p.pid, fd, desc, cloexec=bool(info.flags & os.O_CLOEXEC)))
+        log.info("process %d opened fd %d (%s) after discovery: adopted", p.pid, fd, desc.rel)
+
+    def _find_locks(self) -> None:
+        """Current locks, cheaply: one F_GETLK probe per description (our reference is another
+        lock owner, so any POSIX or OFD lock on the file shows up); fdinfo is read only for the
+        holders of a locked file.  flock locks are not visible to F_GETLK: those seen at
+        discovery are re-read here (a flock taken between discovery and the stop is missed)."""
+        owner_of = {p.pid: p for p in self.stop_set}
+        probe = tables.flock_struct(procfs.Lock("POSIX", "ADVISORY", "WRITE", 0, 0, None))
+        for desc in self.plan.descriptions:
+            if desc.flags & os.O_PATH:
+                continue
+            try:
+                found = struct.unpack("<h", fcntl.fcntl(desc.old_fd, fcntl.F_GETLK, probe)[:2])[0]
+            except OSError:
+                found = fcntl.F_UNLCK
+            if found == fcntl.F_UNLCK and not desc.locks:
+                continue
+            desc.locks = []
+            for pid, fd in desc.holders:
+                try:
+                    info = procfs.fdinfo(pid, fd)
+                except FileNotFoundError:
+                    continue
+                for lock in info.locks:
+                    if lock.kind in ("FLOCK", "OFDLCK"):
+                        if lock not in desc.locks:
+                            desc.locks.append(lock)
+                    elif lock.kind == "POSIX":
+                        p = owner_of[pid]
+                        owner = owner_of.get(p.fd_table_of, p) if p.fd_table_of else p
+                        ref = next((r for r in owner.fds if r.fd == fd), None)
+                        if ref is not None:
+                            ref.posix_locks.append(lock)
 
     def _set_description_state(self) -> None:
         """Offsets, flock and OFD locks live in the description: set them from here."""
@@ -263,7 +304,7 @@ class Engine:
                                     "restarting at 0", desc.rel, pos)
                         pos = 0
                     os.lseek(desc.new_fd, pos, os.SEEK_SET)
-            if (desc.dev, desc.ino) in self.locked_inodes:
+            if desc.locks:
                 self._copy_description_locks(desc)
             if stat.S_ISFIFO(desc.mode):
                 path = os.path.join(self.plan.target, desc.rel)
@@ -275,7 +316,7 @@ class Engine:
     @staticmethod
     def _copy_description_locks(desc) -> None:
         """Take the description's flock/OFD locks on B; A's go only when A's description closes."""
-        for lock in procfs.fdinfo(os.getpid(), desc.old_fd).locks:
+        for lock in desc.locks:
             if lock.kind == "FLOCK":
                 op = fcntl.LOCK_EX if lock.access == "WRITE" else fcntl.LOCK_SH
                 try:

@@ -29,7 +29,7 @@ def target_path(plan: SwapPlan, rel: str) -> str:
     return os.path.join(plan.target, rel) if rel else plan.target
 
 
-def _open_new(plan: SwapPlan, desc: Description, fifo_keepers: dict[str, int]) -> int:
+def open_on_target(plan: SwapPlan, desc: Description, fifo_keepers: dict[str, int]) -> int:
     path = target_path(plan, desc.rel)
     flags = (desc.flags & ~REOPEN_DROP) | os.O_CLOEXEC
     if stat.S_ISFIFO(desc.mode):
@@ -114,7 +114,7 @@ def prepare(plan: SwapPlan) -> Prepared:
         for desc in plan.descriptions:
             pid, fd = desc.holders[0]
             desc.old_fd = prepared.track(pidfd_getfd(prepared.pidfd(pid), fd))
-            desc.new_fd = prepared.track(_open_new(plan, desc, prepared.fifo_keepers))
+            desc.new_fd = prepared.track(open_on_target(plan, desc, prepared.fifo_keepers))
             if desc.flags & O_ASYNC or stat.S_ISFIFO(desc.mode):
                 _copy_owner(desc.old_fd, desc.new_fd)
             if stat.S_ISFIFO(desc.mode):
