@@ -124,9 +124,9 @@ class SpfsOperations(pyfuse3.Operations):
         return self.backend.attributes(self.table.get(ino))
 
     async def flush(self, fh: int) -> None:
-        if not self.gate.open:
-            return
-        handle = self.handles.get(fh)
+        handle = self.handles.handles.get(fh)
+        if handle is None or handle.broken is not None or not self.gate.open:
+            return  # a close must never hang or fail on SPFS's account
         try:
             self._handle_backend(handle).flush(handle)
         except OSError as exc:
