@@ -30,7 +30,7 @@ from spfs.fs.modes import Mode, ModeError, check_transition
 from spfs.fs.operations import SpfsOperations
 from spfs.fs.proxy_backend import ProxyBackend
 from spfs.fs.creds import CallerCredentials
-from spfs.fs.rebind import drop_restore_nodes, rebind_inodes, reopen_restore_handles
+from spfs.fs.rebind import drop_restore_nodes, rebind_inodes, reopen_handles
 from spfs.fs.target_dir import TargetDir, open_target
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class FsController:
             close_quietly(target.fd)  # nothing moves: keep every binding as it is
             return
         result = rebind_inodes(ops.table, target)
-        reopen_restore_handles(ops.table, ops.handles, result)
+        reopen_handles(ops.table, ops.handles, result)
         if old is Mode.RESTORE or ops.restore is not None:
             drop_restore_nodes(ops.table)
             ops.restore = None

@@ -1,13 +1,16 @@
 """Re-binding every known inode and open handle to a new proxy target at a mode switch.
 
-Mapping: an inode goes to the object at its relative path *at switch time* (its first
-known name, walked up to the root) in the new target, resolved with openat2
-RESOLVE_BENEATH and O_NOFOLLOW, and only if the file type matches. An inode that cannot
-be mapped keeps its old proxy object when it has open handles (so they keep working by
-identity) and is marked stale otherwise (ESTALE). Handles opened in proxy mode keep their
-own descriptor; handles opened in restore mode are re-opened on the inode's new object
-with their original flags (minus O_CREAT/O_EXCL/O_TRUNC); if that fails the handle is
-broken and answers EIO.
+Mapping:
+* A non-directory with handles opened in proxy mode keeps its old object, and so its
+  handles keep working on the very file they opened (by identity: renames and unlinks do
+  not matter). Its names are dropped, so the next lookup of the same name gets a new inode
+  bound to the new target; one FUSE inode never mixes two files in the page cache.
+* Every other inode goes to the object at its relative path *at switch time* (its first
+  known name, walked up to the root) in the new target, resolved with openat2
+  RESOLVE_BENEATH and O_NOFOLLOW, if the file type matches; otherwise it is stale (ESTALE).
+* Handles opened in restore mode, and open directory handles of re-bound directories, are
+  re-opened on the inode's new object with their original flags (minus O_CREAT/O_EXCL/
+  O_TRUNC); if that fails the handle is broken and answers EIO.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import os
 import stat
 
-from spfs.fs.handles import HandleTable
+from spfs.fs.handles import HandleTable, close_quietly
 from spfs.fs.inodes import ROOT_INODE, InodeTable, ProxyObject
 from spfs.fs.proxy_backend import open_beneath, reopen
 from spfs.fs.target_dir import TargetDir
@@ -33,6 +36,7 @@ class RebindResult:
     stale: int = 0
     reopened: int = 0
     broken: int = 0
+    rebound_inodes: set[int] = dataclasses.field(default_factory=set)
 
 
 def rebind_inodes(table: InodeTable, target: TargetDir) -> RebindResult:
@@ -42,8 +46,15 @@ def rebind_inodes(table: InodeTable, target: TargetDir) -> RebindResult:
     root = table.inodes[ROOT_INODE]
     table.bind_proxy(root, ProxyObject(fd=os.dup(target.fd), dev=target.dev, ino=target.ino))
     root.stale = False
+    result.rebound_inodes.add(ROOT_INODE)
     for ino, relpath in paths.items():
         inode = table.inodes[ino]
+        if inode.proxy is not None and inode.open_handles > 0 and not inode.is_dir:
+            table.by_backing.setdefault((inode.proxy.dev, inode.proxy.ino), ino)
+            for parent, name in list(inode.names):
+                table.remove_name(parent, name)
+            result.kept += 1
+            continue
         found: tuple[int, os.stat_result] | None = None
         if relpath:
             try:
@@ -58,9 +69,7 @@ def rebind_inodes(table: InodeTable, target: TargetDir) -> RebindResult:
             table.bind_proxy(inode, ProxyObject(fd=fd, dev=st.st_dev, ino=st.st_ino))
             inode.stale = False
             result.rebound += 1
-        elif inode.proxy is not None and inode.open_handles > 0:
-            table.by_backing.setdefault((inode.proxy.dev, inode.proxy.ino), ino)
-            result.kept += 1
+            result.rebound_inodes.add(ino)
         else:
             if inode.proxy is not None:
                 os.close(inode.proxy.fd)
@@ -70,11 +79,13 @@ def rebind_inodes(table: InodeTable, target: TargetDir) -> RebindResult:
     return result
 
 
-def reopen_restore_handles(table: InodeTable, handles: HandleTable, result: RebindResult) -> None:
+def reopen_handles(table: InodeTable, handles: HandleTable, result: RebindResult) -> None:
     for handle in handles.handles.values():
-        if not handle.restore:
+        if not handle.restore and not (handle.is_dir and handle.ino in result.rebound_inodes):
             continue
         handle.restore = False
+        close_quietly(handle.fd)
+        handle.fd = None
         inode = table.inodes.get(handle.ino)
         if inode is None or inode.stale or inode.proxy is None:
             handle.broken = OSError(errno.ESTALE, "no such object in the new target")
