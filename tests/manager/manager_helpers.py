@@ -162,3 +162,27 @@ def stop_daemon(daemon: Daemon) -> None:
             pass
 
 
+
+
+def read_count(path: Path) -> int:
+    """A heartbeat file a worker keeps rewriting: it may be caught empty (0)."""
+    text = path.read_text()
+    return int(text) if text.isdigit() else 0
+
+
+def advances(path: Path, within: float = 3.0) -> bool:
+    """Does the worker writing `path` make progress (within a generous time, for loaded
+    machines)?"""
+    deadline = time.monotonic() + within
+    start = read_count(path)
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if read_count(path) > start:
+            return True
+    return False
+
+
+def stands_still(path: Path, seconds: float = 0.2) -> bool:
+    start = read_count(path)
+    time.sleep(seconds)
+    return read_count(path) <= start

@@ -9,9 +9,7 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
-from manager_helpers import start_daemon, stop_daemon, wait_for
+from manager_helpers import read_count, start_daemon, stop_daemon, wait_for
 from spfs.manager.mounts import top_mount_at
 
 TERMINAL = {"done", "failed", "rolled_back"}
@@ -35,8 +33,6 @@ def _replace_status(daemon, mount_id: str) -> dict:
     return daemon.status()[mount_id]["replace"] or {}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3's spfs is not committed yet and, as it stands "
-                   "in the checkout, never reports ready in stub mode (ready-fd stays open)")
 def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
     mp, bind = container.base / "mp", container.base / "bind"
     mp.mkdir()
@@ -80,7 +76,7 @@ def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
         assert any(st.st_dev == real_dev for st in fds)
         assert os.stat(f"/proc/{worker.pid}/cwd").st_dev == real_dev
         # the workload kept writing, without gaps, into the real fs
-        wait_for(lambda: int(beat.read_text()) > 20, what="worker progress")
+        wait_for(lambda: read_count(beat) > 20, what="worker progress")
         lines = (Path(f"/proc/{container.pid}/root{mp}") / "w.log").read_text().split()
         assert lines[:20] == [str(i) for i in range(1, 21)]
         assert not cgroup.frozen()

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from spfs.manager.freezer import CgroupFreezer, FreezeError, FreezerVersion, frozen
+from spfs.manager.freezer import (CgroupFreezer, FreezeError, FreezePolicy, FreezerVersion,
+                                  freeze_with_retries, frozen)
 
-from manager_helpers import kill_and_reap, wait_for
+POLICY = FreezePolicy(lock_timeout=1, attempt=5, deadline=5, thaw=5)
+
+from manager_helpers import advances, kill_and_reap, stands_still, wait_for
 
 COUNTER = ("import sys, time\n"
            "n = 0\n"
@@ -36,12 +39,6 @@ def counter(cgroup, tmp_path):
         kill_and_reap(proc)
 
 
-def _progress(out, seconds=0.1):
-    before = out.read_text()
-    time.sleep(seconds)
-    return out.read_text() != before
-
-
 def test_detects_version(cgroup):
     assert CgroupFreezer(cgroup.path).version is FreezerVersion(cgroup.version)
 
@@ -58,20 +55,20 @@ def test_freeze_stops_the_tasks_and_thaw_resumes_them(cgroup, counter):
     freezer.freeze(5)
     try:
         assert cgroup.frozen() and freezer.is_frozen()
-        assert not _progress(out)
+        assert stands_still(out)
     finally:
         freezer.thaw(5)
     assert not cgroup.frozen()
-    assert _progress(out)
+    assert advances(out)
 
 
 def test_context_thaws_when_the_body_fails(cgroup, counter):
     _, out = counter
     with pytest.raises(RuntimeError):
-        with frozen(CgroupFreezer(cgroup.path), threading.Lock(), 1, 5, 5):
+        with frozen(CgroupFreezer(cgroup.path), threading.Lock(), POLICY):
             assert cgroup.frozen()
             raise RuntimeError("swap failed")
-    assert not cgroup.frozen() and _progress(out)
+    assert not cgroup.frozen() and advances(out)
 
 
 def test_lock_serialises_replaces_of_one_cgroup(cgroup, counter):
@@ -79,7 +76,7 @@ def test_lock_serialises_replaces_of_one_cgroup(cgroup, counter):
     lock.acquire()  # another replace holds the freezer
     try:
         with pytest.raises(FreezeError) as info:
-            with frozen(CgroupFreezer(cgroup.path), lock, 0.1, 5, 5):
+            with frozen(CgroupFreezer(cgroup.path), lock, FreezePolicy(lock_timeout=0.1)):
                 pass
         assert info.value.errno == errno.EBUSY
         assert not cgroup.frozen()
@@ -92,7 +89,7 @@ def test_guard_thaws_when_the_freezing_process_is_killed(cgroup, counter):
     _, out = counter
     code = ("import sys, threading, time\n"
             "from spfs.manager.freezer import CgroupFreezer, frozen\n"
-            "with frozen(CgroupFreezer(sys.argv[1]), threading.Lock(), 1, 5, 5):\n"
+            "with frozen(CgroupFreezer(sys.argv[1]), threading.Lock()):\n"
             "    print('frozen', flush=True)\n"
             "    time.sleep(60)\n")
     freezer_proc = subprocess.Popen([sys.executable, "-c", code, str(cgroup.path)],
@@ -102,14 +99,15 @@ def test_guard_thaws_when_the_freezing_process_is_killed(cgroup, counter):
         assert cgroup.frozen()
         os.kill(freezer_proc.pid, signal.SIGKILL)
         wait_for(lambda: not cgroup.frozen(), timeout=5, what="guard thaw")
-        assert _progress(out)
+        assert advances(out)
     finally:
         kill_and_reap(freezer_proc)
 
 
-def test_freeze_that_cannot_complete_times_out_thawed(cgroup, tmp_path):
-    """A task sleeping in a FUSE request that never gets answered (a task parked on an SPFS
-    stub) keeps the cgroup from freezing: we give up in time and leave it thawed."""
+@pytest.fixture
+def blocked_task(cgroup, tmp_path):
+    """A task of the cgroup sleeping in a FUSE request that is not answered (a task parked on
+    an SPFS stub).  Killing the FUSE daemon (yielded) releases it; it then keeps running."""
     mnt = tmp_path / "fuse"
     mnt.mkdir()
     fs = subprocess.Popen([sys.executable, str(Path(__file__).parent / "blocking_fuse.py"),
@@ -118,20 +116,49 @@ def test_freeze_that_cannot_complete_times_out_thawed(cgroup, tmp_path):
     try:
         assert fs.stdout.readline().strip() == "ready"
         reader = subprocess.Popen([sys.executable, "-c",
-                                   f"open({str(mnt / 'block')!r}, 'rb').read(10)"])
+                                   "import time\n"
+                                   f"try: open({str(mnt / 'block')!r}, 'rb').read(10)\n"
+                                   "except OSError: pass\n"
+                                   "while True: time.sleep(0.01)\n"])
         cgroup.add(reader.pid)
         wait_for(lambda: Path(f"/proc/{reader.pid}/wchan").read_text() not in ("0", ""),
                  what="reader blocked")
         time.sleep(0.2)
-        freezer = CgroupFreezer(cgroup.path)
-        started = time.monotonic()
-        with pytest.raises(FreezeError) as info:
-            freezer.freeze(0.5)
-        assert info.value.errno == errno.ETIMEDOUT
-        assert time.monotonic() - started < 3
-        assert freezer.is_thawed() and not cgroup.frozen()
+        yield fs
     finally:
-        kill_and_reap(fs)  # aborts the connection: the reader gets an error and exits
+        kill_and_reap(fs)  # aborts the connection: the reader gets an error
         if reader is not None:
             kill_and_reap(reader)
         subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+
+
+def test_freeze_that_cannot_complete_times_out_thawed(cgroup, blocked_task):
+    freezer = CgroupFreezer(cgroup.path)
+    started = time.monotonic()
+    with pytest.raises(FreezeError) as info:
+        freezer.freeze(0.5)
+    assert info.value.errno == errno.ETIMEDOUT
+    assert time.monotonic() - started < 3
+    assert freezer.is_thawed() and not cgroup.frozen()
+
+
+def test_freeze_retries_until_the_blocked_task_is_released(cgroup, blocked_task):
+    release = threading.Timer(1.0, blocked_task.kill)
+    release.start()
+    freezer = CgroupFreezer(cgroup.path)
+    try:
+        started = time.monotonic()
+        freeze_with_retries(freezer, FreezePolicy(attempt=0.3, deadline=10))
+        assert cgroup.frozen() and time.monotonic() - started >= 0.9
+    finally:
+        release.cancel()
+        freezer.thaw(5)
+
+
+def test_freeze_retries_stop_at_the_deadline(cgroup, blocked_task):
+    freezer = CgroupFreezer(cgroup.path)
+    started = time.monotonic()
+    with pytest.raises(FreezeError) as info:
+        freeze_with_retries(freezer, FreezePolicy(attempt=0.3, deadline=1.0))
+    assert info.value.errno == errno.ETIMEDOUT
+    assert 0.9 < time.monotonic() - started < 3 and not cgroup.frozen()

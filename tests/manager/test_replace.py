@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from manager_helpers import STANDIN_SPFS, kill_and_reap, wait_for
-from spfs.manager.freezer import CgroupFreezer, FreezerLocks
+from manager_helpers import STANDIN_SPFS, advances, kill_and_reap, stands_still, wait_for
+from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks
 from spfs.manager.interfaces import SwapJob
 from spfs.manager.manager import Manager, ManagerConfig
 from spfs.manager.mounts import top_mount_at
@@ -62,7 +62,8 @@ class Harness:
         pipeline = ReplacePipeline(
             NamespaceRealFsMounter(RetryPolicy(deadline=mount_deadline, first_delay=0.05)),
             NamespaceMountMover(), swapper, FreezerLocks(),
-            ReplaceTimeouts(hold=20, freezer_lock=20, freeze=5, thaw=5))
+            ReplaceTimeouts(hold=20, freeze=FreezePolicy(lock_timeout=20, attempt=5,
+                                                         deadline=10, thaw=5)))
         self.manager = Manager(ManagerConfig(str(work), str(work)),
                                SpfsProcessLauncher(command=tuple(STANDIN_SPFS.split())),
                                pipeline, swapper)
@@ -122,12 +123,6 @@ def _worker(container, cgroup, tmp_path: Path, setup: str = "", each: str = "") 
     return beat, worker
 
 
-def _runs(beat: Path) -> bool:
-    before = beat.read_text()
-    time.sleep(0.1)
-    return beat.read_text() != before
-
-
 def _mount_spfs(h: Harness, mount_id: str = "87") -> tuple[str, str]:
     base = h.container.base
     mp, bind = str(base / f"mp{mount_id}"), str(base / f"bind{mount_id}")
@@ -177,7 +172,7 @@ def test_replace_end_to_end(make_harness, container, cgroup, tmp_path):
     # SPFS was switched to proxy onto the detached real mount, which it could reach
     assert h.modes("87") == ["stub", "proxy"]
     assert (Path(f"/proc/{container.pid}/root{mp}") / "proxied-by-standin").exists()
-    assert not cgroup.frozen() and _runs(beat)
+    assert not cgroup.frozen() and advances(beat)
 
 
 def test_hold_blocks_until_release(make_harness, container, cgroup):
@@ -227,7 +222,7 @@ def test_swap_failure_rolls_back_to_proxy_and_thaws(make_harness, container, cgr
     mounts = container.mounts()
     assert top_mount_at(mounts, mp).source == top_mount_at(mounts, bind).source == \
         "spfs-standin"
-    assert not cgroup.frozen() and _runs(beat)
+    assert not cgroup.frozen() and advances(beat)
 
 
 def test_missing_bind_rolls_back_before_freezing(make_harness, container, cgroup):
@@ -262,7 +257,7 @@ def test_two_shares_of_one_container_do_not_deadlock(make_harness, container, cg
     assert h.wait_terminal("1")["phase"] == "done"
     assert h.wait_terminal("2")["phase"] == "done"
     assert all(frozen for _, frozen in h.swapper.calls) and len(h.swapper.calls) == 2
-    assert not cgroup.frozen() and _runs(beat)
+    assert not cgroup.frozen() and advances(beat)
 
 
 def test_replace_request_errors(make_harness, container, cgroup):
@@ -319,11 +314,11 @@ def test_manager_killed_while_frozen_leaves_the_container_running(container, cgr
     try:
         spfs_pid = int(proc.stdout.readline().split()[1])
         assert proc.stdout.readline().strip() == "swapping"
-        assert cgroup.frozen() and not _runs(beat)
+        assert cgroup.frozen() and stands_still(beat)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         wait_for(lambda: not cgroup.frozen(), 5, "thaw by the guard")
-        assert _runs(beat)
+        assert advances(beat)
     finally:
         kill_and_reap(proc)
         if spfs_pid is not None:

@@ -19,7 +19,7 @@ import sys
 import threading
 from types import ModuleType
 
-from spfs.manager.freezer import FreezerLocks
+from spfs.manager.freezer import FreezePolicy, FreezerLocks
 from spfs.manager.manager import Manager, ManagerConfig
 from spfs.manager.realmount import RetryPolicy
 from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts
@@ -56,7 +56,9 @@ def daemon_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hold-timeout", type=float, default=900.0,
                         help="seconds a replace may wait for 'release'")
     parser.add_argument("--freeze-timeout", type=float, default=10.0,
-                        help="seconds to wait for a cgroup to freeze or thaw")
+                        help="seconds one attempt to freeze (or thaw) a cgroup may take")
+    parser.add_argument("--freeze-deadline", type=float, default=120.0,
+                        help="seconds to keep retrying the freeze of a replace")
     parser.add_argument("--spfs-ready-timeout", type=float, default=30.0,
                         help="seconds an spfs daemon may take to get ready")
     parser.add_argument("--spfs-command", default=" ".join(DEFAULT_SPFS_COMMAND),
@@ -108,8 +110,8 @@ def _detach() -> None:
 
 
 def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str) -> Manager:
-    timeouts = ReplaceTimeouts(hold=args.hold_timeout, freeze=args.freeze_timeout,
-                               thaw=args.freeze_timeout)
+    timeouts = ReplaceTimeouts(hold=args.hold_timeout, freeze=FreezePolicy(
+        attempt=args.freeze_timeout, deadline=args.freeze_deadline, thaw=args.freeze_timeout))
     pipeline = ReplacePipeline(
         NamespaceRealFsMounter(RetryPolicy(deadline=args.mount_deadline)),
         NamespaceMountMover(), SwapEngineAdapter(), FreezerLocks(), timeouts)

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -146,21 +147,48 @@ class FreezerLocks:
             return self._locks.setdefault(key, threading.Lock())
 
 
+@dataclass(frozen=True)
+class FreezePolicy:
+    lock_timeout: float = 120.0  # waiting for another replace of the same cgroup
+    attempt: float = 10.0  # one freeze attempt
+    deadline: float = 120.0  # all attempts: a task parked on a stub or a hung NFS server
+    thaw: float = 10.0
+
+
+def freeze_with_retries(freezer: CgroupFreezer, policy: FreezePolicy) -> None:
+    """Tasks in uninterruptible sleep (a stub of another share not yet proxying, an NFS server
+    away for a while) keep a cgroup from freezing: thaw, wait, and try again until the
+    deadline."""
+    deadline = time.monotonic() + policy.deadline
+    delay = 0.2
+    while True:
+        try:
+            freezer.freeze(min(policy.attempt, max(0.1, deadline - time.monotonic())))
+            return
+        except FreezeError as exc:
+            left = deadline - time.monotonic()
+            if exc.errno != errno.ETIMEDOUT or left <= 0:
+                raise
+            log.warning("%s; trying again in %.1f s", exc, min(delay, left))
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 5.0)
+
+
 @contextlib.contextmanager
-def frozen(freezer: CgroupFreezer, lock: threading.Lock, lock_timeout: float,
-           freeze_timeout: float, thaw_timeout: float) -> Iterator[None]:
+def frozen(freezer: CgroupFreezer, lock: threading.Lock,
+           policy: FreezePolicy = FreezePolicy()) -> Iterator[None]:
     """Hold the cgroup's lock and keep it frozen for the block; thaw on every path."""
-    if not lock.acquire(timeout=lock_timeout):
+    if not lock.acquire(timeout=policy.lock_timeout):
         raise FreezeError(errno.EBUSY, f"{freezer.path} is held by another replace "
-                                       f"for more than {lock_timeout} s")
+                                       f"for more than {policy.lock_timeout} s")
     try:
         guard = ThawGuard(freezer)
         try:
-            freezer.freeze(freeze_timeout)
+            freeze_with_retries(freezer, policy)
             try:
                 yield
             finally:
-                _thaw_hard(freezer, thaw_timeout)
+                _thaw_hard(freezer, policy.thaw)
         finally:
             guard.dismiss()
     finally:

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from spfs.manager.freezer import CgroupFreezer, FreezerLocks, frozen
+from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks, frozen
 from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper, SpfsHandle,
                                      SwapJob)
 from spfs.manager.mounts import with_mountpoint_flags
@@ -40,9 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ReplaceTimeouts:
     hold: float = 900.0
-    freezer_lock: float = 120.0
-    freeze: float = 10.0
-    thaw: float = 10.0
+    freeze: FreezePolicy = FreezePolicy()
     move: float = 30.0
 
 
@@ -157,8 +155,7 @@ class ReplacePipeline:
         lock = self.locks.lock_for(job.freeze_cgroup)
         phase = P.FROZEN
         try:
-            with frozen(freezer, lock, self.timeouts.freezer_lock, self.timeouts.freeze,
-                        self.timeouts.thaw):
+            with frozen(freezer, lock, self.timeouts.freeze):
                 phase = P.SWAPPING
                 job.progress.advance(P.SWAPPING)
                 job.progress.details["swap"] = self.swapper.swap(SwapJob(
