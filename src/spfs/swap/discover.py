@@ -49,6 +49,16 @@ def cgroup_pids(cgroup: str) -> list[int]:
     return sorted(pids)
 
 
+def cgroup_tids(cgroup: str) -> list[int]:
+    """Every thread of the cgroup subtree (v1 "tasks", v2 "cgroup.threads")."""
+    tids: set[int] = set()
+    for dirpath, _dirs, files in os.walk(cgroup):
+        name = "tasks" if "tasks" in files else "cgroup.threads"
+        if name in files:
+            tids.update(int(x) for x in Path(dirpath, name).read_text().split())
+    return sorted(tids)
+
+
 def tree_pids(roots: list[int]) -> list[int]:
     seen: set[int] = set()
     todo = list(roots)
@@ -132,7 +142,8 @@ class _Scanner:
         vdso = next(((v.start, v.end) for v in vmas if v.path == "[vdso]"), None)
         numbers = procfs.fd_numbers(pid)
         plan = ProcessPlan(pid=pid, tids=procfs.threads(pid), comm=comm, sig_ignored=status.sig_ignored,
-                           sig_caught=status.sig_caught, vdso=vdso, fd_numbers=numbers)
+                           sig_caught=status.sig_caught, vdso=vdso, fd_numbers=numbers,
+                           writable=[(v.start, v.end) for v in vmas if v.perms.startswith("rw")])
         found: list[_FoundFd] = []
         anon: list[tuple[int, procfs.FdInfo]] = []
         for fd in numbers:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from spfs.swap import procfs, ptrace, tables
 from spfs.swap.arch import check_task_regs, without_spurious_eintr
 from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
-from spfs.swap.discover import cgroup_pids
+from spfs.swap.discover import cgroup_pids, cgroup_tids
 from spfs.swap.discover import late_relative_path
 from spfs.swap.model import Description, FdRef, Phase, ProcessPlan, SwapError, SwapPlan
 from spfs.swap.prepare import Prepared, open_on_target
@@ -81,6 +81,7 @@ class Engine:
         self.window = Window()
         self.we_froze = False
         self.caller_froze = False
+        self.prebuilt: dict[int, tuple[tables.SyscallTable, tuple]] = {}
 
     @staticmethod
     def _does_fds(p: ProcessPlan) -> bool:
@@ -98,6 +99,7 @@ class Engine:
             self.plan.advance(Phase.STOPPED)
             self.plan.advance(Phase.COMMITTED)
             return
+        self._prebuild_tables()
         watchdog = self.prepared.watchdog if self.freezer else None
         if watchdog is not None:
             watchdog.wait_ready(self.timeout + 10)
@@ -126,6 +128,15 @@ class Engine:
             self._release(watchdog)
             restore_affinity(affinity)
 
+    def _prebuild_tables(self) -> None:
+        """Build and lay out each table before the stop; rebuilt in the window only if the
+        re-validation changed what it must do (late fds, locks)."""
+        donor = os.getpid()
+        for p in self.units:
+            table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p))
+            table.compile()
+            self.prebuilt[p.pid] = (table, _table_signature(p))
+
     # -- stopping ---------------------------------------------------------------------
     def _pin(self) -> dict[int, set[int]]:
         cpu = min(os.sched_getaffinity(0))
@@ -142,8 +153,11 @@ class Engine:
                 self.freezer.freeze(self.timeout)
                 self.we_froze = True
             self._check_no_new_processes()
-        for p in self.stop_set:
-            self._seize_process(p)
+        if self.freezer is not None:
+            self._seize_frozen_cgroup()
+        else:
+            for p in self.stop_set:
+                self._seize_process(p)
         if self.freezer is not None:
             # Injected code never runs while frozen; tasks trap before any user code after thaw.
             self.freezer.thaw(self.timeout)
@@ -168,6 +182,20 @@ class Engine:
             with contextlib.suppress(FileNotFoundError):
                 if _holds_source(pid, self.plan.source.dev):
                     raise SwapError(f"process {pid} appeared after discovery and uses the source; run the switch again")
+
+    def _seize_frozen_cgroup(self) -> None:
+        """One read of the cgroup's thread list instead of a /proc/PID/task scan per process."""
+        known = {tid: p.pid for p in self.stop_set for tid in p.tids}
+        wanted = {p.pid for p in self.stop_set}
+        for tid in cgroup_tids(self.plan.cgroup):
+            tgid = known.get(tid)
+            if tgid is None:  # a thread born after discovery
+                with contextlib.suppress(FileNotFoundError):
+                    tgid = procfs.status(tid).tgid
+            if tgid in wanted and tid not in self.tracees:
+                ptrace.seize(tid, SEIZE_OPTIONS)
+                self.tracees[tid] = Tracee(tid, tgid)
+                ptrace.interrupt(tid)
 
     def _seize_process(self, p: ProcessPlan) -> None:
         for tid in procfs.threads(p.pid):
@@ -340,7 +368,7 @@ class Engine:
             raise UnitFailed(f"process {p.pid} catches or blocks every signal usable as a marker")
         if p.vdso is None:
             raise UnitFailed(f"process {p.pid} has no [vdso] to host the injected code")
-        injector = Injector(tracee, p.vdso, marker, self.timeout)
+        injector = Injector(tracee, p.vdso, marker, self.timeout, p.writable)
         self.injectors[p.pid] = injector
         injector.install()
         return injector
@@ -351,8 +379,10 @@ class Engine:
             if abort_requested.is_set():
                 raise SwapError("switch aborted by a signal; reverting")
             fail_after = self.fail.entry if self.fail and self.fail.unit == index else None
-            table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
-                                 fail_after=fail_after)
+            table, signature = self.prebuilt.get(p.pid, (None, None))
+            if table is None or fail_after is not None or signature != _table_signature(p):
+                table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+                                     fail_after=fail_after)
             injector = self._injector(p)
             done = set(table.marks)  # assume all until the run says otherwise
             self.touched.append((p, done))
@@ -410,6 +440,10 @@ class Engine:
         if watchdog is not None:
             watchdog.disarm()
         self.plan.advance(Phase.RELEASED)
+
+
+def _table_signature(p: ProcessPlan) -> tuple:
+    return (tuple((r.fd, r.desc.index, tuple(r.posix_locks)) for r in p.fds), len(p.epoll), len(p.dirs))
 
 
 def _holds_source(pid: int, dev: int) -> bool:

@@ -117,6 +117,7 @@ class ProcessPlan:
     sig_caught: int
     vdso: tuple[int, int] | None
     fd_numbers: list[int]
+    writable: list[tuple[int, int]] = field(default_factory=list)  # rw VMAs (where a table may go)
     fds: list[FdRef] = field(default_factory=list)
     epoll: list[EpollReg] = field(default_factory=list)
     inotify: list[InotifyReg] = field(default_factory=list)

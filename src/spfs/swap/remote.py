@@ -11,6 +11,7 @@ itself, so a killed manager never leaves a task with altered registers.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 PROT_RW = 0x3
 MAP_PRIVATE_ANON = 0x22
 PAGE = 4096
-REGION = 512  # bytes reserved at the end of the vdso mapping (blob.SIZE rounded up)
+REGION = 512
+RED_ZONE = 256  # the ABI's 128 bytes, doubled
+STACK_TABLE_MAX = 16384  # bytes reserved at the end of the vdso mapping (blob.SIZE rounded up)
 
 # Default action "ignore": dropping them has no effect on a task that does not catch them.
 MARKER_CANDIDATES = (signal.SIGURG, signal.SIGWINCH, signal.SIGCHLD)
@@ -38,18 +41,18 @@ class InjectionError(RuntimeError):
 
 def choose_marker_signal(sig_ignored: int, sig_caught: int, blocked: int) -> int | None:
     """A signal the task neither catches nor blocks and whose delivery does nothing."""
-    def bit(sig: int) -> int:
-        return 1 << (sig - 1)
-
-    for sig in range(1, 65):
-        if sig in NEVER_MARKERS:
-            continue
-        if sig_ignored & bit(sig) and not blocked & bit(sig):
+    for sig in marker_candidates(sig_ignored, sig_caught):
+        if not blocked & (1 << (sig - 1)):
             return sig
-    for sig in MARKER_CANDIDATES:
-        if not (sig_caught | sig_ignored | blocked) & bit(sig):
-            return int(sig)
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def marker_candidates(sig_ignored: int, sig_caught: int) -> tuple[int, ...]:
+    """Ignored signals first, then default-ignore ones the task does not handle."""
+    out = [sig for sig in range(1, 65) if sig not in NEVER_MARKERS and sig_ignored & (1 << (sig - 1))]
+    out += [int(sig) for sig in MARKER_CANDIDATES if not (sig_caught | sig_ignored) & (1 << (sig - 1))]
+    return tuple(out)
 
 
 @dataclass
@@ -75,7 +78,8 @@ class RunResult:
 class Injector:
     """Injection into one thread of one process; other threads of it stay stopped."""
 
-    def __init__(self, tracee: Tracee, vdso: tuple[int, int], marker_signal: int, timeout: float):
+    def __init__(self, tracee: Tracee, vdso: tuple[int, int], marker_signal: int, timeout: float,
+                 writable: list[tuple[int, int]] = ()):
         assert tracee.regs is not None
         self.tracee = tracee
         self.marker_signal = marker_signal
@@ -83,6 +87,7 @@ class Injector:
         self.base = vdso[1] - REGION
         self.mem = -1
         self.original = b""
+        self.writable = list(writable)
 
     def install(self) -> None:
         self.mem = os.open(f"/proc/{self.tracee.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
@@ -139,13 +144,33 @@ class Injector:
     def run(self, table: SyscallTable) -> RunResult:
         if not table.entries:
             return RunResult(True, -1, 0)
-        length = (table.size + PAGE - 1) // PAGE * PAGE
-        scratch = self.syscall(Nr.mmap, 0, length, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
-        if -4096 < scratch < 0:
-            raise InjectionError(f"task {self.tracee.tid}: mmap of {length} bytes failed: {os.strerror(-scratch)}")
-        os.pwrite(self.mem, table.serialize(scratch), scratch)
-        regs = self._enter(blob.ENTRY_RUN, r12=scratch, r13=len(table.entries), r14=scratch, r15=length)
+        base, unmap = self._place_on_stack(table), 0
+        if base is None:  # large table, or no stack below rsp: a scratch mapping (one more round trip)
+            unmap = (table.size + PAGE - 1) // PAGE * PAGE
+            base = self.syscall(Nr.mmap, 0, unmap, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
+            if -4096 < base < 0:
+                raise InjectionError(f"task {self.tracee.tid}: mmap of {unmap} bytes failed: {os.strerror(-base)}")
+            os.pwrite(self.mem, table.serialize(base), base)
+        # rsp below the table: if we die and a signal handler runs in the task, its frame
+        # must not land on the table the loop is still reading.
+        regs = self._enter(blob.ENTRY_RUN, r12=base, r13=len(table.entries), r14=base, r15=unmap,
+                           rsp=base - 64)
         if regs.r13 == 0:
             return RunResult(True, -1, 0)
-        index = (regs.r12 - scratch) // blob.TABLE_ENTRY_SIZE
+        index = (regs.r12 - base) // blob.TABLE_ENTRY_SIZE
         return RunResult(False, index, ctypes.c_longlong(regs.rbx).value)
+
+    def _place_on_stack(self, table: SyscallTable) -> int | None:
+        """Write the table below the thread's stack pointer (past the red zone), if mapped."""
+        if table.size > STACK_TABLE_MAX:
+            return None
+        rsp = self.tracee.regs.rsp
+        base = (rsp - RED_ZONE - table.size) & ~0xF
+        # Same read-write mapping as the stack pointer (never a guard page below it).
+        if not any(start <= base and rsp <= end for start, end in self.writable):
+            return None
+        try:
+            os.pwrite(self.mem, table.serialize(base), base)
+        except OSError:
+            return None
+        return base

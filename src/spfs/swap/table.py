@@ -7,7 +7,7 @@ entry is used by the next).
 
 from __future__ import annotations
 
-import struct
+from array import array
 from dataclasses import dataclass, field
 
 from spfs.swap import blob
@@ -95,19 +95,40 @@ class SyscallTable:
     def data_address(self, base: int, ref: Ref) -> int:
         return base + len(self.entries) * blob.TABLE_ENTRY_SIZE + ref.offset
 
-    def serialize(self, base: int) -> bytes:
-        out = bytearray()
+    def compile(self) -> tuple[array, list[int]]:
+        """Entry words laid out for base 0, plus the indices of the words holding addresses.
+
+        Done once per table (before the stop); serialize() then only adds the base."""
+        words = array("Q")
+        relocs: list[int] = []
+        data_start = len(self.entries) * blob.TABLE_ENTRY_SIZE
         for entry in self.entries:
             flags = blob.FLAG_ALLOW_FAIL if entry.allow_fail else 0
-            values = []
+            words.append(entry.nr)
             for index, arg in enumerate(entry.args + (0,) * (6 - len(entry.args))):
-                if isinstance(arg, Load):
-                    flags |= blob.flag_indirect(index)
-                    values.append(self.data_address(base, arg.ref))
-                elif isinstance(arg, Addr):
-                    values.append(self.data_address(base, arg.ref))
+                if isinstance(arg, (Load, Addr)):
+                    if isinstance(arg, Load):
+                        flags |= blob.flag_indirect(index)
+                    relocs.append(len(words))
+                    words.append(data_start + arg.ref.offset)
                 else:
-                    values.append(arg & 0xFFFFFFFFFFFFFFFF)
-            store = self.data_address(base, entry.store) if entry.store else 0
-            out += struct.pack("<10Q", entry.nr, *values, flags, store, 0)
-        return bytes(out + self.data)
+                    words.append(arg & 0xFFFFFFFFFFFFFFFF)
+            words.append(flags)
+            if entry.store is not None:
+                relocs.append(len(words))
+                words.append(data_start + entry.store.offset)
+            else:
+                words.append(0)
+            words.append(0)
+        self._compiled = (words, relocs, len(self.entries), len(self.data))
+        return words, relocs
+
+    def serialize(self, base: int) -> bytes:
+        compiled = getattr(self, "_compiled", None)
+        if compiled is None or compiled[2:] != (len(self.entries), len(self.data)):
+            self.compile()
+        words, relocs = self._compiled[0], self._compiled[1]
+        out = array("Q", words)
+        for index in relocs:
+            out[index] += base
+        return out.tobytes() + bytes(self.data)

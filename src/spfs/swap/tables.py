@@ -11,6 +11,8 @@ from spfs.swap.model import ProcessPlan
 from spfs.swap.procfs import Lock
 from spfs.swap.table import Addr, Entry, Load, SyscallTable
 
+__all__ = ["SyscallTable", "build", "flock_struct"]
+
 EPOLL_CTL_ADD = 1
 F_SETLK = fcntl.F_SETLK
 LOCK_TYPE = {"READ": fcntl.F_RDLCK, "WRITE": fcntl.F_WRLCK}
