@@ -4,7 +4,9 @@
     spfs-client manage --socket-path P --data 'vers=4.1,addr=..' 'replace;id=1;...'
     spfs-client status --socket-path P [--json]
 
-Until spfs.client.cli registers `add_arguments`, run it as `python -m spfs.manager.client_cmd`.
+`add_arguments(subparsers)` registers both; `add_manage_arguments`/`run_manage` and
+`add_status_arguments`/`run_status` fit spfs-client's one-module-per-subcommand discovery.
+Until spfs-client has them, run `python -m spfs.manager.client_cmd`.
 """
 
 from __future__ import annotations
@@ -93,17 +95,29 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the reply")
 
 
+MANAGE_HELP = "send one raw request to spfs-manager"
+STATUS_HELP = "every SPFS mount of spfs-manager, its mode and replace phase"
+
+
+def add_manage_arguments(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("--data", help="text form: mount data sent after a NUL (replace)")
+    parser.add_argument("request", help="'cmd;opt=val;...' or a JSON object")
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("--id", help="only this SPFS")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+
 def add_arguments(subparsers: Any) -> None:
     """Register `manage` and `status` on an argparse subparsers object."""
-    manage = subparsers.add_parser("manage", help="send one raw request to spfs-manager")
-    _common(manage)
-    manage.add_argument("--data", help="text form: mount data sent after a NUL (replace)")
-    manage.add_argument("request", help="'cmd;opt=val;...' or a JSON object")
+    manage = subparsers.add_parser("manage", help=MANAGE_HELP)
+    add_manage_arguments(manage)
     manage.set_defaults(func=run_manage)
-    status = subparsers.add_parser("status", help="every SPFS mount, its mode and phase")
-    _common(status)
-    status.add_argument("--id", help="only this SPFS")
-    status.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    status = subparsers.add_parser("status", help=STATUS_HELP)
+    add_status_arguments(status)
     status.set_defaults(func=run_status)
 
 

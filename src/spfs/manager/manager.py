@@ -8,6 +8,7 @@ outcome.  `reap` notices SPFS daemons that exited and implements --exit-with-spf
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -67,6 +68,7 @@ class ManagedSpfs:
             "freeze_cgroup": self.freeze_cgroup,
             "bindmounts": list(self.bindmounts),
             "replace": self.job.progress.snapshot() if self.job else None,
+            "real_fs": dataclasses.asdict(self.job.real_fs) if self.job else None,
         }
 
 
