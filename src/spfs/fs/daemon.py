@@ -139,6 +139,9 @@ async def _announce_ready(config: DaemonConfig, initialised: trio.Event) -> None
     # A stat that goes through the kernel and back proves the mount answers.
     with trio.fail_after(30):
         await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
+    # Only now: the INIT reply clamps the readahead to what libfuse negotiated (128 KiB).
+    if config.read_ahead_kb > 0:
+        mountinfo.set_read_ahead(config.mountpoint, config.read_ahead_kb)
     for fd in config.ready_fds:
         close_quietly(fd)
     log.info("spfs ready at %s in %s mode", config.mountpoint, config.mode.value)
@@ -176,8 +179,6 @@ def run(config: DaemonConfig) -> int:
              (time.monotonic() - started) * 1e3)
     unmount = True
     try:
-        if config.read_ahead_kb > 0:
-            mountinfo.set_read_ahead(config.mountpoint, config.read_ahead_kb)
         trio.run(_serve, config, ops, server)
         unmount = not ops.gate.shutting_down
     finally:
