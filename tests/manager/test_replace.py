@@ -1,8 +1,9 @@
 """The replace pipeline on the host, driven through Manager.handle with the exact request
 strings: real namespaces, real cgroups (v1 and v2), real tmpfs as the real filesystem, real
-mount moves.  Two parts are stand-ins because their issues have not landed: the SPFS daemon
-(standin_spfs.py mounts a tmpfs and records modes) and, in most tests, the swap engine (a recorder
-that checks it is called while the cgroup is frozen; the last test uses the real one)."""
+mount moves.  To inspect and break single steps, most tests use stand-ins: for the SPFS
+daemon standin_spfs.py (a tmpfs that records its modes), for the swap engine a recorder that
+checks it runs while the cgroup is frozen.  The tests marked "real" use issue 3's spfs or
+issue 4's engine."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from manager_helpers import STANDIN_SPFS, advances, kill_and_reap, stands_still, wait_for
+from manager_helpers import (STANDIN_SPFS, advances, kill_and_reap, read_count, stands_still,
+                             wait_for)
 from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks
 from spfs.manager.interfaces import SwapJob
 from spfs.manager.manager import Manager, ManagerConfig
@@ -53,7 +55,7 @@ class RecordingSwapper:
 
 class Harness:
     def __init__(self, tmp_path: Path, container, cgroup, swapper: RecordingSwapper,
-                 mount_deadline: float = 5.0) -> None:
+                 mount_deadline: float = 5.0, spfs_command: str = STANDIN_SPFS) -> None:
         self.container = container
         self.cgroup = cgroup
         self.swapper = swapper
@@ -65,7 +67,7 @@ class Harness:
             ReplaceTimeouts(hold=20, freeze=FreezePolicy(lock_timeout=20, attempt=5,
                                                          deadline=10, thaw=5)))
         self.manager = Manager(ManagerConfig(str(work), str(work)),
-                               SpfsProcessLauncher(command=tuple(STANDIN_SPFS.split())),
+                               SpfsProcessLauncher(command=tuple(spfs_command.split())),
                                pipeline, swapper)
 
     def text(self, request: str, data: str | None = None) -> int:
@@ -324,3 +326,37 @@ def test_manager_killed_while_frozen_leaves_the_container_running(container, cgr
         if spfs_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(spfs_pid, signal.SIGKILL)
+
+
+def test_real_spfs_stays_proxying_after_a_rollback(make_harness, container, cgroup,
+                                                   tmp_path):
+    """Issue 3's spfs: a workload blocked on the stub continues once the replace reaches
+    PROXY; the swap then fails, and the rollback leaves SPFS in place, proxying onto the real
+    mount: the workload keeps writing into the real fs through it, and is not frozen."""
+    h = make_harness(RecordingSwapper(fail=OSError(errno.EIO, "swap broke")),
+                     spfs_command=f"{sys.executable} -m spfs.fs.cli")
+    mp = str(container.base / "mp")
+    os.mkdir(mp)
+    assert h.text(f"mount;id=3;mode=stub;mountpoint={mp};ns_pid={container.pid}") == 0
+    beat, _ = _worker(container, cgroup, tmp_path, each="None")
+    writer_beat = tmp_path / "writer"
+    container.spawn("import time\n"
+                    f"f = open({mp + '/w.log'!r}, 'a')\n"  # blocks on the stub
+                    "n = 0\n"
+                    "while True:\n"
+                    "    n += 1; f.write(f'{n}\\n'); f.flush()\n"
+                    f"    open({str(writer_beat)!r}, 'w').write(str(n))\n"
+                    "    time.sleep(0.01)\n")
+    time.sleep(0.5)
+    assert not writer_beat.exists()
+    assert _replace(h, "3", mp, mode="mode=release") == 0
+    result = h.wait_terminal("3")
+    assert result["phase"] == "rolled_back" and result["failed_in"] == "swapping"
+    assert h.status("3")["mode"] == "proxy"
+    assert top_mount_at(container.mounts(), mp).fstype.startswith("fuse")
+    wait_for(lambda: writer_beat.exists() and read_count(writer_beat) > 5, what="writer")
+    real_fd = h.manager.mounts["3"].job.real_fd
+    real_log = Path(f"/proc/self/fd/{real_fd}/w.log")
+    size = real_log.stat().st_size
+    wait_for(lambda: real_log.stat().st_size > size, what="writes reaching the real fs")
+    assert not cgroup.frozen() and advances(beat)

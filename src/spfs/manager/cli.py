@@ -98,9 +98,17 @@ def _setup_logging(path: str, verbosity: int) -> None:
     root.setLevel(logging.DEBUG if verbosity else logging.INFO)
 
 
-def _detach() -> None:
-    """Fork into the background; the parent returns to its caller with status 0."""
-    if os.fork() > 0:
+def _write_pid(path: str, pid: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{pid}\n")
+
+
+def _detach(pid_file: str) -> None:
+    """Fork into the background; the parent records the child's pid and returns to its
+    caller with status 0 (so the pid file exists when the caller goes on)."""
+    child = os.fork()
+    if child > 0:
+        _write_pid(pid_file, child)
         os._exit(0)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -138,11 +146,11 @@ def run_daemon(args: argparse.Namespace) -> int:
         print(f"spfs-manager: {exc}", file=sys.stderr)
         log.error("cannot start: %s", exc)
         return 1
-    if args.daemon:
-        _detach()
     pid_file = os.path.join(work_dir, "spfs-manager.pid")
-    with open(pid_file, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    if args.daemon:
+        _detach(pid_file)
+    else:
+        _write_pid(pid_file, os.getpid())
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

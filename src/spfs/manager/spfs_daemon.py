@@ -34,7 +34,7 @@ DEFAULT_SPFS_COMMAND = (sys.executable, "-m", "spfs.fs.cli")
 class SpfsTimeouts:
     ready: float = 30.0
     control: float = 10.0
-    stop: float = 5.0
+    stop: float = 3.0
     namespace_step: float = 10.0
 
 
@@ -73,9 +73,10 @@ def _move_mount_work(clone_fd: int, mountpoint: str) -> ChildResult:
     return ChildResult(None)
 
 
-def _unmount_work(mountpoint: str) -> ChildResult:
+def _unmount_work(mountpoint: str, dev: int | None) -> ChildResult:
+    """Detach the mount at `mountpoint` if it is ours (same device), nothing else."""
     top = top_mount_at(read_mountinfo(), mountpoint)
-    if top is not None and top.fstype.startswith("fuse"):
+    if top is not None and dev is not None and top.dev == f"{os.major(dev)}:{os.minor(dev)}":
         m.umount2(mountpoint, m.MNT_DETACH)
     return ChildResult(None)
 
@@ -88,6 +89,7 @@ class SpfsProcess:
     proc: subprocess.Popen[bytes]
     socket_path: str
     staging: str | None = None  # where it mounted before moving into the container
+    dev: int | None = None  # st_dev of its superblock, to recognise its mounts
     timeouts: SpfsTimeouts = field(default_factory=SpfsTimeouts)
 
     @property
@@ -111,6 +113,16 @@ class SpfsProcess:
                                     f"{exc.message}") from None
 
     def stop(self) -> None:
+        """Detach its mounts first (spfs exits once the kernel lets go), then terminate."""
+        places = [(self.spec.target, self.spec.mountpoint)]
+        if self.staging is not None:
+            places.append((None, self.staging))
+        for target, path in places:
+            try:
+                run_in_namespaces(target, lambda: _unmount_work(path, self.dev),
+                                  self.timeouts.namespace_step)
+            except OSError as exc:
+                log.warning("spfs %s: unmounting %s: %s", self.spec.id, path, exc)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -118,15 +130,6 @@ class SpfsProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(self.timeouts.stop)
-        places = [(self.spec.target, self.spec.mountpoint)]
-        if self.staging is not None:
-            places.append((None, self.staging))
-        for target, path in places:
-            try:
-                run_in_namespaces(target, lambda: _unmount_work(path),
-                                  self.timeouts.namespace_step)
-            except OSError as exc:
-                log.warning("spfs %s: unmounting %s: %s", self.spec.id, path, exc)
 
 
 def _remove_work_dir(work_dir: str) -> None:
@@ -172,6 +175,7 @@ class SpfsProcessLauncher:
                 _wait_ready(proc, ready_read, self.timeouts.ready)
             finally:
                 os.close(ready_read)
+            handle.dev = os.stat(staging).st_dev
             if spec.target is not None:
                 self._move_into_container(spec, staging)
         except BaseException:
