@@ -42,20 +42,39 @@ def is_spfs_xattr(name: bytes) -> bool:
     return len(parts) >= 2 and parts[1] == b"spfs"
 
 
+def _run_guarded(method: Callable[..., T], self: "SpfsOperations", args: tuple[Any, ...]) -> T:
+    """OSErrors from the target become the caller's errno; any other exception (a bug)
+    is logged and answered with EIO instead of ending pyfuse3's main loop."""
+    try:
+        return method(self, *args)
+    except FUSEError:
+        raise
+    except OSError as exc:
+        raise FUSEError(exc.errno or errno.EIO) from None
+    except Exception:
+        log.exception("%s%r failed", method.__name__, args)
+        raise FUSEError(errno.EIO) from None
+
+
 def served(method: Callable[..., T]) -> Callable[..., Awaitable[T]]:
     """Park the request while there is no mode to serve it in, then run it synchronously.
 
     The body never awaits, so per-request credentials set inside it cannot leak into
-    another request, and OSErrors from the target become the caller's errno.
+    another request.
     """
     @functools.wraps(method)
     async def handler(self: "SpfsOperations", *args: Any) -> T:
         if not self.gate.open:
             await self.gate.wait()
-        try:
-            return method(self, *args)
-        except OSError as exc:
-            raise FUSEError(exc.errno or errno.EIO) from None
+        return _run_guarded(method, self, args)
+    return handler
+
+
+def unparked(method: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """Answered at once in every mode (see the module docstring)."""
+    @functools.wraps(method)
+    async def handler(self: "SpfsOperations", *args: Any) -> T:
+        return _run_guarded(method, self, args)
     return handler
 
 
@@ -110,7 +129,8 @@ class SpfsOperations(pyfuse3.Operations):
                                 direct_io=self.direct_io and not handle.restore)
 
     # -- never parked --------------------------------------------------------------------
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    @unparked
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.table.forget(ino, count)
 
@@ -123,19 +143,19 @@ class SpfsOperations(pyfuse3.Operations):
     def _getattr(self, ino: int) -> pyfuse3.EntryAttributes:
         return self.backend.attributes(self.table.get(ino))
 
-    async def flush(self, fh: int) -> None:
+    @unparked
+    def flush(self, fh: int) -> None:
         handle = self.handles.handles.get(fh)
         if handle is None or handle.broken is not None or not self.gate.open:
             return  # a close must never hang or fail on SPFS's account
-        try:
-            self._handle_backend(handle).flush(handle)
-        except OSError as exc:
-            raise FUSEError(exc.errno or errno.EIO) from None
+        self._handle_backend(handle).flush(handle)
 
-    async def release(self, fh: int) -> None:
+    @unparked
+    def release(self, fh: int) -> None:
         self._release(fh)
 
-    async def releasedir(self, fh: int) -> None:
+    @unparked
+    def releasedir(self, fh: int) -> None:
         self._release(fh)
 
     def _release(self, fh: int) -> None:
@@ -162,10 +182,10 @@ class SpfsOperations(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if is_spfs_xattr(name):
-            try:
-                return self.table.get(inode).spfs_xattrs[name]
-            except KeyError:
-                raise FUSEError(pyfuse3.ENOATTR) from None
+            value = self.table.get(inode).spfs_xattrs.get(name)
+            if value is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            return value
         return await self._getxattr(inode, name, ctx)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
