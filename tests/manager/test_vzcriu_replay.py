@@ -28,16 +28,20 @@ def vzcriu_send(sock: socket.socket, packet: bytes) -> int:
     return decode_text_reply(sock.recv(4))
 
 
-@pytest.fixture
-def vz_manager(tmp_path):
+REAL_SPFS = f"{sys.executable} -m spfs.fs.cli"
+
+
+@pytest.fixture(params=["standin", "real"])
+def vz_manager(request, tmp_path):
     """start_spfs_manager(): `spfs-manager -vvvv -d --socket-path S --work-dir W
-    --exit-with-spfs` (the stand-in SPFS replaces issue 3's daemon here)."""
+    --exit-with-spfs`, with issue 3's spfs or the stand-in."""
+    spfs_command = REAL_SPFS if request.param == "real" else STANDIN_SPFS
     work = tmp_path / "run" / "spfs-manager" / "4242"
     sock_path = work / "control.sock"
     rc = subprocess.run([sys.executable, "-m", "spfs.manager.cli", "-vvvv", "-d",
                          "--socket-path", str(sock_path), "--work-dir", str(work),
                          "--exit-with-spfs", "--mount-deadline", "1",
-                         "--spfs-command", STANDIN_SPFS], timeout=30).returncode
+                         "--spfs-command", spfs_command], timeout=30).returncode
     assert rc == 0
     pid = int((work / "spfs-manager.pid").read_text())
     try:
@@ -97,7 +101,7 @@ def test_restore_sequence(vz_manager, container, cgroup_v1, criu):
     assert state["replace"]["error_code"] == errno.ENODEV
     assert state["bindmounts"] == [str(bind)]
     assert decode_text_reply(send_request(sock_path, b"status;id=59\0")) == -errno.ENODEV
-    assert top_mount_at(container.mounts(), str(mountpoint)).source == "spfs-standin"
+    assert top_mount_at(container.mounts(), str(mountpoint)).source in ("spfs-standin", "spfs")
     assert not cgroup_v1.frozen()
 
     # --exit-with-spfs: once its SPFS is gone, the manager exits and removes its socket
