@@ -119,3 +119,29 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
         assert rep["errors_read"] == "0" and rep["epoll_miss"] == "0" and rep["epoll_eintr"] == "0"
         assert rep["errors_fifo"] == "0" and rep["pos_equal"] == "1"
     print(outcomes)
+
+
+@pytest.mark.parametrize("entry", [0, 35, 45, 55, 70, 999])
+def test_failure_while_moving_mappings_and_exe_reverts(mounts, victim_bin, entry):
+    mounts.populate()
+    (mounts.a / "shared.map").write_bytes(bytes(4 * 4096))
+    (mounts.a / "private.map").write_bytes(bytes(i % 251 for i in range(4 * 4096)))
+    exe = mounts.a / "victim"
+    exe.write_bytes(victim_bin.read_bytes())
+    exe.chmod(0o755)
+    proc = mounts.spawn(exe, "maps")
+    mounts.wait_ready(1)
+    mounts.mirror()
+    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid])
+    swap.prepare(plan)
+    report = swap.commit(plan, fail=swap.FailPoint(unit=0, entry=entry))
+    assert not report.ok and "injected failure" in report.error
+    _assert_running_untraced([proc.pid])
+    assert os.readlink(f"/proc/{proc.pid}/exe") == str(exe)
+    assert str(mounts.b) not in Path(f"/proc/{proc.pid}/maps").read_text()
+    assert _on(mounts.a, proc.pid)
+    time.sleep(0.1)
+    mounts.stop_victims()
+    rep = mounts.reports()[proc.pid]
+    assert rep["errors_map"] == "0" and rep["errors_read"] == "0" and rep["cwd"] == str(mounts.a)
+    assert proc.returncode == 0

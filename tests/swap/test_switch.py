@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import time
 
@@ -133,3 +134,47 @@ def test_dry_plan_stops_nothing_and_lists_unmovable(mounts, victim_bin):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _smaps_flags(pid: int, start: int) -> list[str]:
+    current = None
+    for line in open(f"/proc/{pid}/smaps"):
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            current = int(head.split("-")[0], 16)
+        elif line.startswith("VmFlags:") and current == start:
+            return line.split()[1:]
+    return []
+
+
+def test_mappings_and_exe_move_to_b(mounts, victim_bin):
+    """Shared and private file mappings (with copy-on-write pages, a read-only one, mlock,
+    MADV_DONTDUMP) and the executable itself live on A; afterwards all are on B and A unmounts."""
+    mounts.populate()
+    (mounts.a / "shared.map").write_bytes(bytes(4 * 4096))
+    (mounts.a / "private.map").write_bytes(bytes(i % 251 for i in range(4 * 4096)))
+    exe = mounts.a / "victim"
+    exe.write_bytes(victim_bin.read_bytes())
+    exe.chmod(0o755)
+    proc = mounts.spawn(exe, "maps")
+    mounts.wait_ready(1)
+    time.sleep(0.1)
+    before = {m.vma.start: m for m in swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid]).processes[0].maps}
+    plan, report = _switch(mounts, pids=[proc.pid])
+    p = plan.processes[0]
+    assert p.exe is not None and len(p.maps) >= 5  # the ELF segments plus the two data files
+    assert os.readlink(f"/proc/{proc.pid}/exe") == str(mounts.b / "victim")
+    maps_now = open(f"/proc/{proc.pid}/maps").read()
+    assert str(mounts.a) not in maps_now and str(mounts.b / "private.map") in maps_now
+    private = next(m for m in p.maps if m.rel == "private.map" and m.vma.perms.startswith("rw"))
+    shared = next(m for m in p.maps if m.rel == "shared.map")
+    assert "dd" in _smaps_flags(proc.pid, private.vma.start)
+    assert "lo" in _smaps_flags(proc.pid, shared.vma.start)
+    assert private.dirty, "the private mapping had copy-on-write pages to carry over"
+    assert set(before) == {m.vma.start for m in p.maps}
+    reports = _finish_and_check(mounts, [proc.pid])
+    rep = reports[proc.pid]
+    assert rep["maps"] == "1" and rep["errors_map"] == "0", "private mapping content changed"
+    n = int(rep["iterations"])
+    assert struct.unpack("<q", (mounts.b / "shared.map").read_bytes()[:8])[0] == n - 1
+    assert proc.returncode == 0

@@ -57,6 +57,7 @@ class Nr:
     mprotect = 10
     munmap = 11
     mremap = 25
+    msync = 26
     madvise = 28
     dup3 = 292
     fcntl = 72

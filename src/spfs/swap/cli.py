@@ -43,7 +43,7 @@ def plan_as_dict(plan: SwapPlan) -> dict:
             "dirs": [{"kind": d.kind, "path": d.rel} for d in p.dirs],
             "mappings": [{"range": f"{m.vma.start:#x}-{m.vma.end:#x}", "perms": m.vma.perms, "path": m.rel}
                          for m in p.maps],
-            "exe": p.exe,
+            "exe": p.exe.rel if p.exe else None,
         })
     return {
         "source": plan.source.path, "target": plan.target, "cgroup": plan.cgroup,
@@ -67,6 +67,10 @@ def _print_plan(plan: SwapPlan) -> None:
             print(f"    epoll fd {e['epfd']} watches fd {e['fd']} events={e['events']}")
         for d in p["dirs"]:
             print(f"    {d['kind']} {d['path'] or '.'}")
+        for m in p["mappings"]:
+            print(f"    mapping {m['range']} {m['perms']} {m['path']}")
+        if p["exe"]:
+            print(f"    exe {p['exe']}")
     for u in data["unmovable"]:
         print(f"  CANNOT MOVE pid {u['pid']} {u['what']}: {u['reason']}")
 

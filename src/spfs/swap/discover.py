@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spfs.swap import procfs
-from spfs.swap.model import (Description, DirRef, EpollReg, FdRef, InotifyReg, Location, MapRef,
+from spfs.swap.model import (Description, DirRef, EpollReg, ExeRef, FdRef, InotifyReg, Location, MapRef,
                              ProcessPlan, SwapPlan, Unmovable)
-from spfs.swap.ptrace import KCMP_FILE, KCMP_FILES, KCMP_FS, kcmp
+from spfs.swap.ptrace import KCMP_FILE, KCMP_FILES, KCMP_FS, KCMP_VM, kcmp
 
 log = logging.getLogger(__name__)
 
@@ -175,20 +175,45 @@ class _Scanner:
                     self.unmovable.append(Unmovable(pid, kind, f"{link} is outside the source subtree"))
                 else:
                     plan.dirs.append(DirRef(pid, kind, rel))
-        for vma in vmas:
-            if vma.dev == self.source.dev and vma.ino:
-                rel = self.sb_relative(pid, vma.path.removesuffix(DELETED), None)
-                plan.maps.append(MapRef(pid, vma, rel or vma.path))
-                self.unmovable.append(Unmovable(pid, f"mapping {vma.start:#x}-{vma.end:#x} {vma.path}",
-                                                "file mappings are not swapped yet"))
+        plan.ranges = [(v.start, v.end) for v in vmas]
+        plan.nspid = status.nspid[-1]
+        self._scan_mappings(plan, vmas)
+        return plan, found, anon
+
+    def _scan_mappings(self, plan: ProcessPlan, vmas: list[procfs.Vma]) -> None:
+        pid = plan.pid
+        on_source = [v for v in vmas if v.dev == self.source.dev and v.ino]
+        if not on_source:
+            return
+        flags = procfs.vm_flags(pid)
+        for vma in on_source:
+            name = vma.path.removesuffix(DELETED)
+            rel = self.sb_relative(pid, name, None)
+            try:
+                gone = os.stat(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}").st_nlink == 0
+            except OSError:
+                gone = False
+            if gone:
+                rel = self.path_map.get(rel or "")
+                if rel is None:
+                    self.unmovable.append(Unmovable(pid, f"mapping {vma.start:#x}-{vma.end:#x}",
+                                                    f"{name} is unlinked on the source and not in the path map"))
+                    continue
+            if rel is None:
+                self.unmovable.append(Unmovable(pid, f"mapping {vma.start:#x}-{vma.end:#x}", "outside the source subtree"))
+                continue
+            plan.maps.append(MapRef(pid, vma, rel, flags.get(vma.start, ())))
         try:
             exe_st = os.stat(f"/proc/{pid}/exe")
-            if exe_st.st_dev == self.source.dev:
-                plan.exe = os.readlink(f"/proc/{pid}/exe")
-                self.unmovable.append(Unmovable(pid, f"exe {plan.exe}", "moving /proc/PID/exe is not done yet"))
         except (FileNotFoundError, PermissionError):
-            pass
-        return plan, found, anon
+            return
+        if exe_st.st_dev == self.source.dev:
+            link = os.readlink(f"/proc/{pid}/exe")
+            rel = self.sb_relative(pid, link.removesuffix(DELETED), None)
+            if rel is None or exe_st.st_nlink == 0:
+                self.unmovable.append(Unmovable(pid, f"exe {link}", "unlinked or outside the source subtree"))
+            else:
+                plan.exe = ExeRef(rel, procfs.mm_fields(pid))
 
 
 def _dedupe_descriptions(found: list[_FoundFd], unmovable: list[Unmovable],
@@ -235,6 +260,8 @@ def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[
         raise ValueError("give exactly one of a cgroup or a list of pids")
     if not os.path.isdir(target):
         raise FileNotFoundError(f"target {target} is not a directory")
+    if cgroup is not None and not os.path.exists(os.path.join(cgroup, "cgroup.procs")):
+        raise ValueError(f"{cgroup} is not a cgroup directory (no cgroup.procs)")
     location = resolve_location(source)
     path_map = dict(path_map or {})
     all_pids = cgroup_pids(cgroup) if cgroup else tree_pids(pids or [])
@@ -330,6 +357,10 @@ def _mark_shared_tables(processes: list[ProcessPlan]) -> None:
     for group in _kcmp_sort(with_fds, lambda a, b: kcmp(a.pid, b.pid, KCMP_FILES)):
         for p in group[1:]:
             p.fd_table_of = group[0].pid
+    with_maps = [p for p in processes if p.maps or p.exe]
+    for group in _kcmp_sort(with_maps, lambda a, b: kcmp(a.pid, b.pid, KCMP_VM)):
+        for p in group[1:]:
+            p.mm_of = group[0].pid
     with_dirs = [p for p in processes if p.dirs]
     for group in _kcmp_sort(with_dirs, lambda a, b: kcmp(a.pid, b.pid, KCMP_FS)):
         for p in group[1:]:

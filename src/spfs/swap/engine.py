@@ -73,8 +73,8 @@ class Engine:
         self.pin = pin
         self.on_stopped = on_stopped
         self.freezer = Freezer(plan.cgroup) if (plan.cgroup and freeze) else None
-        self.stop_set = [p for p in plan.processes if p.has_work or p.fd_table_of or p.fs_of]
-        self.units = [p for p in self.stop_set if self._does_fds(p) or self._does_dirs(p)]
+        self.stop_set = [p for p in plan.processes if p.has_work or p.fd_table_of or p.fs_of or p.mm_of]
+        self.units = [p for p in self.stop_set if self._does_fds(p) or self._does_dirs(p) or self._does_maps(p)]
         self.tracees: dict[int, Tracee] = {}
         self.injectors: dict[int, Injector] = {}
         self.touched: list[tuple[ProcessPlan, set[str]]] = []  # with what their commit did
@@ -82,10 +82,15 @@ class Engine:
         self.we_froze = False
         self.caller_froze = False
         self.prebuilt: dict[int, tuple[tables.SyscallTable, tuple]] = {}
+        self.scratch: dict[int, int] = {}  # per process: free address for saving private pages
 
     @staticmethod
     def _does_fds(p: ProcessPlan) -> bool:
         return bool(p.fds or p.epoll) and p.fd_table_of is None
+
+    @staticmethod
+    def _does_maps(p: ProcessPlan) -> bool:
+        return bool(p.maps or p.exe) and p.mm_of is None
 
     @staticmethod
     def _does_dirs(p: ProcessPlan) -> bool:
@@ -133,7 +138,8 @@ class Engine:
         re-validation changed what it must do (late fds, locks)."""
         donor = os.getpid()
         for p in self.units:
-            table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p))
+            table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+                                 do_maps=self._does_maps(p))
             table.compile()
             self.prebuilt[p.pid] = (table, _table_signature(p))
 
@@ -262,8 +268,30 @@ class Engine:
                     then = os.fstat(d.old_fd)
                     if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
                         raise SwapError(f"{d.kind} of process {p.pid} changed after discovery; run the switch again")
+        for p in self.units:
+            if self._does_maps(p):
+                self._revalidate_mappings(p)
         self._find_locks()
         self.window.marks["revalidated"] = time.perf_counter()
+
+    def _revalidate_mappings(self, p: ProcessPlan) -> None:
+        """A remap is MAP_FIXED: the range must still hold exactly what discovery saw."""
+        now = procfs.maps(p.pid)
+        current = {(v.start, v.end, v.perms, v.offset, v.dev, v.ino) for v in now}
+        for m in p.maps:
+            v = m.vma
+            if (v.start, v.end, v.perms, v.offset, v.dev, v.ino) not in current:
+                raise SwapError(f"mapping {v.start:#x}-{v.end:#x} of process {p.pid} changed after discovery; "
+                                "run the switch again")
+            if not v.shared:
+                m.dirty = procfs.private_anon_runs(p.pid, v.start, v.end)
+        known = {(m.vma.start, m.vma.end) for m in p.maps}
+        new = [v for v in now if v.dev == self.plan.source.dev and v.ino and (v.start, v.end) not in known]
+        if new:
+            raise SwapError(f"process {p.pid} mapped {new[0].path} after discovery; run the switch again")
+        need = max((sum(n for _, n in m.dirty) for m in p.maps), default=0)
+        if need:
+            self.scratch[p.pid] = _free_range([(v.start, v.end) for v in now], need)
 
     def _adopt_late_fd(self, p: ProcessPlan, fd: int) -> None:
         """An fd opened on the source between discovery and the stop: add it to the plan."""
@@ -382,6 +410,7 @@ class Engine:
             table, signature = self.prebuilt.get(p.pid, (None, None))
             if table is None or fail_after is not None or signature != _table_signature(p):
                 table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+                                     do_maps=self._does_maps(p), scratch=self.scratch.get(p.pid, 0),
                                      fail_after=fail_after)
             injector = self._injector(p)
             done = set(table.marks)  # assume all until the run says otherwise
@@ -399,6 +428,7 @@ class Engine:
             try:
                 strays = tuple(sorted(set(procfs.fd_numbers(p.pid)) - set(p.fd_numbers)))
                 table = tables.build(p, donor, forward=False, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+                                     do_maps=self._does_maps(p), scratch=self.scratch.get(p.pid, 0),
                                      close_first=strays, only=done)
                 result = self._injector(p).run(table)
                 if not result.ok:
@@ -443,7 +473,20 @@ class Engine:
 
 
 def _table_signature(p: ProcessPlan) -> tuple:
-    return (tuple((r.fd, r.desc.index, tuple(r.posix_locks)) for r in p.fds), len(p.epoll), len(p.dirs))
+    return (tuple((r.fd, r.desc.index, tuple(r.posix_locks)) for r in p.fds), len(p.epoll), len(p.dirs),
+            tuple(tuple(m.dirty) for m in p.maps))
+
+
+def _free_range(ranges: list[tuple[int, int]], size: int, page: int = 4096) -> int:
+    """An unmapped address range of `size` bytes (mapped with MAP_FIXED_NOREPLACE, so a
+    race only makes the switch fail, never clobbers anything)."""
+    size = (size + page - 1) // page * page
+    lowest = min((start for start, _ in ranges if start >= 1 << 32), default=1 << 40)
+    candidate = (lowest - size - 64 * page) & ~(page - 1)
+    for start, end in sorted(ranges, reverse=True):
+        if start < candidate + size and end > candidate:
+            candidate = (start - size - 64 * page) & ~(page - 1)
+    return candidate
 
 
 def _holds_source(pid: int, dev: int) -> bool:

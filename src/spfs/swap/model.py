@@ -96,9 +96,23 @@ class DirRef:
 
 @dataclass
 class MapRef:
+    """A file mapping on A (one VMA)."""
+
     pid: int
     vma: Vma
     rel: str
+    vm_flags: tuple[str, ...] = ()  # smaps VmFlags
+    old_fd: int = -1
+    new_fd: int = -1
+    dirty: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of private anon pages
+
+
+@dataclass
+class ExeRef:
+    rel: str
+    mm_fields: tuple[int, ...]  # /proc/PID/stat fields 26, 27, 45, 46, 47, 28, 48..51 (prctl_mm_map order)
+    old_fd: int = -1
+    new_fd: int = -1
 
 
 @dataclass
@@ -123,13 +137,16 @@ class ProcessPlan:
     inotify: list[InotifyReg] = field(default_factory=list)
     dirs: list[DirRef] = field(default_factory=list)
     maps: list[MapRef] = field(default_factory=list)
-    exe: str | None = None
+    exe: ExeRef | None = None
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # every VMA, to find free space
+    nspid: int = 0  # the process's pid in its own pid namespace
+    mm_of: int | None = None  # pid whose injection also serves this shared mm
     fd_table_of: int | None = None  # pid whose injection also serves this shared fd table
     fs_of: int | None = None  # same for a shared fs_struct (cwd/root)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.fds or self.dirs or self.epoll)
+        return bool(self.fds or self.dirs or self.epoll or self.maps or self.exe)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import struct
 
 from spfs.swap import procfs
 from spfs.swap.cgroup import Freezer, Watchdog
-from spfs.swap.model import Description, DirRef, Phase, SwapError, SwapPlan
+from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
 from spfs.swap.ptrace import pidfd_getfd
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,14 @@ class Prepared:
         self.pidfds: dict[int, int] = {}
         self.fifo_keepers: dict[str, int] = {}
         self.watchdog: Watchdog | None = None
+        self.opened: dict[tuple[str, int], int] = {}
+
+    def open_shared(self, path: str, flags: int) -> int:
+        """One description per (path, flags) for mappings and exe: they keep no offset."""
+        key = (path, flags)
+        if key not in self.opened:
+            self.opened[key] = self.track(os.open(path, flags | os.O_CLOEXEC))
+        return self.opened[key]
 
     def pidfd(self, pid: int) -> int:
         if pid not in self.pidfds:
@@ -97,6 +105,7 @@ class Prepared:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+        self.opened.clear()
         self.pidfds.clear()
 
 
@@ -124,6 +133,11 @@ def prepare(plan: SwapPlan) -> Prepared:
         for p in plan.processes:
             for d in p.dirs:
                 _prepare_dir(plan, prepared, d)
+            for m in p.maps:
+                _prepare_mapping(plan, prepared, m)
+            if p.exe is not None:
+                p.exe.old_fd = prepared.track(os.open(f"/proc/{p.pid}/exe", os.O_RDONLY | os.O_CLOEXEC))
+                p.exe.new_fd = prepared.open_shared(target_path(plan, p.exe.rel), os.O_RDONLY)
             if any(d.kind == "root" for d in p.dirs) and not any(d.kind == "cwd" for d in p.dirs):
                 cwd = DirRef(p.pid, "cwd-kept", "")
                 cwd.old_fd = cwd.new_fd = prepared.track(os.open(f"/proc/{p.pid}/cwd", os.O_PATH | os.O_CLOEXEC))
@@ -144,6 +158,14 @@ def prepare(plan: SwapPlan) -> Prepared:
     plan.advance(Phase.PREPARED)
     log.info("prepared %d descriptions on %s", len(plan.descriptions), plan.target)
     return prepared
+
+
+def _prepare_mapping(plan: SwapPlan, prepared: Prepared, m: MapRef) -> None:
+    """Shared writable mappings need a read-write file; anything else is mapped from O_RDONLY."""
+    mode = os.O_RDWR if (m.vma.shared and "w" in m.vma.perms) else os.O_RDONLY
+    m.old_fd = prepared.track(os.open(f"/proc/{m.pid}/map_files/{m.vma.start:x}-{m.vma.end:x}",
+                                      mode | os.O_CLOEXEC))
+    m.new_fd = prepared.open_shared(target_path(plan, m.rel), mode)
 
 
 def _prepare_dir(plan: SwapPlan, prepared: Prepared, d: DirRef) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 
 
@@ -192,3 +193,52 @@ def fd_numbers(pid: int) -> list[int]:
 
 def ns_inode(pid: int | str, ns: str) -> int:
     return os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+
+
+def vm_flags(pid: int) -> dict[int, tuple[str, ...]]:
+    """VmFlags of every VMA, by start address (from smaps)."""
+    out: dict[int, tuple[str, ...]] = {}
+    start = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                start = int(line.split("-", 1)[0], 16)
+            elif line.startswith("VmFlags:"):
+                out[start] = tuple(line.split()[1:])
+    return out
+
+
+def mm_fields(pid: int) -> tuple[int, ...]:
+    """The prctl_mm_map fields /proc/PID/stat gives, in struct order, brk left as 0:
+    start_code, end_code, start_data, end_data, start_brk, brk, start_stack, arg_start,
+    arg_end, env_start, env_end."""
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    fields = text[text.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+    def field(n: int) -> int:
+        return int(fields[n - 3])
+    return (field(26), field(27), field(45), field(46), field(47), 0, field(28), field(48), field(49),
+            field(50), field(51))
+
+
+PAGEMAP_PRESENT = 1 << 63
+PAGEMAP_SWAPPED = 1 << 62
+PAGEMAP_FILE_OR_SHARED = 1 << 61
+
+
+def private_anon_runs(pid: int, start: int, end: int, page: int = 4096) -> list[tuple[int, int]]:
+    """(offset, length) runs of pages of [start, end) that are private anonymous copies
+    (copy-on-write data, present or swapped): what a remap of the file would lose."""
+    count = (end - start) // page
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(start // page * 8)
+        raw = f.read(count * 8)
+    runs: list[tuple[int, int]] = []
+    for i, entry in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
+        anon = entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) and not entry & PAGEMAP_FILE_OR_SHARED
+        if anon:
+            if runs and runs[-1][0] + runs[-1][1] == i * page:
+                runs[-1] = (runs[-1][0], runs[-1][1] + page)
+            else:
+                runs.append((i * page, page))
+    return runs

@@ -11,6 +11,11 @@
  *   fifo2      O_RDWR                 "PRELOAD" written at start, read back at the end
  *   lock.txt   POSIX write lock, flock.txt flock(LOCK_EX), ofd.txt OFD write lock
  *   c.N        created relative to cwd every 50 iterations
+ * with "maps" (files prepared by the test, fds closed after mmap):
+ *   shared.map  MAP_SHARED rw, page 0 gets the iteration number; mlock'ed
+ *   private.map MAP_PRIVATE rw, pages 1 and 3 overwritten with 'P' (copy-on-write data),
+ *               page 3 then made read-only (like RELRO); MADV_DONTDUMP; checked every
+ *               iteration: pages 0 and 2 = the file pattern (i % 251), 1 and 3 = 'P' 
  * Runs until CTRL_DIR/stop exists, then writes CTRL_DIR/report.PID (key=value lines).
  */
 #define _GNU_SOURCE
@@ -24,6 +29,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -31,7 +37,35 @@
 
 static char ctrl[4096];
 static int fd_log, fd_sh, fd_sh2, fd_nb, fd_ro, fd_fifo, fd_fifo2, fd_lock, fd_flock, fd_ofd, ep;
-static long errors_read, errors_fifo, epoll_miss, epoll_eintr, thread_eintr;
+static long errors_read, errors_fifo, epoll_miss, epoll_eintr, thread_eintr, errors_map;
+static volatile long *shared_map;
+static unsigned char *private_map;
+#define PAGE 4096
+
+static void setup_maps(void) {
+    int fd = open("shared.map", O_RDWR);
+    shared_map = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    fd = open("private.map", O_RDONLY);
+    private_map = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (shared_map == MAP_FAILED || private_map == MAP_FAILED) exit(10);
+    memset(private_map + PAGE, 'P', PAGE);
+    memset(private_map + 3 * PAGE, 'P', PAGE);
+    mprotect(private_map + 3 * PAGE, PAGE, PROT_READ);
+    madvise(private_map, 3 * PAGE, MADV_DONTDUMP);
+    mlock((void *)shared_map, 4 * PAGE);
+}
+
+static void check_maps(long n) {
+    shared_map[0] = n;
+    for (int page = 0; page < 4; page++)
+        for (int i = 0; i < PAGE; i += 512) {
+            long at = page * PAGE + i;
+            unsigned char want = (page == 1 || page == 3) ? 'P' : (unsigned char)(at % 251);
+            if (private_map[at] != want) errors_map++;
+        }
+}
 
 static int stop_requested(void) {
     char p[4200];
@@ -78,13 +112,14 @@ static int child_main(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, do_fork = 0, clonefiles = 0;
+    int threads = 0, do_fork = 0, clonefiles = 0, maps = 0;
     if (argc < 3) return 2;
     snprintf(ctrl, sizeof ctrl, "%s", argv[2]);
     for (int i = 3; i < argc; i++) {
         if (!strcmp(argv[i], "threads")) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "fork")) do_fork = 1;
         else if (!strcmp(argv[i], "clonefiles")) clonefiles = 1;
+        else if (!strcmp(argv[i], "maps")) maps = 1;
     }
     if (chdir(argv[1])) return 3;
     fd_log = open("log.txt", O_WRONLY | O_APPEND | O_CREAT, 0644);
@@ -104,6 +139,7 @@ int main(int argc, char **argv) {
     struct flock ofl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 10};
     if (fcntl(fd_ofd, F_OFD_SETLK, &ofl)) return 7;
     if (write(fd_fifo2, "PRELOAD", 7) != 7) return 8;
+    if (maps) setup_maps();
     ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0x1234567890abcdefULL};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd_fifo, &ev)) return 9;
@@ -142,6 +178,7 @@ int main(int argc, char **argv) {
         if (r != 1 || got.data.u64 != 0x1234567890abcdefULL) epoll_miss++;
         char c;
         if (read(fd_fifo, &c, 1) != 1 || c != 'x') errors_fifo++;
+        if (maps) check_maps(n);
         if (n % 50 == 0) {
             char name[64];
             snprintf(name, sizeof name, "c.%ld", n);
@@ -170,6 +207,7 @@ int main(int argc, char **argv) {
     fprintf(f, "cloexec_sh=%d\n", !!(fcntl(fd_sh, F_GETFD) & FD_CLOEXEC));
     fprintf(f, "cloexec_dup=%d\n", !!(fcntl(fd_sh2, F_GETFD) & FD_CLOEXEC));
     fprintf(f, "pos_equal=%d\n", lseek(fd_sh, 0, SEEK_CUR) == lseek(fd_sh2, 0, SEEK_CUR));
+    fprintf(f, "errors_map=%ld\nmaps=%d\n", errors_map, maps);
     fprintf(f, "errors_read=%ld\nerrors_fifo=%ld\nepoll_miss=%ld\nepoll_eintr=%ld\nthread_eintr=%ld\n",
             errors_read, errors_fifo, epoll_miss, epoll_eintr, thread_eintr);
     fprintf(f, "preload=%s\n", got_pre == 7 ? pre : "MISSING");

@@ -1,0 +1,58 @@
+"""The switch command, run as a separate process like an operator would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spfs.swap.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_dry_run_lists_everything_and_stops_nothing(mounts, victim_bin):
+    mounts.populate()
+    (mounts.a / "shared.map").write_bytes(bytes(4 * 4096))
+    (mounts.a / "private.map").write_bytes(bytes(4 * 4096))
+    proc = mounts.spawn(victim_bin, "maps", "threads", "2")
+    mounts.wait_ready(1)
+    out = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--pid", str(proc.pid), "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    (p,) = plan["processes"]
+    assert p["pid"] == proc.pid and len(p["threads"]) == 3
+    assert {f["path"] for f in p["fds"]} >= {"log.txt", "shared.txt", "ro.txt", "fifo", "lock.txt"}
+    shared = [f for f in p["fds"] if f["path"] == "shared.txt"]
+    assert len(shared) == 2 and shared[0]["description"] == shared[1]["description"]
+    assert p["epoll"] and p["dirs"] == [{"kind": "cwd", "path": ""}]
+    assert {m["path"] for m in p["mappings"]} == {"shared.map", "private.map"}
+    text = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--pid", str(proc.pid), "--dry-run")
+    assert "shared.txt" in text.stdout and "mapping" in text.stdout
+    assert os.readlink(f"/proc/{proc.pid}/cwd") == str(mounts.a)
+    assert "TracerPid:\t0" in open(f"/proc/{proc.pid}/status").read()
+
+
+def test_switch_command_moves_and_reports_json(mounts, victim_bin, cgroup):
+    mounts.populate()
+    proc = mounts.spawn(victim_bin, cgroup=cgroup)
+    mounts.wait_ready(1)
+    mounts.mirror()
+    out = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--cgroup", str(cgroup), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["ok"] and report["processes"] == 1 and report["fds_moved"] == 10
+    assert 0 < report["stop_window_s"] < 1
+    time.sleep(0.1)
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
+
+
+def test_bad_input_is_refused_clearly(mounts):
+    out = _cli("--source", str(mounts.a / "missing"), "--target", str(mounts.b), "--pid", "1")
+    assert out.returncode == 2 and "No such file" in out.stderr
+    out = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--pid", str(os.getpid()))
+    assert out.returncode == 2 and "manager itself" in out.stderr
+    out = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--cgroup", str(mounts.root))
+    assert out.returncode == 2 and "not a cgroup" in out.stderr
