@@ -21,45 +21,32 @@ class CacheTimeouts:
     entry: float = 1.0
 
 
-def from_stat(ino: int, st: os.stat_result, timeouts: CacheTimeouts) -> pyfuse3.EntryAttributes:
+_STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize",
+                "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+
+
+def _attributes(ino: int, timeouts: CacheTimeouts, values: dict[str, int]) -> pyfuse3.EntryAttributes:
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = ino
     attr.generation = 0
     attr.entry_timeout = timeouts.entry
     attr.attr_timeout = timeouts.attr
-    attr.st_mode = st.st_mode
-    attr.st_nlink = st.st_nlink
-    attr.st_uid = st.st_uid
-    attr.st_gid = st.st_gid
-    attr.st_rdev = st.st_rdev
-    attr.st_size = st.st_size
-    attr.st_blksize = st.st_blksize
-    attr.st_blocks = st.st_blocks
-    attr.st_atime_ns = st.st_atime_ns
-    attr.st_mtime_ns = st.st_mtime_ns
-    attr.st_ctime_ns = st.st_ctime_ns
+    for field in _STAT_FIELDS:
+        setattr(attr, field, values[field])
     return attr
+
+
+def from_stat(ino: int, st: os.stat_result, timeouts: CacheTimeouts) -> pyfuse3.EntryAttributes:
+    return _attributes(ino, timeouts, {field: getattr(st, field) for field in _STAT_FIELDS})
 
 
 def from_restore(ino: int, node: RestoreNode, timeouts: CacheTimeouts) -> pyfuse3.EntryAttributes:
-    attr = pyfuse3.EntryAttributes()
-    attr.st_ino = ino
-    attr.generation = 0
-    attr.entry_timeout = timeouts.entry
-    attr.attr_timeout = timeouts.attr
-    attr.st_mode = node.mode
-    attr.st_nlink = node.nlink
-    attr.st_uid = node.uid
-    attr.st_gid = node.gid
-    attr.st_rdev = node.rdev
     size = node.size
-    attr.st_size = size
-    attr.st_blksize = 4096
-    attr.st_blocks = (size + 511) // 512 if stat.S_ISREG(node.mode) else 0
-    attr.st_atime_ns = node.atime_ns
-    attr.st_mtime_ns = node.mtime_ns
-    attr.st_ctime_ns = node.ctime_ns
-    return attr
+    return _attributes(ino, timeouts, {
+        "st_mode": node.mode, "st_nlink": node.nlink, "st_uid": node.uid, "st_gid": node.gid,
+        "st_rdev": node.rdev, "st_size": size, "st_blksize": 4096,
+        "st_blocks": (size + 511) // 512 if stat.S_ISREG(node.mode) else 0,
+        "st_atime_ns": node.atime_ns, "st_mtime_ns": node.mtime_ns, "st_ctime_ns": node.ctime_ns})
 
 
 def stub_root(st: os.stat_result) -> pyfuse3.EntryAttributes:
