@@ -201,3 +201,27 @@ def test_sigterm_in_stub_fails_parked_requests_and_unmounts(
     from spfs_testlib import is_mounted
     assert not is_mounted(mount.mountpoint)
     assert not Path(mount.socket).exists()
+
+
+def test_kernel_caches_do_not_bypass_the_stub(proxy: SpfsMount) -> None:
+    m = proxy.mountpoint
+    (proxy.target / "d").mkdir()
+    (proxy.target / "d" / "f").write_bytes(b"cached")
+    fd = os.open(m / "d" / "f", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 6, 0) == b"cached"  # page cache filled
+        os.stat(m / "d" / "f")                  # attributes and entries cached for 1 s
+        proxy.set_mode("stub")
+        pending = [_run_async(lambda: os.stat(m / "d" / "f").st_size),
+                   _run_async(lambda: os.fstat(fd).st_size),
+                   _run_async(lambda: os.pread(fd, 6, 0))]
+        wait_for(lambda: proxy.status()["parked"] >= 2, 5, "cached operations parked")
+        time.sleep(0.2)
+        assert all(not out for _, out in pending), "served from a kernel cache in stub mode"
+        (proxy.target / "d" / "f").write_bytes(b"CHANGED")
+        proxy.set_mode("proxy", proxy.target)
+        for thread, _ in pending:
+            thread.join(5)
+        assert [out[0] for _, out in pending] == [7, 7, b"CHANGE"]
+    finally:
+        os.close(fd)

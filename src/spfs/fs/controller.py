@@ -3,10 +3,11 @@
 A mode change (all steps logged with their durations):
  1. check the transition and open the new target (nothing changes if that fails);
  2. invalidate the kernel caches the new mode must not see (attributes and entries of
-    every inode; page cache of inodes whose bytes come from the old mode) while the old
-    mode still answers, so the invalidation cannot wait on a parked request;
- 3. park new requests (switching), invalidate attributes again and the page cache of
-    inodes read or written during step 2;
+    every inode; the page cache of every file when leaving restore mode, changing the
+    target or entering stub) while the old mode still answers, so the invalidation cannot
+    wait on a parked request;
+ 3. park new requests (switching), invalidate attributes again, and when leaving restore
+    mode the page cache of files read or written during step 2;
  4. re-bind inodes and restore-mode handles to the new target, then open the gate:
     parked requests run in the new mode.
 """
@@ -104,22 +105,27 @@ class FsController:
         same_target = (target is not None and self.target is not None
                        and (target.dev, target.ino) == (self.target.dev, self.target.ino)
                        and old is not Mode.RESTORE)
-        leaving_data = old is Mode.RESTORE or (old is Mode.PROXY and not same_target)
+        # Page cache to drop: restore bytes, an old target's bytes, and anything a stub
+        # would otherwise serve without parking.
+        drop_data = (old is Mode.RESTORE or wanted is Mode.STUB
+                     or (old is Mode.PROXY and not same_target))
 
         # Step 2: with the old mode still answering.
         inv_start = time.monotonic()
         if old is not Mode.STUB:
             ops.cache_fills = set()
-            result = await invalidation.invalidate(self._batch(data=leaving_data),
+            result = await invalidation.invalidate(self._batch(data=drop_data),
                                                    INVALIDATE_TIMEOUT_S)
             record.invalidation_complete = result.completed
-        # Step 3: park, then catch what was cached meanwhile.
+        # Step 3: park, then catch what was cached meanwhile. Only restore bytes are worth
+        # a wait here (it can be held up by a read parked on that inode); a page cached
+        # from a target in that instant holds that target's real bytes.
         gate.begin_switch()
         try:
             fills, ops.cache_fills = ops.cache_fills or set(), None
             if old is not Mode.STUB:  # nothing was cached while everything was parked
                 invalidation.invalidate_attrs_now(list(ops.table.inodes))
-            if leaving_data and fills:
+            if old is Mode.RESTORE and fills:
                 result = await invalidation.invalidate(
                     invalidation.InvalidationBatch(data_inodes=sorted(fills)), INVALIDATE_TIMEOUT_S)
                 record.invalidation_complete &= result.completed
