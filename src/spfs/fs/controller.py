@@ -235,6 +235,7 @@ class FsController:
             "inodes": len(ops.table),
             "stub_timeout": ops.gate.stub_timeout,
             "switches": self.switches,
+            "release_seconds": ops.gate.release_seconds,
             "last_switch": dataclasses.asdict(self.last_switch) if self.last_switch else None,
             "pid": os.getpid(),
         }

@@ -28,6 +28,8 @@ class ModeGate:
         self.stub_timeout = stub_timeout
         self.parked = 0
         self._changed = trio.Event()
+        self.opened_at = 0.0       # trio clock when the gate last opened
+        self.last_unparked = 0.0   # trio clock when a request that had parked last finished
 
     @property
     def open(self) -> bool:
@@ -61,7 +63,18 @@ class ModeGate:
     def finish_switch(self, mode: Mode) -> None:
         self.mode = mode
         self.switching = False
+        self.opened_at = trio.current_time()
         self._wake()
+
+    def note_unparked(self) -> None:
+        self.last_unparked = trio.current_time()
+
+    @property
+    def release_seconds(self) -> float | None:
+        """How long the requests released by the last switch took to be answered."""
+        if self.last_unparked < self.opened_at:
+            return None
+        return self.last_unparked - self.opened_at
 
     def abort_switch(self) -> None:
         self.switching = False

@@ -64,9 +64,13 @@ def served(method: Callable[..., T]) -> Callable[..., Awaitable[T]]:
     """
     @functools.wraps(method)
     async def handler(self: "SpfsOperations", *args: Any) -> T:
-        if not self.gate.open:
-            await self.gate.wait()
-        return _run_guarded(method, self, args)
+        if self.gate.open:
+            return _run_guarded(method, self, args)
+        await self.gate.wait()
+        try:
+            return _run_guarded(method, self, args)
+        finally:
+            self.gate.note_unparked()
     return handler
 
 
