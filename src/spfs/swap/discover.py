@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from spfs.swap import procfs
+from spfs.swap import procfs, unixsock
 from spfs.swap.model import (Description, DirRef, EpollReg, ExeRef, FdRef, InotifyReg, Location, MapRef,
                              ProcessPlan, SwapPlan, Unmovable)
 from spfs.swap.ptrace import KCMP_FILE, KCMP_FILES, KCMP_FS, KCMP_VM, kcmp
@@ -97,11 +97,13 @@ class _FoundFd:
     st: os.stat_result
     rel: str | None
     deleted: bool
+    sock: object | None = None
 
 
 class _Scanner:
-    def __init__(self, source: Location, path_map: dict[str, str]):
+    def __init__(self, source: Location, path_map: dict[str, str], sockets: dict | None = None):
         self.source = source
+        self.sockets = sockets or {}
         self.path_map = path_map
         self.mountinfo_by_ns: dict[int, dict[int, procfs.Mount]] = {}
         self.unmovable: list[Unmovable] = []
@@ -162,8 +164,15 @@ class _Scanner:
                     found.append(_FoundFd(pid, fd, info, st, rel, deleted))
                 elif link in ("anon_inode:[eventpoll]", "anon_inode:inotify"):
                     anon.append((fd, procfs.fdinfo(pid, fd)))
-                elif link.startswith("socket:"):
-                    continue  # unix sockets bound on A: not handled yet (see docs/swap.md)
+                elif link.startswith("socket:[") and int(link[8:-1]) in self.sockets:
+                    sock = self.sockets[int(link[8:-1])]
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    rel = self.sb_relative(pid, sock.path, None) if sock.path.startswith("/") else None
+                    info = procfs.fdinfo(pid, fd)
+                    found.append(_FoundFd(pid, fd, info, st, rel, False, sock))
+                    if rel is None:
+                        self.unmovable.append(Unmovable(pid, f"fd {fd}", f"unix socket bound at {sock.path!r} "
+                                                        "(relative or outside the source subtree)"))
             except FileNotFoundError:
                 continue  # closed while we looked; revalidation after the stop catches the rest
         for kind in ("cwd", "root"):
@@ -241,12 +250,13 @@ def _dedupe_descriptions(found: list[_FoundFd], unmovable: list[Unmovable],
                     unmovable.append(Unmovable(f.pid, f"fd {f.fd}", "file is outside the source subtree"))
                 continue
             kind = stat.S_IFMT(first.st.st_mode)
-            if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO):
+            if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK):
                 for f in same:
                     unmovable.append(Unmovable(f.pid, f"fd {f.fd}", f"file type {oct(kind)} is not supported"))
                 continue
             desc = Description(index=len(descriptions), rel=rel, flags=first.info.flags, mode=first.st.st_mode,
-                               dev=first.st.st_dev, ino=first.st.st_ino, holders=[(f.pid, f.fd) for f in same])
+                               dev=first.st.st_dev, ino=first.st.st_ino, holders=[(f.pid, f.fd) for f in same],
+                               sock=first.sock)
             desc.locks = [lk for f in same for lk in f.info.locks if lk.kind in ("FLOCK", "OFDLCK")]
             descriptions.append(desc)
             for f in same:
@@ -268,7 +278,7 @@ def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[
     me = os.getpid()
     if me in all_pids:
         raise ValueError("the manager itself is inside the set of processes to switch")
-    scanner = _Scanner(location, path_map)
+    scanner = _Scanner(location, path_map, unixsock.bound_on(location.dev))
     processes: list[ProcessPlan] = []
     found: list[_FoundFd] = []
     anon: dict[int, list[tuple[int, procfs.FdInfo]]] = {}

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from spfs.swap import procfs, ptrace, tables
+from spfs.swap import procfs, ptrace, tables, unixsock
 from spfs.swap.arch import check_task_regs, without_spurious_eintr
 from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
 from spfs.swap.discover import cgroup_pids, cgroup_tids
@@ -362,6 +362,12 @@ class Engine:
                     os.lseek(desc.new_fd, pos, os.SEEK_SET)
             if desc.locks:
                 self._copy_description_locks(desc)
+            if stat.S_ISSOCK(desc.mode):
+                if desc.sock.listening and unixsock.has_queued_connections(desc.old_fd):
+                    raise SwapError(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
+                                    "moved to a new listener: run the switch again")
+                if not desc.sock.listening:
+                    unixsock.copy_datagrams(desc.old_fd, desc.new_fd)
             if stat.S_ISFIFO(desc.mode):
                 path = os.path.join(self.plan.target, desc.rel)
                 if path not in copied_fifos:

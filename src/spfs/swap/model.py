@@ -57,6 +57,7 @@ class Description:
     locks: list[Lock] = field(default_factory=list)
     old_fd: int = -1  # the manager's own reference to the A description (pidfd_getfd)
     new_fd: int = -1  # the description opened on B
+    sock: object | None = None  # unixsock.BoundSocket for a unix socket bound on A
 
 
 @dataclass

@@ -10,7 +10,7 @@ import os
 import stat
 import struct
 
-from spfs.swap import procfs
+from spfs.swap import procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
 from spfs.swap.ptrace import pidfd_getfd
@@ -32,6 +32,11 @@ def target_path(plan: SwapPlan, rel: str) -> str:
 def open_on_target(plan: SwapPlan, desc: Description, fifo_keepers: dict[str, int]) -> int:
     path = target_path(plan, desc.rel)
     flags = (desc.flags & ~REOPEN_DROP) | os.O_CLOEXEC
+    if stat.S_ISSOCK(desc.mode):
+        fd = unixsock.recreate(desc.sock, path, desc.old_fd, desc.flags)
+        with contextlib.suppress(OSError):
+            unixsock.copy_file_attributes(os.path.join(plan.source.path, desc.rel), path)
+        return fd
     if stat.S_ISFIFO(desc.mode):
         # Opening a FIFO blocks (or fails for a writer) without the other end: hold a
         # read-write keeper and open non-blocking, then restore the flags.

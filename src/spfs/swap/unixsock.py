@@ -1,0 +1,108 @@
+"""Unix sockets bound on the source: found with sock_diag (pyroute2), re-created on B.
+
+A bound socket pins its mount through the socket file, and a socket cannot be re-bound,
+so the task gets a new socket of the same type bound at the same path on B.  Listeners
+keep accepting; datagrams queued on a bound socket are copied over (peeked, so a revert
+loses nothing).  What cannot be moved: connections queued on a listener but not yet
+accepted (no kernel interface moves them between listeners: the switch refuses while any
+are queued), the peer of connected sockets (they keep their old peer), SCM payloads.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import stat
+from dataclasses import dataclass
+
+from pyroute2 import DiagSocket
+from pyroute2.netlink.diag import UDIAG_SHOW_NAME, UDIAG_SHOW_RQLEN, UDIAG_SHOW_VFS
+
+SO_PEEK_OFF = 42
+TCP_LISTEN = 10
+COPIED_OPTIONS = (socket.SO_PASSCRED, socket.SO_RCVBUF, socket.SO_SNDBUF)
+
+
+@dataclass(frozen=True)
+class BoundSocket:
+    ino: int  # socket inode (the number in "socket:[N]")
+    type: int
+    listening: bool
+    path: str  # as bound
+    backlog: int
+
+
+def bound_on(dev: int) -> dict[int, BoundSocket]:
+    """Unix sockets of this network namespace whose socket file is on device `dev`."""
+    out: dict[int, BoundSocket] = {}
+    with DiagSocket() as diag:
+        diag.bind()
+        for msg in diag.get_sock_stats(show=UDIAG_SHOW_VFS | UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN):
+            vfs = msg.get_attr("UNIX_DIAG_VFS")
+            if not vfs:
+                continue
+            kdev = vfs["udiag_vfs_dev"]
+            if os.makedev(kdev >> 20, kdev & 0xFFFFF) != dev:
+                continue
+            rq = msg.get_attr("UNIX_DIAG_RQLEN") or {}
+            listening = msg["udiag_state"] == TCP_LISTEN
+            out[msg["udiag_ino"]] = BoundSocket(msg["udiag_ino"], msg["udiag_type"], listening,
+                                                msg.get_attr("UNIX_DIAG_NAME") or "",
+                                                rq.get("udiag_wqueue", socket.SOMAXCONN) if listening else 0)
+    return out
+
+
+def recreate(sock: BoundSocket, path: str, old_fd: int, flags: int) -> int:
+    """A socket like the old one, bound at `path` (a stale socket file there is replaced)."""
+    with socket.socket(fileno=os.dup(old_fd)) as old:
+        options = {opt: old.getsockopt(socket.SOL_SOCKET, opt) for opt in COPIED_OPTIONS}
+    new = socket.socket(socket.AF_UNIX, sock.type | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        new.bind(path)
+        for opt, value in options.items():
+            new.setsockopt(socket.SOL_SOCKET, opt, value)
+        if sock.listening:
+            new.listen(sock.backlog)
+        new.setblocking(not flags & os.O_NONBLOCK)
+        return new.detach()
+    except BaseException:
+        new.close()
+        raise
+
+
+def copy_file_attributes(source_file: str, target_file: str) -> None:
+    st = os.lstat(source_file)
+    os.chmod(target_file, stat.S_IMODE(st.st_mode))
+    os.chown(target_file, st.st_uid, st.st_gid)
+
+
+def has_queued_connections(listener_fd: int) -> bool:
+    poller = select.poll()
+    poller.register(listener_fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def copy_datagrams(old_fd: int, new_fd: int) -> int:
+    """Queue on the new socket a copy of every datagram waiting on the old one (peeked)."""
+    with socket.socket(fileno=os.dup(old_fd)) as old, socket.socket(fileno=os.dup(new_fd)) as new:
+        previous = old.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+        old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        copied = 0
+        try:
+            while True:
+                try:
+                    data = old.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                # A socketpair-free self-send: connect-less sendto the new socket's own path.
+                new.sendto(data, new.getsockname())
+                copied += 1
+        finally:
+            old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, previous)
+        return copied
