@@ -15,7 +15,13 @@ from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
 
 
 class EndlessSwap:
-    def swap(self, job):
+    def prepare(self, job):
+        return None
+
+    def abandon(self, prepared):
+        pass
+
+    def swap(self, job, prepared):
         print("swapping", flush=True)
         time.sleep(600)
 

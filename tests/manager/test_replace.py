@@ -41,8 +41,18 @@ class RecordingSwapper:
         self.fail = fail
         self.delay = delay
         self.calls: list[tuple[SwapJob, bool]] = []
+        self.abandoned: list[str] = []
+        self.prepared_while_frozen: bool | None = None
 
-    def swap(self, job: SwapJob) -> dict:
+    def prepare(self, job: SwapJob) -> str:
+        self.prepared_while_frozen = CgroupFreezer(job.cgroup).is_frozen()
+        return "plan"
+
+    def abandon(self, prepared: str) -> None:
+        self.abandoned.append(prepared)
+
+    def swap(self, job: SwapJob, prepared: str) -> dict:
+        assert prepared == "plan"
         self.calls.append((job, CgroupFreezer(job.cgroup).is_frozen()))
         time.sleep(self.delay)
         if self.fail:
@@ -163,6 +173,7 @@ def test_replace_end_to_end(make_harness, container, cgroup, tmp_path):
     # the swap engine ran while the cgroup was frozen, with the SPFS paths and device
     (job, was_frozen), = h.swapper.calls
     assert was_frozen and job.spfs_paths == (mp, bind)
+    assert h.swapper.prepared_while_frozen is False  # the slow part ran before the freeze
     # the real fs is at the mountpoint and the bind, one superblock, flags kept
     mounts = container.mounts()
     at_mp, at_bind = top_mount_at(mounts, mp), top_mount_at(mounts, bind)
@@ -233,9 +244,10 @@ def test_missing_bind_rolls_back_before_freezing(make_harness, container, cgroup
     not_a_mount = str(container.base)
     assert _replace(h, "87", not_a_mount + "/nothing", mode="mode=release") == 0
     result = h.wait_terminal("87")
-    assert result["phase"] == "rolled_back" and result["failed_in"] == "frozen"
+    assert result["phase"] == "rolled_back" and result["failed_in"] == "proxy"
     assert result["error_code"] == errno.ENOENT
     assert not h.swapper.calls and not cgroup.frozen()
+    assert h.swapper.prepared_while_frozen is None  # failed before preparing the swap
 
 
 def test_a_failed_replace_can_be_retried(make_harness, container):

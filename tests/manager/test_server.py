@@ -153,12 +153,11 @@ def test_daemon_option_returns_once_the_socket_accepts(tmp_path):
                          "--socket-path", sock_path, "--work-dir", str(work),
                          "--exit-with-spfs"], timeout=20).returncode
     assert rc == 0
-    with connect(sock_path) as sock:  # connectable immediately, as vzcriu expects
-        reply = json.loads(ask(sock, b'{"cmd": "status"}'))
-        assert reply["code"] == 0
-    wait_for(lambda: (work / "spfs-manager.pid").exists(), what="pid file")
-    pid = int((work / "spfs-manager.pid").read_text())
+    pid = int((work / "spfs-manager.pid").read_text())  # written before the command returns
     try:
+        with connect(sock_path) as sock:  # connectable immediately, as vzcriu expects
+            reply = json.loads(ask(sock, b'{"cmd": "status"}'))
+            assert reply["code"] == 0
         assert os.getsid(pid) == pid  # detached into its own session
     finally:
         os.kill(pid, signal.SIGTERM)

@@ -95,7 +95,10 @@ def _setup_logging(path: str, verbosity: int) -> None:
         "%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbosity else logging.INFO)
+    # -v is about our own code: libraries' debug output (pyroute2 logs every netlink
+    # message) would slow the swap down while the container is frozen
+    root.setLevel(logging.WARNING)
+    logging.getLogger("spfs").setLevel(logging.DEBUG if verbosity else logging.INFO)
 
 
 def _write_pid(path: str, pid: int) -> None:

@@ -70,8 +70,16 @@ class SwapJob:
 
 
 class ReferenceSwapper(Protocol):
-    def swap(self, job: SwapJob) -> dict[str, Any]:
-        """Returns the engine's report; raises OSError when nothing could be moved."""
+    def prepare(self, job: SwapJob) -> Any:
+        """Everything that needs no stopped task (finding references, opening the new
+        files), done before the freeze to keep the container's stop short."""
+
+    def swap(self, job: SwapJob, prepared: Any) -> dict[str, Any]:
+        """Called with the cgroup frozen.  Returns the engine's report; raises OSError when
+        nothing could be moved."""
+
+    def abandon(self, prepared: Any) -> None:
+        """Drop what prepare() made, when swap() will not be called."""
 
     def switch(self, source: str | None, device: int | None, target: str, cgroup: str,
                ns_pid: int | None) -> dict[str, Any]:

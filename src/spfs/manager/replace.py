@@ -4,7 +4,8 @@ Order and rollback (docs/manager.md has the full table):
 
 a. HELD             wait for "release" (bounded)
 b. MOUNTING_TARGET  real fs mounted, detached, in the container's namespaces (retries)
-c. PROXY            SPFS proxies onto the detached real mount: blocked tasks continue
+c. PROXY            SPFS proxies onto the detached real mount: blocked tasks continue;
+                    then what needs no frozen task: placements, the swap engine's plan
 d. FROZEN/SWAPPING  cgroup frozen (one lock per cgroup), references moved by the swap engine
 e. MOUNTS_MOVED     SPFS detached from the mountpoint and every bind; the real mount attached
 f. THAWED           cgroup thawed; the manager drops its last reference to SPFS
@@ -23,11 +24,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks, frozen
 from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper, SpfsHandle,
                                      SwapJob)
-from spfs.manager.mounts import with_mountpoint_flags
+from spfs.manager.mounts import Placement, with_mountpoint_flags
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
 from spfs.manager.phases import ReplacePhase as P
 from spfs.manager.phases import ReplaceProgress
@@ -66,6 +68,14 @@ class ReplaceJob:
         return [self.mountpoint, *[b for b in self.bindmounts if b != self.mountpoint]]
 
 
+@dataclass
+class _FreezePlan:
+    placements: list[Placement]
+    swap_job: SwapJob
+    freezer: CgroupFreezer
+    prepared: Any  # the swap engine's prepared plan
+
+
 class PhaseFailure(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -96,7 +106,7 @@ class ReplacePipeline:
             self._give_up(job, exc, rolled_back=False)
             return
         try:
-            self._freeze_swap_move(job)
+            self._freeze_swap_move(job, self._prepare_freeze(job))
         except PhaseFailure as exc:
             self._give_up(job, exc, rolled_back=True)
             return
@@ -135,39 +145,50 @@ class ReplacePipeline:
                 job.progress.rollback_errors.append(f"back to stub: {again}")
             raise PhaseFailure(exc.errno or errno.EIO, f"switch to proxy: {exc}") from None
         job.spfs_mode_after = SpfsMode.PROXY
-        job.progress.advance(P.FROZEN)
 
     @staticmethod
     def _real_root(job: ReplaceJob) -> str:
         # the detached mount is reachable only through our fd
         return f"/proc/{os.getpid()}/fd/{job.real_fd}"
 
-    # -- d, e, f
-    def _freeze_swap_move(self, job: ReplaceJob) -> None:
+    # -- end of c: everything that needs no frozen task, so the freeze stays short
+    def _prepare_freeze(self, job: ReplaceJob) -> _FreezePlan:
         assert job.real_fd is not None
         try:
             placements = with_mountpoint_flags(self.mover.describe(job.target, job.paths),
                                                job.real_fs.flags)
-            spfs_dev = _stat_dev(job.target, job.mountpoint, self.timeouts.move)
+            swap_job = SwapJob(job.freeze_cgroup, job.target, tuple(job.paths),
+                               _stat_dev(job.target, job.mountpoint, self.timeouts.move),
+                               self._real_root(job))
             freezer = CgroupFreezer(job.freeze_cgroup)
+            prepared = self.swapper.prepare(swap_job)
         except OSError as exc:
             raise PhaseFailure(exc.errno or errno.EIO, f"preparing the freeze: {exc}") from None
+        return _FreezePlan(placements, swap_job, freezer, prepared)
+
+    # -- d, e, f
+    def _freeze_swap_move(self, job: ReplaceJob, plan: _FreezePlan) -> None:
+        assert job.real_fd is not None
+        job.progress.advance(P.FROZEN)
         lock = self.locks.lock_for(job.freeze_cgroup)
         phase = P.FROZEN
+        prepared = plan.prepared
         try:
-            with frozen(freezer, lock, self.timeouts.freeze):
+            with frozen(plan.freezer, lock, self.timeouts.freeze):
                 phase = P.SWAPPING
                 job.progress.advance(P.SWAPPING)
-                job.progress.details["swap"] = self.swapper.swap(SwapJob(
-                    job.freeze_cgroup, job.target, tuple(job.paths), spfs_dev,
-                    self._real_root(job)))
+                job.progress.details["swap"] = self.swapper.swap(plan.swap_job, prepared)
+                prepared = None
                 phase = P.MOUNTS_MOVED
                 job.progress.advance(P.MOUNTS_MOVED)
-                self.mover.move(job.real_fd, placements, job.target)
+                self.mover.move(job.real_fd, plan.placements, job.target)
                 phase = P.THAWED
                 job.progress.advance(P.THAWED)
         except OSError as exc:
             raise PhaseFailure(exc.errno or errno.EIO, f"{phase.value}: {exc}") from None
+        finally:
+            if prepared is not None:
+                self.swapper.abandon(prepared)
 
     def _give_up(self, job: ReplaceJob, exc: PhaseFailure, rolled_back: bool) -> None:
         progress = job.progress

@@ -27,6 +27,28 @@ def _engine() -> ModuleType:
                                     "yet") from None
 
 
+def _wait_for_watchdog(plan: Any, timeout: float) -> None:
+    """The engine's freezer watchdog is a process started by prepare(); commit() waits for it
+    to run (~0.3 s of Python start-up).  Waiting here keeps that out of the frozen window.
+    (Reaches into the prepared plan: spfs.swap.api has no call for it yet.)"""
+    watchdog = getattr(getattr(plan, "prepared", None), "watchdog", None)
+    if watchdog is not None and hasattr(watchdog, "wait_ready"):
+        watchdog.wait_ready(timeout)
+
+
+def _coverage(plan: Any) -> set[tuple[str, int, object]]:
+    """Which references a plan knows about."""
+    known: set[tuple[str, int, object]] = set()
+    for p in plan.processes:
+        known |= {("fd", p.pid, r.fd) for r in p.fds}
+        known |= {("dir", p.pid, d.kind) for d in p.dirs}
+        known |= {("map", p.pid, m.vma.start) for m in p.maps}
+        if p.exe:
+            known.add(("exe", p.pid, p.exe))
+    known |= {("unmovable", u.pid, u.what) for u in plan.unmovable}
+    return known
+
+
 def host_view(target_pid: int | None, path: str) -> str:
     """A path of the container as the manager can open it."""
     return path if target_pid is None else f"/proc/{target_pid}/root{path}"
@@ -35,23 +57,51 @@ def host_view(target_pid: int | None, path: str) -> str:
 class SwapEngineAdapter:
     def __init__(self, timeout: float = 5.0) -> None:
         self.timeout = timeout
+        try:  # importing the engine takes ~0.1-0.2 s: not while a container is frozen
+            _engine()
+        except OSError as exc:
+            log.warning("%s", exc)
 
-    def swap(self, job: SwapJob) -> dict[str, Any]:
-        """Move every reference of the frozen cgroup's tasks from SPFS to the real fs.
-
-        References the engine cannot move stay on SPFS, which keeps proxying them (the C
-        manager's safety net too); they are listed in the report."""
+    def prepare(self, job: SwapJob) -> Any:
         engine = _engine()
         source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
-        report = engine.switch(source, job.real_root, cgroup=job.cgroup, freeze=True,
-                               timeout=self.timeout, allow_unmovable=True)
-        result = report.as_dict()
+        return self._prepare_plan(engine, engine.discover(source, job.real_root,
+                                                          cgroup=job.cgroup))
+
+    def _prepare_plan(self, engine: ModuleType, plan: Any) -> Any:
+        try:
+            engine.prepare(plan)
+        except engine.SwapError as exc:
+            raise OSError(errno.EIO, f"swap engine: {exc}") from None
+        _wait_for_watchdog(plan, self.timeout)
+        if plan.unmovable:
+            # they stay on SPFS, which keeps proxying them (the C manager's safety net too)
+            log.warning("%d references cannot be moved: %s", len(plan.unmovable),
+                        plan.unmovable[:5])
+        return plan
+
+    def swap(self, job: SwapJob, prepared: Any) -> dict[str, Any]:
+        """Commit in the frozen cgroup.  The plan was made while the tasks ran: if a fresh
+        look (cheap: /proc only) finds references it does not cover, or the engine finds the
+        tasks changed, the plan is made again now, inside the freeze."""
+        engine = _engine()
+        source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
+        now = engine.discover(source, job.real_root, cgroup=job.cgroup)
+        if not _coverage(now) <= _coverage(prepared):
+            log.info("references appeared since the swap was prepared: preparing again")
+            engine.abandon(prepared)
+            prepared = self._prepare_plan(engine, now)
+        report = engine.commit(prepared, freeze=True, timeout=self.timeout)
+        if not report.ok and report.error and "after discovery" in report.error:
+            log.info("tasks changed since the swap was prepared (%s): preparing again",
+                     report.error)
+            report = engine.commit(self.prepare(job), freeze=True, timeout=self.timeout)
         if not report.ok:
             raise OSError(errno.EIO, f"swap engine: {report.error}")
-        if report.unmovable:
-            log.warning("%d references stay on SPFS: %s", len(report.unmovable),
-                        report.unmovable[:5])
-        return result
+        return report.as_dict()
+
+    def abandon(self, prepared: Any) -> None:
+        _engine().abandon(prepared)
 
     def switch(self, source: str | None, device: int | None, target: str, cgroup: str,
                ns_pid: int | None) -> dict[str, Any]:
