@@ -178,3 +178,22 @@ def test_mappings_and_exe_move_to_b(mounts, victim_bin):
     n = int(rep["iterations"])
     assert struct.unpack("<q", (mounts.b / "shared.map").read_bytes()[:8])[0] == n - 1
     assert proc.returncode == 0
+
+
+def test_victim_in_its_own_pid_namespace(mounts, victim_bin):
+    """Containers have their own pid namespace: the fds come from a donor forked into it."""
+    mounts.populate()
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", str(victim_bin), str(mounts.a), str(mounts.ctrl), "threads", "2"])
+    mounts.procs.append(proc)
+    mounts.wait_ready(1)
+    time.sleep(0.1)
+    plan, report = _switch(mounts, pids=[proc.pid])
+    (victim,) = [p for p in plan.processes if p.has_work]
+    assert victim.nspid == 1 and victim.pid != proc.pid
+    time.sleep(0.2)
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
+    assert_locks_held_by(victim.pid, mounts.b)
+    mounts.stop_victims()
+    rep = mounts.reports()[1]  # the victim is pid 1 of its namespace
+    check_report(rep, mounts.b)
+    check_log(mounts.b / "log.txt", int(rep["iterations"]))

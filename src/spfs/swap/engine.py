@@ -136,9 +136,8 @@ class Engine:
     def _prebuild_tables(self) -> None:
         """Build and lay out each table before the stop; rebuilt in the window only if the
         re-validation changed what it must do (late fds, locks)."""
-        donor = os.getpid()
         for p in self.units:
-            table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+            table = tables.build(p, self.prepared.donor_pid(p.pid), forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
                                  do_maps=self._does_maps(p))
             table.compile()
             self.prebuilt[p.pid] = (table, _table_signature(p))
@@ -295,6 +294,9 @@ class Engine:
 
     def _adopt_late_fd(self, p: ProcessPlan, fd: int) -> None:
         """An fd opened on the source between discovery and the stop: add it to the plan."""
+        if p.pid in self.prepared.donor_of:
+            raise SwapError(f"process {p.pid} opened fd {fd} on the source after discovery and its fd donor "
+                            "was started before; run the switch again")
         owner = next((q for q in self.stop_set if q.pid == p.fd_table_of), p) if p.fd_table_of else p
         if any(r.fd == fd for r in owner.fds):
             return  # already adopted through a process sharing the fd table
@@ -402,20 +404,22 @@ class Engine:
             raise UnitFailed(f"process {p.pid} catches or blocks every signal usable as a marker")
         if p.vdso is None:
             raise UnitFailed(f"process {p.pid} has no [vdso] to host the injected code")
-        injector = Injector(tracee, p.vdso, marker, self.timeout, p.writable)
+        ns_ids = None
+        if p.pid in self.prepared.donor_of:
+            ns_ids = (p.nspid, procfs.status(tid).nspid[-1])
+        injector = Injector(tracee, p.vdso, marker, self.timeout, p.writable, ns_ids)
         self.injectors[p.pid] = injector
         injector.install()
         return injector
 
     def _inject_all(self) -> None:
-        donor = os.getpid()
         for index, p in enumerate(self.units):
             if abort_requested.is_set():
                 raise SwapError("switch aborted by a signal; reverting")
             fail_after = self.fail.entry if self.fail and self.fail.unit == index else None
             table, signature = self.prebuilt.get(p.pid, (None, None))
             if table is None or fail_after is not None or signature != _table_signature(p):
-                table = tables.build(p, donor, forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+                table = tables.build(p, self.prepared.donor_pid(p.pid), forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
                                      do_maps=self._does_maps(p), scratch=self.scratch.get(p.pid, 0),
                                      fail_after=fail_after)
             injector = self._injector(p)
@@ -429,11 +433,10 @@ class Engine:
         self.window.injected = time.perf_counter()
 
     def _rollback(self) -> None:
-        donor = os.getpid()
         for p, done in reversed(self.touched):
             try:
                 strays = tuple(sorted(set(procfs.fd_numbers(p.pid)) - set(p.fd_numbers)))
-                table = tables.build(p, donor, forward=False, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
+                table = tables.build(p, self.prepared.donor_pid(p.pid), forward=False, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
                                      do_maps=self._does_maps(p), scratch=self.scratch.get(p.pid, 0),
                                      close_first=strays, only=done)
                 result = self._injector(p).run(table)

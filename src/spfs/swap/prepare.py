@@ -12,6 +12,7 @@ import struct
 
 from spfs.swap import procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
+from spfs.swap.donor import Donor, same_pid_namespace
 from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
 from spfs.swap.ptrace import pidfd_getfd
 
@@ -78,6 +79,11 @@ class Prepared:
         self.fifo_keepers: dict[str, int] = {}
         self.watchdog: Watchdog | None = None
         self.opened: dict[tuple[str, int], int] = {}
+        self.donors: list[Donor] = []
+        self.donor_of: dict[int, int] = {}  # pid -> pid of its fd donor, as seen by that pid
+
+    def donor_pid(self, pid: int) -> int:
+        return self.donor_of.get(pid, os.getpid())
 
     def open_shared(self, path: str, flags: int) -> int:
         """One description per (path, flags) for mappings and exe: they keep no offset."""
@@ -102,6 +108,9 @@ class Prepared:
         self.fifo_keepers.clear()
 
     def close(self) -> None:
+        for donor in self.donors:
+            donor.close()
+        self.donors.clear()
         if self.watchdog is not None:
             self.watchdog.close()
             self.watchdog = None
@@ -119,12 +128,7 @@ def prepare(plan: SwapPlan) -> Prepared:
     if plan.phase is not Phase.DISCOVERED:
         raise SwapError(f"prepare needs a freshly discovered plan (phase is {plan.phase.value})")
     prepared = Prepared()
-    my_pidns = procfs.ns_inode("self", "pid")
     try:
-        for p in plan.processes:
-            if p.has_work and procfs.ns_inode(p.pid, "pid") != my_pidns:
-                raise SwapError(f"process {p.pid} is in another pid namespace; run the switch from "
-                                "inside it (not supported yet)")
         for desc in plan.descriptions:
             pid, fd = desc.holders[0]
             desc.old_fd = prepared.track(pidfd_getfd(prepared.pidfd(pid), fd))
@@ -153,6 +157,11 @@ def prepare(plan: SwapPlan) -> Prepared:
     except OSError as exc:
         prepared.close()
         raise SwapError(f"prepare failed: {exc}") from exc
+    try:
+        _start_donors(plan, prepared)
+    except (OSError, RuntimeError) as exc:
+        prepared.close()
+        raise SwapError(f"cannot start an fd donor in a task's pid namespace: {exc}") from exc
     if plan.cgroup:
         # Started now so that its interpreter start-up is over before anything is frozen.
         try:
@@ -163,6 +172,20 @@ def prepare(plan: SwapPlan) -> Prepared:
     plan.advance(Phase.PREPARED)
     log.info("prepared %d descriptions on %s", len(plan.descriptions), plan.target)
     return prepared
+
+
+def _start_donors(plan: SwapPlan, prepared: Prepared) -> None:
+    """Tasks outside our pid namespace get their files from a donor forked into theirs
+    (after every B file is open, so the donor holds them all)."""
+    by_ns: dict[int, Donor] = {}
+    for p in plan.processes:
+        if not p.has_work or same_pid_namespace(p.pid):
+            continue
+        ns = procfs.ns_inode(p.pid, "pid")
+        if ns not in by_ns:
+            by_ns[ns] = Donor(p.pid)
+            prepared.donors.append(by_ns[ns])
+        prepared.donor_of[p.pid] = by_ns[ns].ns_pid
 
 
 def _prepare_mapping(plan: SwapPlan, prepared: Prepared, m: MapRef) -> None:

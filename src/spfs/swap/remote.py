@@ -79,7 +79,7 @@ class Injector:
     """Injection into one thread of one process; other threads of it stay stopped."""
 
     def __init__(self, tracee: Tracee, vdso: tuple[int, int], marker_signal: int, timeout: float,
-                 writable: list[tuple[int, int]] = ()):
+                 writable: list[tuple[int, int]] = (), ns_ids: tuple[int, int] | None = None):
         assert tracee.regs is not None
         self.tracee = tracee
         self.marker_signal = marker_signal
@@ -88,6 +88,8 @@ class Injector:
         self.mem = -1
         self.original = b""
         self.writable = list(writable)
+        # The task names itself (tgkill) with its ids in its own pid namespace.
+        self.ns_ids = ns_ids or (tracee.tgid, tracee.tid)
 
     def install(self) -> None:
         self.mem = os.open(f"/proc/{self.tracee.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
@@ -95,7 +97,7 @@ class Injector:
         if any(self.original) and not self.original.startswith(blob.CODE):
             raise InjectionError(f"task {self.tracee.tid}: the end of [vdso] is not free")
         resume = as_resumed(self.tracee.regs)
-        image = blob.image(self.tracee.tgid, self.tracee.tid, self.marker_signal, resume)
+        image = blob.image(self.ns_ids[0], self.ns_ids[1], self.marker_signal, resume)
         os.pwrite(self.mem, image, self.base)
 
     def uninstall(self) -> None:
@@ -123,7 +125,11 @@ class Injector:
     def _wait_marker(self) -> UserRegs:
         tid = self.tracee.tid
         while True:
-            stop = ptrace.wait_stop(tid, self.timeout)
+            try:
+                stop = ptrace.wait_stop(tid, self.timeout)
+            except ptrace.WaitTimeout:
+                self._recapture()
+                raise InjectionError(f"task {tid}: the injected code did not come back in {self.timeout} s") from None
             if stop.exited:
                 raise InjectionError(f"task {tid} exited during injection (status {stop.status:#x})")
             if stop.is_signal_delivery:
@@ -135,6 +141,26 @@ class Injector:
                                          f"at {regs.rip:#x}")
                 self.tracee.record_signal()  # delivered again before detach
             ptrace.cont(tid)
+
+    def _recapture(self) -> None:
+        """Stop a task that did not reach the marker.  Inside the blob (a blocking table
+        syscall) its saved registers are still right; outside, it already restored itself
+        and runs its own code: then its current registers must be kept."""
+        tid = self.tracee.tid
+        ptrace.interrupt(tid)
+        while True:
+            stop = ptrace.wait_stop(tid, self.timeout)
+            if stop.exited:
+                raise InjectionError(f"task {tid} exited during injection")
+            if stop.is_event_stop:
+                break
+            if stop.is_signal_delivery:
+                self.tracee.record_signal()
+            ptrace.cont(tid)
+        regs = ptrace.getregs(tid)
+        if not self.base <= regs.rip < self.base + REGION:
+            log.error("task %d left the injected code on its own; keeping its current state", tid)
+            self.tracee.regs = regs
 
     def syscall(self, nr: int, *args: int) -> int:
         names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")

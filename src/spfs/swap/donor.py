@@ -1,0 +1,66 @@
+"""Fd donors: the tasks pull B's open files with pidfd_getfd(pidfd_open(donor), fd).
+
+A task can only name a process of its own pid namespace (or a descendant), so for tasks
+in another pid namespace (containers) the manager forks a donor inside that namespace:
+the child inherits every prepared fd under the same numbers and just waits for EOF on a
+pipe (and dies with the manager: PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+
+from spfs.swap import procfs
+
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class DonorError(RuntimeError):
+    pass
+
+
+def _setns(fd: int, kind: int) -> None:
+    if _libc.setns(fd, kind) != 0:
+        err = ctypes.get_errno()
+        raise DonorError(f"setns: {os.strerror(err)}")
+
+
+class Donor:
+    """A child process living in the pid namespace of `pid`."""
+
+    def __init__(self, pid: int):
+        own = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
+        theirs = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        read_end, self.write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            _setns(theirs, CLONE_NEWPID)
+            try:
+                self.pid = os.fork()
+                if self.pid == 0:  # the donor: no Python-level clean-up may run in here
+                    try:
+                        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                        os.close(self.write_end)
+                        os.read(read_end, 1)
+                    finally:
+                        os._exit(0)
+            finally:
+                _setns(own, CLONE_NEWPID)
+        finally:
+            os.close(own)
+            os.close(theirs)
+            os.close(read_end)
+        self.ns_pid = procfs.status(self.pid).nspid[-1]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.write_end)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def same_pid_namespace(pid: int) -> bool:
+    return procfs.ns_inode(pid, "pid") == procfs.ns_inode("self", "pid")
