@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spfs.lab.ct.container import alive, stop_processes
+from spfs.lab.ct.container import alive, release_veth, stop_processes
+from spfs.lab.ct.nfs_helpers import netns_id
 from spfs.lab.ct.util import CtError, run, wait_for
 from spfs.lab.ct.spec import CtState
 from spfs.lab.env import lab_env
@@ -88,8 +89,7 @@ def suspend(state: CtState, images: str | Path, plain: bool = False,
     # CRIU killed the tasks; wait until the namespaces are really gone before anything reuses
     # the veth name or the cgroup.
     stop_processes(state)
-    wait_for(f"{state.host_veth} to go away",
-             lambda: not Path(f"/sys/class/net/{state.host_veth}").exists(), 20)
+    release_veth(state)
     state.init_pid = 0
     state.unshare_pid = 0
     state.save()
@@ -146,6 +146,7 @@ def resume(state: CtState, images: str | Path, plain: bool = False) -> Timing:
         for d in nfs_dirs:
             subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
     state.init_pid = int((images / "restore.pid").read_text())
+    state.netns = netns_id(state.init_pid) or ""
     state.save()
     log.info("resumed %s in %.2f s (init pid %d)", state.name, seconds, state.init_pid)
     return Timing(seconds, images / "restore.log")

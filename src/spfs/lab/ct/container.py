@@ -101,6 +101,7 @@ def _start(state: CtState, mount_timeout: float) -> None:
         raise CtError(f"unshare exited {proc.returncode}: "
                       f"{(state.state_dir / 'ct-init.log').read_text()}")
     state.init_pid = int(children.read_text().split()[0])
+    state.netns = nfs_helpers.netns_id(state.init_pid) or ""
     # Only the container's tree goes into its cgroup (CRIU's freezer wants nothing else there).
     (cg / "cgroup.procs").write_text(str(state.init_pid))
     state.save()
@@ -203,10 +204,34 @@ def ct_pids(state: CtState) -> list[int]:
         return []
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (a zombie has already released its namespaces)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def describe_tasks(pids: list[int]) -> str:
+    """pid, state, kernel wait channel and command of each task, for error messages."""
+    out = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            state = stat[stat.rindex(")") + 2]
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            out.append(f"{pid} {state} {wchan} {comm}")
+        except OSError:
+            continue
+    return "; ".join(out) or "(none left)"
+
+
 def stop_processes(state: CtState, timeout: float = 20.0) -> None:
     """Kill the container's processes (killing its init ends the pid namespace) and the
     guest-side NFS helpers of its netns, so the netns itself goes away."""
-    netns = nfs_helpers.netns_id(state.init_pid) if state.init_pid else None
+    netns = state.netns or (nfs_helpers.netns_id(state.init_pid) if state.init_pid else None)
     if state.init_pid:
         try:
             os.kill(state.init_pid, signal.SIGKILL)
@@ -217,9 +242,37 @@ def stop_processes(state: CtState, timeout: float = 20.0) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    wait_for(f"the processes of {state.name} to exit", lambda: not ct_pids(state), timeout)
+    try:
+        wait_for(f"the processes of {state.name} to exit", lambda: not ct_pids(state), timeout)
+    except CtError as e:
+        raise CtError(f"{e}: {describe_tasks(ct_pids(state))}") from None
+    # unshare(1), the container init's parent, lives in the container's mount and net
+    # namespaces; its exit unmounts the container's NFS, and for NFSv3 that unregisters lockd
+    # through the container netns's rpcbind. Stopping the helpers earlier hangs that exit in
+    # lockd_down with nlmsvc_mutex held, and every later NFSv3 unmount in the guest with it.
+    if state.unshare_pid:
+        wait_for(f"unshare {state.unshare_pid} to exit",
+                 lambda: _exited(state.unshare_pid), timeout)
     if netns:
         nfs_helpers.stop(state, netns)
+
+
+def release_veth(state: CtState, grace: float = 5.0) -> None:
+    """Free the guest end of a dead container's veth (and its name, for a restore).
+
+    It normally goes away with the container's netns. Only once every process of the
+    container is gone is it safe to delete it by hand: removing it under a live NFS client
+    hangs that client (lab-notes G3). An NFSv3 client's lockd/rpcbind transports keep the
+    netns alive for a while after its last process exits, so we don't wait for that.
+    """
+    link = Path(f"/sys/class/net/{state.host_veth}")
+    try:
+        wait_for(f"{state.host_veth} to go away", lambda: not link.exists(), grace)
+    except CtError:
+        log.info("%s: deleting %s (its netns is still referenced by the kernel)",
+                 state.name, state.host_veth)
+        subprocess.run(["ip", "link", "del", state.host_veth], capture_output=True, timeout=10)
+        wait_for(f"{state.host_veth} to be deleted", lambda: not link.exists(), 10)
 
 
 def destroy(name: str, missing_ok: bool = False) -> None:
@@ -230,13 +283,7 @@ def destroy(name: str, missing_ok: bool = False) -> None:
             return
         raise
     stop_processes(state)
-    # The host end of the veth goes away with the container's netns; only then is it safe to
-    # touch it (removing it under a live NFS client hangs that client: lab-notes G3).
-    link = Path(f"/sys/class/net/{state.host_veth}")
-    try:
-        wait_for(f"{state.host_veth} to go away", lambda: not link.exists(), 10)
-    except CtError:
-        subprocess.run(["ip", "link", "del", state.host_veth], capture_output=True, timeout=10)
+    release_veth(state)
     cg = state.cgroup_dir()
     if cg.exists():
         try:

@@ -82,6 +82,7 @@ class CtState:
     binds: list[BindMount] = field(default_factory=list)
     init_pid: int = 0            # the container's PID 1, as the guest sees it
     unshare_pid: int = 0         # the unshare(1) process holding the namespaces' creator
+    netns: str = ""              # identity of its network namespace (net:[inode])
     created: float = 0.0
 
     @property

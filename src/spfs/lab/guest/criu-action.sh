@@ -29,9 +29,16 @@ rpc_ports() {  # NFS, portmapper, lockd and statd ports the server offers
     } | sort -un | paste -sd, -
 }
 
+local_nsm() {  # the container's own rpcbind/statd (NFSv3 locks), if it has them
+    in_ct_net timeout 5 rpcinfo -p 127.0.0.1 >/dev/null 2>&1 && echo 127.0.0.1
+}
+
 mark_nfs() {
     in_ct_net iptables -w -t mangle -N $CHAIN || return 1
-    for s in $(nfs_servers); do
+    # The lock stays in the netns after a successful dump; the kernel's NFSv3 teardown there
+    # (lockd unregister, NSM unmonitor over loopback) must still get through, or the exit of
+    # the netns's last task hangs in lockd_down and blocks lockd for the whole guest.
+    for s in $(nfs_servers) $(local_nsm); do
         ports=$(rpc_ports "$s")
         echo "spfs-lab action: marking NFS traffic to $s ports $ports" >&2
         for proto in tcp udp; do

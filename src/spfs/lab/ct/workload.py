@@ -1,0 +1,79 @@
+"""Start and stop the lab's self-checking workloads (workloads/nfsload.c) in a container."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from spfs.lab.ct.container import exec_in
+from spfs.lab.ct.spec import CtState
+from spfs.lab.ct.util import CtError, wait_for
+
+KINDS = ("append", "mmap", "posix", "flock", "ofd", "cwd")
+LOCK_KINDS = ("posix", "flock", "ofd")
+_seq = itertools.count(1)
+
+
+@dataclass
+class Workload:
+    ct: str
+    kind: str
+    path: str     # the file (or directory for cwd) inside the container
+    result: str   # where it writes its verdict, inside the container
+    pid: int      # its pid inside the container
+
+    def result_on_guest(self) -> Path:
+        return CtState.load(self.ct).root / self.result.lstrip("/")
+
+    def stop(self, timeout: float = 30.0) -> str:
+        """SIGTERM it and return its own verdict ("PASS ..." or "FAIL: ...")."""
+        proc = exec_in(self.ct, ["kill", "-TERM", str(self.pid)], capture=True, timeout=30)
+        if proc.returncode != 0:
+            raise CtError(f"{self.kind} workload pid {self.pid} in {self.ct} is gone: "
+                          f"{proc.stderr.strip()}")
+        out = self.result_on_guest()
+        wait_for(f"the verdict of the {self.kind} workload",
+                 lambda: out.exists() and out.read_text().endswith("\n"), timeout)
+        return out.read_text().strip()
+
+
+def start(ct: str, kind: str, path: str) -> Workload:
+    if kind not in KINDS:
+        raise ValueError(f"unknown workload {kind}")
+    result = f"/tmp/nfsload-{kind}-{next(_seq)}.result"
+    proc = exec_in(ct, ["nfsload", kind, path, result], detach=True, timeout=30)
+    if proc.returncode != 0 or not proc.stdout.strip().isdigit():
+        raise CtError(f"starting {kind} workload in {ct}: {proc.stdout} {proc.stderr}")
+    return Workload(ct, kind, path, result, int(proc.stdout.strip()))
+
+
+def lock_held_by_other(ct: str, kind: str, path: str) -> bool:
+    """Ask a fresh process in the container whether it can take the lock (it must not)."""
+    proc = exec_in(ct, ["nfsload", "lockcheck", kind, path], capture=True, timeout=60)
+    if proc.returncode not in (0, 1):
+        raise CtError(f"lockcheck {kind} {path}: {proc.stdout} {proc.stderr}")
+    return proc.returncode == 0
+
+
+def _all_alive(loads: list[Workload]) -> bool:
+    by_ct: dict[str, list[str]] = {}
+    for w in loads:
+        by_ct.setdefault(w.ct, []).append(str(w.pid))
+    return all(exec_in(ct, ["kill", "-0", *pids], capture=True, timeout=30).returncode == 0
+               for ct, pids in by_ct.items())
+
+
+def wait_running(loads: list[Workload], settle: float = 1.0) -> None:
+    """Give the workloads time to set up their references, then check they are alive."""
+    import time
+    time.sleep(settle)
+    if not _all_alive(loads):
+        raise CtError("a workload died: " + ", ".join(
+            f"{w.kind}: {w.result_on_guest().read_text().strip()}"
+            for w in loads if w.result_on_guest().exists()))
+
+
+def wait_progress(loads: list[Workload], settle: float = 1.5) -> None:
+    """After a resume: let them run on the restored references for a while, still alive."""
+    wait_running(loads, settle)
