@@ -223,3 +223,16 @@ def test_symlinks_are_never_followed_out_of_the_target(
     os.rename(m / "abs_escape", m / "renamed")
     os.unlink(m / "renamed")
     assert (tmp / "secret" / "key").read_bytes() == b"daemon-side secret"
+
+
+def test_inode_count_stays_near_the_soft_limit(spfs_factory: Callable[..., SpfsMount],
+                                               tmp: Path) -> None:
+    for i in range(1500):
+        (tmp / "target" / f"f{i:04d}").write_bytes(b"%d" % i)
+    mount = spfs_factory("proxy", "--proxy-dir", str(tmp / "target"), "--inode-soft-limit", "200")
+    for i in range(1500):
+        assert (mount.mountpoint / f"f{i:04d}").read_bytes() == b"%d" % i
+    assert sorted(os.listdir(mount.mountpoint))[-1] == "f1499"
+    from spfs_testlib import wait_for
+    wait_for(lambda: mount.status()["inodes"] < 400, 10, "old inodes forgotten")
+    assert (mount.mountpoint / "f0000").read_bytes() == b"0"  # forgotten ones come back

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel attribute/entry cache timeout in restore/proxy mode (s)")
     p.add_argument("--read-ahead-kb", type=int, default=1024,
                    help="FUSE bdi readahead; 0 keeps the kernel default (128)")
+    p.add_argument("--inode-soft-limit", type=int,
+                   help="proxy inodes (one descriptor each) above which the kernel is asked to "
+                        "forget old ones (default: 80%% of RLIMIT_NOFILE)")
     p.add_argument("--direct-io", action="store_true",
                    help="proxy-mode opens bypass the page cache (faster, but no shared mmap)")
     return p
@@ -73,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         manifest=args.manifest, socket_path=args.socket_path, ready_fds=list(args.ready_fd),
         stub_timeout=args.stub_timeout, fuse_options=options, max_parked=args.max_parked,
         cache_timeout=args.cache_timeout, read_ahead_kb=args.read_ahead_kb,
-        direct_io=args.direct_io)
+        direct_io=args.direct_io, inode_soft_limit=args.inode_soft_limit)
 
 
 def _daemonize(config: DaemonConfig) -> int | None:

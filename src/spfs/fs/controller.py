@@ -25,6 +25,7 @@ import trio
 
 from spfs.fs import invalidation
 from spfs.fs.handles import close_quietly
+from spfs.fs.inode_budget import InodeBudget
 from spfs.fs.inodes import ROOT_INODE
 from spfs.fs.manifest import ManifestEntry, load_manifest, parse_entries
 from spfs.fs.modes import Mode, ModeError, check_transition
@@ -58,9 +59,10 @@ class SwitchRecord:
 
 class FsController:
     def __init__(self, ops: SpfsOperations, creds: CallerCredentials,
-                 target: TargetDir | None = None) -> None:
+                 budget: InodeBudget | None = None, target: TargetDir | None = None) -> None:
         self.ops = ops
         self.creds = creds
+        self.budget = budget
         self.target = target
         self.last_switch: SwitchRecord | None = None
         self.switches = 0
@@ -74,7 +76,7 @@ class FsController:
         """Make *target* the proxy backend (used at start and by switches)."""
         self.target = target
         self.ops.proxy = ProxyBackend(self.ops.table, self.ops.handles, self.ops.timeouts,
-                                      self.creds, target.fd, target.path)
+                                      self.creds, target.fd, target.path, self.budget)
 
     # -- mode changes --------------------------------------------------------------------
     async def set_mode(self, wanted: Mode, proxy_dir: str | None = None,

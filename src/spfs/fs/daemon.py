@@ -27,6 +27,7 @@ from spfs.fs.controller import FsController
 from spfs.fs.creds import CallerCredentials
 from spfs.fs.gate import ModeGate
 from spfs.fs.handles import HandleTable, close_quietly
+from spfs.fs.inode_budget import InodeBudget, default_soft_limit
 from spfs.fs.inodes import ROOT_INODE, InodeTable, ProxyObject
 from spfs.fs.manifest import Manifest, load_manifest
 from spfs.fs.modes import Mode
@@ -60,6 +61,7 @@ class DaemonConfig:
     cache_timeout: float = 1.0
     read_ahead_kb: int = 1024
     direct_io: bool = False
+    inode_soft_limit: int | None = None   # default: from RLIMIT_NOFILE
 
 
 @dataclasses.dataclass
@@ -102,7 +104,8 @@ def build(config: DaemonConfig, prepared: Prepared) -> tuple[SpfsOperations, FsC
     gate = ModeGate(config.mode, config.stub_timeout)
     ops = SpfsOperations(gate, table, handles, prepared.root_stat, timeouts)
     ops.direct_io = config.direct_io
-    controller = FsController(ops, CallerCredentials())
+    budget = InodeBudget(table, config.inode_soft_limit or default_soft_limit())
+    controller = FsController(ops, CallerCredentials(), budget)
     if prepared.manifest is not None:
         ops.restore = RestoreBackend(table, handles, timeouts)
         ops.restore.load(prepared.manifest)

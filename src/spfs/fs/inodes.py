@@ -71,6 +71,7 @@ class Inode:
     restore: RestoreNode | None = None
     proxy: ProxyObject | None = None
     stale: bool = False
+    forget_asked: bool = False   # the kernel was asked to drop its entries (inode_budget.py)
 
     @property
     def is_dir(self) -> bool:
@@ -83,6 +84,7 @@ class InodeTable:
         self.entries: dict[tuple[int, bytes], int] = {}   # (parent, name) -> inode number
         self.by_backing: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> inode number
         self._next_ino = ROOT_INODE + 1
+        self.forget_asked = 0   # inodes still present whose entries the kernel was asked to drop
 
     def __len__(self) -> int:
         return len(self.inodes)
@@ -192,6 +194,8 @@ class InodeTable:
         self._release_proxy(inode)
         if inode.restore is not None and inode.restore.content is not None:
             inode.restore.content.close()
+        if inode.forget_asked:
+            self.forget_asked -= 1
         self.inodes.pop(inode.ino, None)
 
     def close_all(self) -> None:
@@ -202,3 +206,4 @@ class InodeTable:
         self.inodes.clear()
         self.entries.clear()
         self.by_backing.clear()
+        self.forget_asked = 0

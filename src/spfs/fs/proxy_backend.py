@@ -22,6 +22,7 @@ from pyfuse3 import FUSEError
 from spfs.fs import attrs, syscalls
 from spfs.fs.creds import CallerCredentials
 from spfs.fs.handles import Handle, HandleTable, close_quietly
+from spfs.fs.inode_budget import InodeBudget
 from spfs.fs.inodes import Inode, InodeTable, ProxyObject
 
 _LOOKUP_RESOLVE = (syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
@@ -54,8 +55,10 @@ def reopen(obj: ProxyObject, flags: int) -> int:
 
 class ProxyBackend:
     def __init__(self, table: InodeTable, handles: HandleTable, timeouts: attrs.CacheTimeouts,
-                 creds: CallerCredentials, root_fd: int, root_label: str):
+                 creds: CallerCredentials, root_fd: int, root_label: str,
+                 budget: InodeBudget | None = None):
         self.table = table
+        self.budget = budget
         self.handles = handles
         self.timeouts = timeouts
         self.creds = creds
@@ -82,6 +85,8 @@ class ProxyBackend:
             return known
         inode = self.table.add(stat.S_IFMT(st.st_mode))
         self.table.bind_proxy(inode, ProxyObject(fd=fd, dev=st.st_dev, ino=st.st_ino))
+        if self.budget is not None:
+            self.budget.check()
         return inode
 
     def _resolve(self, parent_ino: int, name: bytes) -> Inode:
