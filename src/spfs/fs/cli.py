@@ -80,29 +80,31 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
 
 
 def _daemonize(config: DaemonConfig) -> int | None:
-    """Fork; the parent waits until the child is ready (exit 0) or has died (its status).
-    Returns None in the child."""
+    """Fork; the parent exits 0 once the child says it is ready, or with the child's
+    status if it dies first. Returns None in the child."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
         os.setsid()
-        config.ready_fds.append(write_end)
+        config.ready_notify_fd = write_end
         return None
     os.close(write_end)
     deadline = time.monotonic() + _DAEMON_READY_TIMEOUT_S
+    message = b""
     while time.monotonic() < deadline:
         ready, _, _ = select.select([read_end], [], [], 0.5)
-        if ready and not os.read(read_end, 1):
+        if ready:
+            message = os.read(read_end, 1)
             break
     os.close(read_end)
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        return os.waitstatus_to_exitcode(status) or 1
-    if time.monotonic() >= deadline:
+    if message == b"R":
+        return 0
+    if not ready:
         print(f"spfs: daemon {pid} not ready after {_DAEMON_READY_TIMEOUT_S:.0f} s", file=sys.stderr)
         return 1
-    return 0
+    _, status = os.waitpid(pid, 0)  # it closed the pipe without being ready: it is exiting
+    return os.waitstatus_to_exitcode(status) or 1
 
 
 def main(argv: list[str] | None = None) -> int:

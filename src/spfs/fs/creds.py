@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import pyfuse3
 
 from spfs.fs import syscalls
 
 _GROUPS_TTL_S = 1.0
+_AS_DAEMON = contextlib.nullcontext()
 
 
 class GroupCache:
@@ -47,11 +48,13 @@ class CallerCredentials:
     def __init__(self) -> None:
         self.group_cache = GroupCache()
 
-    @contextlib.contextmanager
-    def of(self, ctx: pyfuse3.RequestContext | None) -> Iterator[None]:
+    def of(self, ctx: pyfuse3.RequestContext | None) -> ContextManager[None]:
         if ctx is None or (ctx.uid == 0 and ctx.gid == 0):
-            yield  # the daemon is root already: nothing to switch
-            return
+            return _AS_DAEMON  # the daemon is root already: nothing to switch
+        return self._as_caller(ctx)
+
+    @contextlib.contextmanager
+    def _as_caller(self, ctx: pyfuse3.RequestContext) -> Iterator[None]:
         syscalls.set_thread_groups(self.group_cache.groups(ctx.pid))
         syscalls.set_thread_fsgid(ctx.gid)
         syscalls.set_thread_fsuid(ctx.uid)

@@ -62,6 +62,7 @@ class DaemonConfig:
     read_ahead_kb: int = 1024
     direct_io: bool = False
     inode_soft_limit: int | None = None   # default: from RLIMIT_NOFILE
+    ready_notify_fd: int | None = None    # gets b"R" before being closed (daemonizing)
 
 
 @dataclasses.dataclass
@@ -145,6 +146,9 @@ async def _announce_ready(config: DaemonConfig, initialised: trio.Event) -> None
     # Only now: the INIT reply clamps the readahead to what libfuse negotiated (128 KiB).
     if config.read_ahead_kb > 0:
         mountinfo.set_read_ahead(config.mountpoint, config.read_ahead_kb)
+    if config.ready_notify_fd is not None:
+        os.write(config.ready_notify_fd, b"R")
+        close_quietly(config.ready_notify_fd)
     for fd in config.ready_fds:
         close_quietly(fd)
     log.info("spfs ready at %s in %s mode", config.mountpoint, config.mode.value)
