@@ -33,17 +33,35 @@ def _replace_status(daemon, mount_id: str) -> dict:
     return daemon.status()[mount_id]["replace"] or {}
 
 
+def _final_phase(daemon, mount_id: str, timeout: float = 30.0) -> dict:
+    """Wait for the end of a replace.  A done SPFS may exit and be forgotten by the manager
+    right after: the last status seen is the answer then."""
+    last: dict = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mount = daemon.status().get(mount_id)
+        if mount is None:
+            return last
+        last = mount["replace"] or {}
+        if last.get("phase") in TERMINAL:
+            return last
+        time.sleep(0.01)
+    raise TimeoutError(f"replace {mount_id} did not end: {last}")
+
+
 def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
     mp, bind = container.base / "mp", container.base / "bind"
     mp.mkdir()
     bind.mkdir()
     os.chmod(mp, 0o751)
+    os.chown(mp, 1234, 4321)
     daemon = start_daemon(tmp_path, "--exit-with-spfs", "--spfs-ready-timeout", "5",
                           spfs_command=None)
     try:
         assert daemon.text(f"mount;id=1;mode=stub;mountpoint={mp};ns_pid={container.pid}") == 0
         assert top_mount_at(container.mounts(), str(mp)).fstype.startswith("fuse")
-        assert container.stat(str(mp)).st_mode & 0o7777 == 0o751
+        st = container.stat(str(mp))  # the root of SPFS looks like the mountpoint it covers
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o751, 1234, 4321)
         spfs_pid = daemon.status()["1"]["spfs_pid"]
         container.run("mount", "--bind", str(mp), str(bind))
 
@@ -60,9 +78,7 @@ def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
                            "size=16m,mode=755") == 0
         assert daemon.text("mode;all;mode=stub") == 0
         assert daemon.text("replace;all;mode=release") == 0
-        wait_for(lambda: _replace_status(daemon, "1").get("phase") in TERMINAL, 30,
-                 "replace end")
-        result = _replace_status(daemon, "1")
+        result = _final_phase(daemon, "1")
         assert result["phase"] == "done", result
         print("phase timings (ms):", {t["phase"]: t["ms"] for t in result["timings_ms"]},
               "swap stop window (ms):",
@@ -86,5 +102,42 @@ def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
         # nothing uses SPFS any more: it exits, and the manager after it
         wait_for(lambda: not os.path.exists(f"/proc/{spfs_pid}"), 20, "spfs exit")
         assert daemon.proc.wait(20) == 0
+    finally:
+        stop_daemon(daemon)
+
+
+def test_two_shares_blocked_on_each_other_do_not_deadlock(tmp_path, container, cgroup):
+    """Share A is released while share B is still held: a task parked on B's stub keeps the
+    cgroup from freezing, so A retries its freeze (thawing in between) instead of failing or
+    waiting forever; once B is released both finish."""
+    paths = {name: container.base / name for name in ("a", "b")}
+    for path in paths.values():
+        path.mkdir()
+    daemon = start_daemon(tmp_path, "--exit-with-spfs", "--freeze-timeout", "0.3",
+                          spfs_command=None)
+    try:
+        for mount_id, name in (("1", "a"), ("2", "b")):
+            assert daemon.text(f"mount;id={mount_id};mode=stub;mountpoint={paths[name]};"
+                               f"ns_pid={container.pid}") == 0
+        beats = {}
+        for name, path in paths.items():
+            beats[name] = tmp_path / f"beat-{name}"
+            worker = container.spawn(WORKER.replace(
+                "sys.argv[1], sys.argv[2]", f"{str(beats[name])!r}, {str(path / 'w.log')!r}"))
+            cgroup.add(worker.pid)
+        for mount_id, name in (("1", "a"), ("2", "b")):
+            mode = "release" if name == "a" else "hold"
+            assert daemon.text(f"replace;id={mount_id};source=real-{name};type=tmpfs;flags=0;"
+                               f"freeze_cgroup={cgroup.path};mode={mode}") == 0
+        wait_for(lambda: "trying again" in daemon.log(), 15, "freeze retries")
+        assert _replace_status(daemon, "1")["phase"] == "frozen"
+        assert _replace_status(daemon, "2")["phase"] == "held"
+        assert read_count(beats["a"]) > 0 and beats["b"].read_text() == "started"
+        assert daemon.text("replace;all;mode=release") == 0
+        assert [_final_phase(daemon, i)["phase"] for i in ("1", "2")] == ["done", "done"]
+        mounts = container.mounts()
+        assert [top_mount_at(mounts, str(paths[n])).source for n in "ab"] == ["real-a", "real-b"]
+        assert not cgroup.frozen()
+        assert daemon.proc.wait(20) == 0  # both spfs exited, then the manager
     finally:
         stop_daemon(daemon)

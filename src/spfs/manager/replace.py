@@ -115,8 +115,14 @@ class ReplacePipeline:
 
     # -- a
     def _wait_release(self, job: ReplaceJob) -> None:
-        deadline = time.monotonic() + self.timeouts.hold
+        started = time.monotonic()
+        deadline = started + self.timeouts.hold
+        next_report = started + 30
         while not job.released.wait(timeout=0.5):
+            if time.monotonic() > next_report:
+                log.info("replace %s: still held after %.0f s", job.mount_id,
+                         time.monotonic() - started)
+                next_report += 30
             if job.cancelled.is_set():
                 raise PhaseFailure(errno.ECANCELED, "replace cancelled while held")
             if job.spfs.exited():
