@@ -197,3 +197,18 @@ def test_victim_in_its_own_pid_namespace(mounts, victim_bin):
     rep = mounts.reports()[1]  # the victim is pid 1 of its namespace
     check_report(rep, mounts.b)
     check_log(mounts.b / "log.txt", int(rep["iterations"]))
+
+
+def test_inotify_watch_follows_to_b(mounts, victim_bin):
+    mounts.populate()
+    proc = mounts.spawn(victim_bin, "inotify")
+    mounts.wait_ready(1)
+    time.sleep(0.2)
+    plan, report = _switch(mounts, pids=[proc.pid])
+    assert report.watches_moved == 1
+    time.sleep(0.3)
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0, "the inotify watch still pins A"
+    mounts.stop_victims()
+    rep = mounts.reports()[proc.pid]
+    assert int(rep["creates"]) > 2 and rep["create_events"] == rep["creates"], "creation events lost"
+    assert rep["ignored_events"] == "1"  # the old watch descriptor went away

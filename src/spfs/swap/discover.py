@@ -357,8 +357,17 @@ def _attach_anon(processes: list[ProcessPlan], anon: dict[int, list[tuple[int, p
             for watch in info.inotify:
                 if _kernel_dev(watch.sdev) == source.dev:
                     p.inotify.append(InotifyReg(p.pid, fd, watch))
-                    unmovable.append(Unmovable(p.pid, f"inotify fd {fd} wd {watch.wd}",
-                                               "inotify watches on the source are not moved yet"))
+    # An inotify instance shared by several processes holds each watch once.
+    regs = [r for p in processes for r in p.inotify]
+    for p in processes:
+        p.inotify = []
+    by_pid = {p.pid: p for p in processes}
+    for same in _kcmp_sort(regs, lambda a, b: kcmp(a.pid, b.pid, KCMP_FILE, a.ifd, b.ifd)):
+        seen: set[int] = set()
+        for reg in same:
+            if reg.watch.wd not in seen:
+                seen.add(reg.watch.wd)
+                by_pid[reg.pid].inotify.append(reg)
 
 
 def _mark_shared_tables(processes: list[ProcessPlan]) -> None:

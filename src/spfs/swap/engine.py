@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from spfs.swap import procfs, ptrace, tables, unixsock
+from spfs.swap import inotify, procfs, ptrace, tables, unixsock
 from spfs.swap.arch import check_task_regs, without_spurious_eintr
 from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
 from spfs.swap.discover import cgroup_pids, cgroup_tids
@@ -82,7 +82,8 @@ class Engine:
         self.we_froze = False
         self.caller_froze = False
         self.prebuilt: dict[int, tuple[tables.SyscallTable, tuple]] = {}
-        self.scratch: dict[int, int] = {}  # per process: free address for saving private pages
+        self.scratch: dict[int, int] = {}
+        self.moved_watches: list = []  # per process: free address for saving private pages
 
     @staticmethod
     def _does_fds(p: ProcessPlan) -> bool:
@@ -375,7 +376,23 @@ class Engine:
                 if path not in copied_fifos:
                     copied_fifos.add(path)
                     _copy_pipe_content(desc.old_fd, self.prepared.fifo_keepers[path])
+        self._move_inotify_watches(forward=True)
         self.window.marks["descriptions"] = time.perf_counter()
+
+    def _move_inotify_watches(self, forward: bool) -> None:
+        """Watches on A are re-added on B through our copy of the inotify fd (see inotify.py)."""
+        source = os.path.realpath(self.plan.source.path)
+        for p in self.stop_set:
+            for reg in p.inotify:
+                if forward:
+                    reg.new_wd = inotify.add_watch(reg.copy_fd, os.path.join(self.plan.target, reg.rel),
+                                                   reg.watch.mask)
+                    self.moved_watches.append(reg)
+                    inotify.remove_watch(reg.copy_fd, reg.watch.wd)
+                elif reg.new_wd >= 0:
+                    with contextlib.suppress(OSError):
+                        inotify.add_watch(reg.copy_fd, os.path.join(source, reg.rel), reg.watch.mask)
+                        inotify.remove_watch(reg.copy_fd, reg.new_wd)
 
     @staticmethod
     def _copy_description_locks(desc) -> None:
@@ -433,6 +450,7 @@ class Engine:
         self.window.injected = time.perf_counter()
 
     def _rollback(self) -> None:
+        self._move_inotify_watches(forward=False)
         for p, done in reversed(self.touched):
             try:
                 strays = tuple(sorted(set(procfs.fd_numbers(p.pid)) - set(p.fd_numbers)))

@@ -82,6 +82,9 @@ class InotifyReg:
     pid: int
     ifd: int
     watch: InotifyWatch
+    rel: str = ""
+    copy_fd: int = -1  # the manager's fd on the same inotify instance
+    new_wd: int = -1
 
 
 @dataclass
@@ -147,7 +150,7 @@ class ProcessPlan:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.fds or self.dirs or self.epoll or self.maps or self.exe)
+        return bool(self.fds or self.dirs or self.epoll or self.maps or self.exe or self.inotify)
 
 
 @dataclass
@@ -180,6 +183,9 @@ class SwapReport:
     dirs_moved: int
     epoll_readded: int
     unmovable: list[dict]
+    mappings_moved: int = 0
+    exe_moved: int = 0
+    watches_moved: int = 0
     error: str | None = None
     stop_window_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)

@@ -10,7 +10,7 @@ import os
 import stat
 import struct
 
-from spfs.swap import procfs, unixsock
+from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.donor import Donor, same_pid_namespace
 from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
@@ -80,6 +80,7 @@ class Prepared:
         self.watchdog: Watchdog | None = None
         self.opened: dict[tuple[str, int], int] = {}
         self.donors: list[Donor] = []
+        self.inotify_copies: dict[tuple[int, int], int] = {}
         self.donor_of: dict[int, int] = {}  # pid -> pid of its fd donor, as seen by that pid
 
     def donor_pid(self, pid: int) -> int:
@@ -144,6 +145,8 @@ def prepare(plan: SwapPlan) -> Prepared:
                 _prepare_dir(plan, prepared, d)
             for m in p.maps:
                 _prepare_mapping(plan, prepared, m)
+            if p.inotify:
+                _prepare_inotify(plan, prepared, p.inotify)
             if p.exe is not None:
                 p.exe.old_fd = prepared.track(os.open(f"/proc/{p.pid}/exe", os.O_RDONLY | os.O_CLOEXEC))
                 p.exe.new_fd = prepared.open_shared(target_path(plan, p.exe.rel), os.O_RDONLY)
@@ -186,6 +189,23 @@ def _start_donors(plan: SwapPlan, prepared: Prepared) -> None:
             by_ns[ns] = Donor(p.pid)
             prepared.donors.append(by_ns[ns])
         prepared.donor_of[p.pid] = by_ns[ns].ns_pid
+
+
+def _prepare_inotify(plan: SwapPlan, prepared: Prepared, regs: list) -> None:
+    source_root = os.path.realpath(plan.source.path)
+    mount_fd = prepared.track(os.open(plan.source.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    for reg in regs:
+        key = (reg.pid, reg.ifd)
+        if key not in prepared.inotify_copies:
+            prepared.inotify_copies[key] = prepared.track(pidfd_getfd(prepared.pidfd(reg.pid), reg.ifd))
+        reg.copy_fd = prepared.inotify_copies[key]
+        path = inotify.watched_path(mount_fd, reg.watch)
+        rel = os.path.relpath(path, source_root)
+        if rel.startswith(".."):
+            raise SwapError(f"inotify watch {reg.watch.wd} of process {reg.pid} is outside the source subtree")
+        reg.rel = "" if rel == "." else rel
+        if not os.path.exists(target_path(plan, reg.rel)):
+            raise SwapError(f"{target_path(plan, reg.rel)} (watched by process {reg.pid}) does not exist")
 
 
 def _prepare_mapping(plan: SwapPlan, prepared: Prepared, m: MapRef) -> None:

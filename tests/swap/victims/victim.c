@@ -24,11 +24,13 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/file.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -112,7 +114,9 @@ static int child_main(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, do_fork = 0, clonefiles = 0, maps = 0;
+    int threads = 0, do_fork = 0, clonefiles = 0, maps = 0, watch = 0;
+    long creates = 0, create_events = 0, ignored_events = 0;
+    int ino_fd = -1;
     if (argc < 3) return 2;
     snprintf(ctrl, sizeof ctrl, "%s", argv[2]);
     for (int i = 3; i < argc; i++) {
@@ -120,6 +124,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "fork")) do_fork = 1;
         else if (!strcmp(argv[i], "clonefiles")) clonefiles = 1;
         else if (!strcmp(argv[i], "maps")) maps = 1;
+        else if (!strcmp(argv[i], "inotify")) watch = 1;
     }
     if (chdir(argv[1])) return 3;
     fd_log = open("log.txt", O_WRONLY | O_APPEND | O_CREAT, 0644);
@@ -140,6 +145,10 @@ int main(int argc, char **argv) {
     if (fcntl(fd_ofd, F_OFD_SETLK, &ofl)) return 7;
     if (write(fd_fifo2, "PRELOAD", 7) != 7) return 8;
     if (maps) setup_maps();
+    if (watch) {
+        ino_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+        if (inotify_add_watch(ino_fd, ".", IN_CREATE) < 0) return 11;
+    }
     ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0x1234567890abcdefULL};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd_fifo, &ev)) return 9;
@@ -183,6 +192,17 @@ int main(int argc, char **argv) {
             char name[64];
             snprintf(name, sizeof name, "c.%ld", n);
             close(open(name, O_WRONLY | O_CREAT, 0644));
+            creates++;
+        }
+        if (watch) {
+            char evbuf[4096];
+            ssize_t len;
+            while ((len = read(ino_fd, evbuf, sizeof evbuf)) > 0)
+                for (char *e = evbuf; e < evbuf + len; e += sizeof(struct inotify_event) + ((struct inotify_event *)e)->len) {
+                    uint32_t mask = ((struct inotify_event *)e)->mask;
+                    if (mask & IN_CREATE) create_events++;
+                    if (mask & IN_IGNORED) ignored_events++;
+                }
         }
         n++;
         usleep(1000);
@@ -208,6 +228,7 @@ int main(int argc, char **argv) {
     fprintf(f, "cloexec_dup=%d\n", !!(fcntl(fd_sh2, F_GETFD) & FD_CLOEXEC));
     fprintf(f, "pos_equal=%d\n", lseek(fd_sh, 0, SEEK_CUR) == lseek(fd_sh2, 0, SEEK_CUR));
     fprintf(f, "errors_map=%ld\nmaps=%d\n", errors_map, maps);
+    fprintf(f, "creates=%ld\ncreate_events=%ld\nignored_events=%ld\n", creates, create_events, ignored_events);
     fprintf(f, "errors_read=%ld\nerrors_fifo=%ld\nepoll_miss=%ld\nepoll_eintr=%ld\nthread_eintr=%ld\n",
             errors_read, errors_fifo, epoll_miss, epoll_eintr, thread_eintr);
     fprintf(f, "preload=%s\n", got_pre == 7 ? pre : "MISSING");
