@@ -64,12 +64,15 @@ class BindMount:
 
     @classmethod
     def parse(cls, text: str) -> "BindMount":
-        src, sep, rest = text.partition(":")
+        inside = text.startswith("ct:")
+        src, sep, rest = text.removeprefix("ct:").partition(":")
         if not sep:
-            raise SpecError(f"--bind wants SRC:DST[:ro], got {text!r}")
+            raise SpecError(f"--bind wants [ct:]SRC:DST[:ro], got {text!r}")
         dst, _, flag = rest.partition(":")
         if flag not in ("", "ro", "rw"):
             raise SpecError(f"--bind flag must be ro or rw, got {flag!r}")
+        if inside:
+            src = "ct:" + _abs_ct_path(src, "bind source inside the container")
         return cls(src, _abs_ct_path(dst, "bind target"), flag == "ro")
 
 

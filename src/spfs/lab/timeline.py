@@ -1,0 +1,41 @@
+"""A readable, timed list of steps, printed as it happens and kept for a JSON dump."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, TextIO
+
+
+@dataclass
+class Step:
+    at: float        # seconds since the timeline started
+    what: str
+    seconds: float | None = None
+
+
+@dataclass
+class Timeline:
+    out: TextIO = sys.stdout
+    started: float = field(default_factory=time.monotonic)
+    steps: list[Step] = field(default_factory=list)
+
+    def note(self, what: str, seconds: float | None = None) -> None:
+        step = Step(round(time.monotonic() - self.started, 2), what,
+                    None if seconds is None else round(seconds, 2))
+        self.steps.append(step)
+        took = f"  ({step.seconds:.2f} s)" if step.seconds is not None else ""
+        print(f"[{step.at:7.2f} s] {what}{took}", file=self.out, flush=True)
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        yield
+        self.note(what, time.monotonic() - t0)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps([asdict(s) for s in self.steps], indent=2))
