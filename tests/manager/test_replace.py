@@ -372,3 +372,17 @@ def test_real_spfs_stays_proxying_after_a_rollback(make_harness, container, cgro
     size = real_log.stat().st_size
     wait_for(lambda: real_log.stat().st_size > size, what="writes reaching the real fs")
     assert not cgroup.frozen() and advances(beat)
+
+
+class BuggySwapper(RecordingSwapper):
+    def swap(self, job: SwapJob, prepared: str) -> dict:
+        raise KeyError("a bug, not an OSError")
+
+
+def test_a_bug_in_a_step_still_ends_the_replace_thawed(make_harness, container, cgroup):
+    h = make_harness(BuggySwapper())
+    _, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == "rolled_back" and result["failed_in"] == "swapping"
+    assert "internal error" in result["error"] and not cgroup.frozen()

@@ -31,6 +31,7 @@ from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper
                                      SwapJob)
 from spfs.manager.mounts import Placement, with_mountpoint_flags
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
+from spfs.manager.phases import ALLOWED_TRANSITIONS
 from spfs.manager.phases import ReplacePhase as P
 from spfs.manager.phases import ReplaceProgress
 from spfs.manager.protocol import SpfsMode
@@ -98,6 +99,18 @@ class ReplacePipeline:
 
     def run(self, job: ReplaceJob) -> None:
         """Run to a terminal phase; never raises, the outcome is in `job.progress`."""
+        try:
+            self._run(job)
+        except Exception as exc:  # a bug must still end the replace, visibly
+            log.exception("replace %s: internal error", job.mount_id)
+            progress = job.progress
+            progress.fail(progress.phase, errno.EIO, f"internal error: {exc!r}")
+            for end in (P.FAILED, P.ROLLED_BACK, P.DONE):
+                if end in ALLOWED_TRANSITIONS[progress.phase]:
+                    progress.advance(end)
+                    break
+
+    def _run(self, job: ReplaceJob) -> None:
         try:
             self._wait_release(job)
             self._mount_target(job)
