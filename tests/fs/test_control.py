@@ -139,3 +139,18 @@ def test_spfs_client_cli(proxy: SpfsMount) -> None:
     assert json.loads(client("status", "--socket-path", proxy.socket).stdout)["mode"] == "proxy"
     missing = client("status", "--socket-path", proxy.socket + ".nope")
     assert missing.returncode == 1 and "ENOENT" in missing.stderr
+
+
+def test_switches_leave_mounts_inside_spfs_alone(proxy: SpfsMount, tmp: Path) -> None:
+    (proxy.mountpoint / "sub").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "spfs-inner", str(proxy.mountpoint / "sub")],
+                   check=True)
+    try:
+        (proxy.mountpoint / "sub" / "inner").write_bytes(b"on the inner tmpfs")
+        proxy.set_mode("stub")
+        proxy.set_mode("proxy", proxy.target)
+        control_client.invalidate(proxy.socket)
+        assert (proxy.mountpoint / "sub" / "inner").read_bytes() == b"on the inner tmpfs"
+        assert not (proxy.target / "sub" / "inner").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(proxy.mountpoint / "sub")], check=False)

@@ -102,9 +102,11 @@ def _chunks(raw: list[dict[str, Any]]) -> Iterable[list[dict[str, Any]]]:
         yield chunk
 
 
-def invalidate(socket_path: str, paths: list[str] | None = None,
+def invalidate(socket_path: str, paths: list[str] | None = None, entries: bool = False,
                timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    payload: dict[str, Any] = {"op": "invalidate"}
+    """Drop the kernel's cached attributes and pages of *paths* (all when None); with
+    *entries* also their directory entries, which detaches mounts on or below them."""
+    payload: dict[str, Any] = {"op": "invalidate", "entries": entries}
     if paths is not None:
         payload["paths"] = paths
     return request(socket_path, payload, timeout)

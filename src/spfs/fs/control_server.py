@@ -28,7 +28,7 @@ _REQUEST_KEYS = {
     "set_mode": {"op", "mode", "proxy_dir", "ns_pid"},
     "status": {"op"},
     "add_manifest_entries": {"op", "entries", "manifest_file"},
-    "invalidate": {"op", "paths"},
+    "invalidate": {"op", "paths", "entries"},
 }
 
 
@@ -152,7 +152,10 @@ class ControlServer:
         if paths is not None and (not isinstance(paths, list)
                                   or not all(isinstance(p, str) for p in paths)):
             raise protocol.ProtocolError(errno.EINVAL, "paths must be a list of strings")
-        return await ctl.invalidate(paths)
+        entries = request.get("entries", False)
+        if not isinstance(entries, bool):
+            raise protocol.ProtocolError(errno.EINVAL, "entries must be true or false")
+        return await ctl.invalidate(paths, entries)
 
     def close(self) -> None:
         # Called after trio.run has returned, where the trio wrapper cannot be closed.

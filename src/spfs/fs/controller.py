@@ -2,8 +2,7 @@
 
 A mode change (all steps logged with their durations):
  1. check the transition and open the new target (nothing changes if that fails);
- 2. invalidate the kernel caches the new mode must not see (attributes and entries of
-    every inode; the page cache of every file when leaving restore mode, changing the
+ 2. invalidate the kernel caches the new mode must not see (attributes of every inode; the page cache of every file when leaving restore mode, changing the
     target or entering stub) while the old mode still answers, so the invalidation cannot
     wait on a parked request;
  3. park new requests (switching), invalidate attributes again, and when leaving restore
@@ -116,8 +115,10 @@ class FsController:
         inv_start = time.monotonic()
         if old is not Mode.STUB:
             ops.cache_fills = set()
-            result = await invalidation.invalidate(self._batch(data=drop_data),
-                                                   INVALIDATE_TIMEOUT_S)
+            target_changes = old is Mode.RESTORE or (old is Mode.PROXY and target is not None
+                                                      and not same_target)
+            result = await invalidation.invalidate(
+                self._batch(data=drop_data, file_entries=target_changes), INVALIDATE_TIMEOUT_S)
             record.invalidation_complete = result.completed
         # Step 3: park, then catch what was cached meanwhile. Only restore bytes are worth
         # a wait here (it can be held up by a read parked on that inode); a page cached
@@ -175,12 +176,24 @@ class FsController:
         record.rebound, record.stale = result.rebound, result.stale
         record.reopened, record.broken = result.reopened, result.broken
 
-    def _batch(self, data: bool) -> invalidation.InvalidationBatch:
+    def _batch(self, data: bool, file_entries: bool = False,
+               entries: bool = False) -> invalidation.InvalidationBatch:
+        """Directory entries are left alone unless *entries*: the kernel's entry
+        invalidation (d_invalidate) also detaches whatever is mounted on or below the name.
+        With every inode's attributes invalidated, each use of a cached name still has to
+        ask SPFS (a stat, an open, a permission check), so the stub is not bypassed.
+        *file_entries* drops the names of non-directories only (a mount on a single file
+        is rare), so that after a change of target they are looked up again at once."""
         table = self.ops.table
-        return invalidation.InvalidationBatch(
-            attr_inodes=list(table.inodes),
-            data_inodes=[ino for ino, inode in table.inodes.items() if not inode.is_dir] if data else [],
-            entries=list(table.entries))
+        files = [ino for ino, inode in table.inodes.items() if not inode.is_dir]
+        if entries:
+            names = list(table.entries)
+        elif file_entries:
+            names = [key for ino in files for key in table.inodes[ino].names]
+        else:
+            names = []
+        return invalidation.InvalidationBatch(attr_inodes=list(table.inodes),
+                                              data_inodes=files if data else [], entries=names)
 
     def _close_deferred(self) -> None:
         fds = self.ops.take_deferred_closes()
@@ -189,15 +202,17 @@ class FsController:
             trio.lowlevel.spawn_system_task(functools.partial(trio.to_thread.run_sync, _close_all, fds))
 
     # -- other commands ------------------------------------------------------------------
-    async def invalidate(self, paths: list[str] | None) -> dict[str, Any]:
+    async def invalidate(self, paths: list[str] | None, entries: bool = False) -> dict[str, Any]:
+        """Drop attributes and page cache (and, if asked, directory entries: beware that
+        this detaches mounts on or below those names) of *paths* or of every inode."""
         table = self.ops.table
         if paths is None:
-            batch = self._batch(data=True)
+            batch = self._batch(data=True, entries=entries)
         else:
             inos = [self._find(path) for path in paths]
             batch = invalidation.InvalidationBatch(
                 attr_inodes=inos, data_inodes=inos,
-                entries=[key for ino in inos for key in table.inodes[ino].names])
+                entries=[key for ino in inos for key in table.inodes[ino].names] if entries else [])
         result = await invalidation.invalidate(batch, INVALIDATE_TIMEOUT_S)
         return {"items": len(batch), "completed": result.completed,
                 "seconds": round(result.seconds, 6), "errors": result.errors}

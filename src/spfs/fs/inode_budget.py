@@ -2,8 +2,10 @@
 
 The kernel forgets an inode only when its dentry goes, which may be never for a tree it
 walked once. Past the soft limit SPFS asks the kernel to drop the directory entries of the
-oldest inodes that have no open file (invalidate_entry in pyfuse3's notify thread); the
-kernel then sends FORGET for those not in use and SPFS closes their descriptors.
+oldest non-directory inodes that have no open file (invalidate_entry in pyfuse3's notify
+thread); the kernel then sends FORGET for those not in use and SPFS closes their
+descriptors. Directories are never chosen: dropping a directory's entry would also detach
+any mount below it (so a tree of more directories than the limit still runs out).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class InodeBudget:
         for inode in list(table.inodes.values()):  # oldest first
             if asked >= wanted:
                 break
-            if inode.ino == ROOT_INODE or inode.open_handles or not inode.names \
-                    or inode.forget_asked:
+            if inode.ino == ROOT_INODE or inode.is_dir or inode.open_handles \
+                    or not inode.names or inode.forget_asked:
                 continue
             for parent, name in list(inode.names):
                 pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)

@@ -3,7 +3,7 @@
 Requests: {"op": "set_mode", "mode": "proxy", "proxy_dir": "/x", "ns_pid": 123}
           {"op": "status"}
           {"op": "add_manifest_entries", "entries": [...]}  or  {..., "manifest_file": "/m.json"}
-          {"op": "invalidate"}  or  {"op": "invalidate", "paths": ["dir/file"]}
+          {"op": "invalidate"}  or  {"op": "invalidate", "paths": ["dir/file"], "entries": false}
 Replies:  {"code": 0, "error": "", "message": "...", "result": {...}}
           {"code": 22, "error": "EINVAL", "message": "why", "result": null}
 """
