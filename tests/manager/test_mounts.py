@@ -4,14 +4,15 @@ mounting the real fs detached inside it, and moving it in place of SPFS at every
 import errno
 import os
 import re
+import subprocess
 import threading
 import time
 
 import pytest
 
 from spfs.manager import mountapi as m
-from spfs.manager.mounts import (Placement, describe_placements, move_into_place, top_mount_at,
-                                 with_mountpoint_flags)
+from spfs.manager.mounts import (Placement, describe_placements, move_into_place, read_mountinfo,
+                                 top_mount_at, with_mountpoint_flags)
 from spfs.manager.nsexec import Namespaces
 from spfs.manager.realmount import RealFs, RetryPolicy, mount_real_fs
 
@@ -174,3 +175,35 @@ def test_failed_move_puts_spfs_back_everywhere(container, spfs_in_container, rea
     assert len({container.stat(p).st_dev for p in (mp, b1, b2)}) == 1
     # the real mount is still usable through its fd (SPFS may be proxying onto it)
     os.mkdir(f"/proc/self/fd/{fd}/still-usable")
+
+
+def test_container_with_its_own_user_namespace(tmp_path):
+    """The real mount is made after joining the container's user namespace too, and moved
+    in place of SPFS at a sub-root bind."""
+    base = tmp_path / "userns"
+    base.mkdir()
+    mp, bind = str(base / "mp"), str(base / "bind")
+    os.mkdir(mp)
+    os.mkdir(bind)
+    setup = (f"mount -t tmpfs spfs {mp} && mkdir {mp}/sub && mount --bind {mp}/sub {bind} && "
+             "echo ready && exec sleep 60")
+    proc = subprocess.Popen(["unshare", "-U", "--map-root-user", "-m", "--propagation",
+                             "private", "sh", "-c", setup], stdout=subprocess.PIPE, text=True)
+    fd = None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert os.stat(f"/proc/{proc.pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
+        target = Namespaces(proc.pid)
+        placements = describe_placements(proc.pid, [mp, bind])
+        fd = mount_real_fs(REAL, target, mp)
+        _fill(fd)
+        move_into_place(fd, placements, target, 10)
+        mounts = read_mountinfo(proc.pid)
+        assert top_mount_at(mounts, mp).source == top_mount_at(mounts, bind).source == "realfs"
+        assert top_mount_at(mounts, bind).root == "/sub"
+        assert os.path.exists(f"/proc/{proc.pid}/root{bind}/deeper/file")
+    finally:
+        if fd is not None:
+            os.close(fd)
+        proc.kill()
+        proc.wait(10)
