@@ -106,18 +106,16 @@ def run_in_namespaces(target: Namespaces | None, work: Callable[[], ChildResult]
                       timeout: float) -> ChildResult:
     """Fork, join `target`'s namespaces, run `work`; kill the child after `timeout` s."""
     ns_fds = open_namespace_fds(target) if target else []
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        pid = os.fork()
-        if pid == 0:
-            parent_sock.close()
-            _child(child_sock, ns_fds, target.root if target else None, work)
-        child_sock.close()
-        return _collect(pid, parent_sock, timeout)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with parent_sock:
+            with child_sock:
+                pid = os.fork()
+                if pid == 0:
+                    parent_sock.close()
+                    _child(child_sock, ns_fds, target.root if target else None, work)
+            return _collect(pid, parent_sock, timeout)
     finally:
-        parent_sock.close()
-        if not child_sock._closed:  # type: ignore[attr-defined]
-            child_sock.close()
         for fd, _ in ns_fds:
             os.close(fd)
 
