@@ -20,7 +20,7 @@ def main() -> int:
     images = Path(tempfile.mkdtemp(prefix="demo-img-"))
     name = "demo"
     with tl.step("container 'demo' created: NFS v4.1 share a at /mnt/a and NFS v3 share b "
-                 "at /mnt/b, both mounted from inside its netns; /mnt/a/sub bound at /srv"):
+                 "at /mnt/b, both mounted from inside its netns; /mnt/a also bound at /srv"):
         ct = container.create(name, [NfsMount.parse("4.1:a:/mnt/a"),
                                      NfsMount.parse("3:b:/mnt/b")],
                               [BindMount.parse("ct:/mnt/a:/srv")], "v2")

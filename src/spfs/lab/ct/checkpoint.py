@@ -72,7 +72,10 @@ def dump_argv(state: CtState, images: Path) -> list[str]:
     for i, m in enumerate(state.nfs):
         argv += ["--external", f"mnt[{m.mountpoint}]:{nfs_key(i)}"]
     for i, b in enumerate(state.binds):
-        argv += ["--external", f"mnt[{b.target}]:{bind_key(i)}"]
+        # a bind of the container's own mounts (ct:SRC) is restored by CRIU as a bind of the
+        # restored mount; only guest paths are external
+        if not b.inside:
+            argv += ["--external", f"mnt[{b.target}]:{bind_key(i)}"]
     return argv
 
 
@@ -123,9 +126,8 @@ def restore_argv(state: CtState, images: Path, nfs_dirs: list[Path]) -> list[str
     for i, d in enumerate(nfs_dirs):
         argv += ["--external", f"mnt[{nfs_key(i)}]:{d}"]
     for i, b in enumerate(state.binds):
-        src = str(state.root / b.source[3:].lstrip("/")) if b.source.startswith("ct:") \
-            else b.source
-        argv += ["--external", f"mnt[{bind_key(i)}]:{src}"]
+        if not b.inside:
+            argv += ["--external", f"mnt[{bind_key(i)}]:{b.source}"]
     return argv
 
 

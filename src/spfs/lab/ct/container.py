@@ -150,7 +150,7 @@ def _mount_nfs(state: CtState, m: NfsMount, timeout: float) -> None:
 
 
 def _bind(state: CtState, b: BindMount) -> None:
-    src = str(state.root / b.source[3:].lstrip("/")) if b.source.startswith("ct:") else b.source
+    src = str(state.root / b.source[3:].lstrip("/")) if b.inside else b.source
     target = str(state.root / b.target.lstrip("/"))
     run(nsenter(state, net=False) + ["mount", "--bind", src, target])
     if b.readonly:

@@ -75,6 +75,11 @@ class BindMount:
             src = "ct:" + _abs_ct_path(src, "bind source inside the container")
         return cls(src, _abs_ct_path(dst, "bind target"), flag == "ro")
 
+    @property
+    def inside(self) -> bool:
+        """A bind of a path inside the container (e.g. of one of its NFS mounts)."""
+        return self.source.startswith("ct:")
+
 
 @dataclass
 class CtState:
