@@ -258,8 +258,9 @@ class ProxyBackend:
 
     def flush(self, handle: Handle) -> None:
         # close() of a duplicate gives the target its close-to-open point (NFS writes back
-        # dirty data and reports errors on close) while the handle stays open.
-        if handle.fd is not None:
+        # dirty data and reports errors on close) while the handle stays open. Read-only
+        # handles have nothing to write back.
+        if handle.fd is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
             os.close(os.dup(handle.fd))
 
     def fsync(self, handle: Handle, datasync: bool) -> None:
