@@ -154,3 +154,15 @@ def test_switches_leave_mounts_inside_spfs_alone(proxy: SpfsMount, tmp: Path) ->
         assert not (proxy.target / "sub" / "inner").exists()
     finally:
         subprocess.run(["umount", "-l", str(proxy.mountpoint / "sub")], check=False)
+
+
+def test_large_entry_lists_are_sent_in_several_messages(spfs_factory: Callable[..., SpfsMount],
+                                                        tmp: Path) -> None:
+    from spfs.fs.manifest import ManifestEntry
+    mount = spfs_factory("restore")
+    entries = [ManifestEntry(path=f"many/{'n' * 200}{i:05d}", type="file", mode=0o600, size=i)
+               for i in range(3000)]  # about 750 KiB of JSON: too big for one SEQPACKET
+    assert control_client.add_manifest_entries(mount.socket, entries) == 3000
+    names = os.listdir(mount.mountpoint / "many")
+    assert len(names) == 3000
+    assert os.stat(mount.mountpoint / "many" / f"{'n' * 200}02999").st_size == 2999
