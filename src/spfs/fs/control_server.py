@@ -84,7 +84,12 @@ class ControlServer:
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                conn, _ = await self.sock.accept()
+                try:
+                    conn, _ = await self.sock.accept()
+                except OSError as exc:  # e.g. EMFILE: the filesystem must keep running
+                    log.error("control socket accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
                 nursery.start_soon(self._serve_connection, conn)
 
     async def _serve_connection(self, conn: trio.socket.SocketType) -> None:

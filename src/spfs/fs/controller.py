@@ -199,7 +199,8 @@ class FsController:
         fds = self.ops.take_deferred_closes()
         if fds:
             # A close can block on a target that was down; never on the loop thread.
-            trio.lowlevel.spawn_system_task(functools.partial(trio.to_thread.run_sync, _close_all, fds))
+            trio.lowlevel.spawn_system_task(functools.partial(
+                trio.to_thread.run_sync, _close_all, fds, abandon_on_cancel=True))
 
     # -- other commands ------------------------------------------------------------------
     async def invalidate(self, paths: list[str] | None, entries: bool = False) -> dict[str, Any]:
