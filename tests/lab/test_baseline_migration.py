@@ -31,3 +31,20 @@ def test_plain_suspend_resume_keeps_workloads_correct(make_ct, tmp_path, vers: s
         verdicts = {w.kind: w.stop() for w in loads}
     for kind, verdict in verdicts.items():
         assert verdict.startswith("PASS"), f"{kind}: {verdict}"
+
+
+def test_v1_freezer_container_suspend_resume(make_ct, tmp_path) -> None:
+    ct = make_ct(nfs=["4.2:b:/mnt/nfs"], cgroup="v1")
+    assert "freezer" in str(ct.cgroup_dir())
+    w = workload.start(ct.name, "append", "/mnt/nfs/v1.log")
+    try:
+        workload.wait_running([w])
+        checkpoint.suspend(ct, tmp_path / "img")  # default: the baseline until criu-spfs
+        checkpoint.resume(CtState.load(ct.name), tmp_path / "img")
+        restored = CtState.load(ct.name)
+        procs = (restored.cgroup_dir() / "cgroup.procs").read_text().split()
+        assert str(restored.init_pid) in procs  # back in its v1 freezer cgroup
+        workload.wait_progress([w])
+    finally:
+        verdict = w.stop()
+    assert verdict.startswith("PASS"), verdict
