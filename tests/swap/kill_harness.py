@@ -16,6 +16,7 @@ def main() -> int:
     source, target, cgroup = sys.argv[1:4]
     plan = swap.discover(source, target, cgroup=cgroup)
     swap.prepare(plan)
+    plan.prepared.watchdog.wait_ready(10)  # so that "go" is right before the stop window
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: abort_requested.set())
     print("go", flush=True)

@@ -74,8 +74,17 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
     rng = random.Random(1234 + how)
     procs = []
     for i in range(6):
-        procs.append(mounts.spawn(victim_bin, "threads", "2", cgroup=cgroup,
-                                  workdir=mounts.populate(records=200000, sub=f"v{i}")))
+        workdir = mounts.populate(records=200000, sub=f"v{i}")
+        binary, extra = victim_bin, ()
+        if i < 2:  # two with file mappings on the mount, one of them running from it
+            (workdir / "shared.map").write_bytes(bytes(4 * 4096))
+            (workdir / "private.map").write_bytes(bytes(j % 251 for j in range(4 * 4096)))
+            extra = ("maps", "inotify")
+            if i == 0:
+                binary = workdir / "victim"
+                binary.write_bytes(victim_bin.read_bytes())
+                binary.chmod(0o755)
+        procs.append(mounts.spawn(binary, "threads", "2", *extra, cgroup=cgroup, workdir=workdir))
     mounts.wait_ready(6)
     mounts.mirror()
     pids = [p.pid for p in procs]
@@ -117,7 +126,7 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
         rep = reports[p.pid]
         assert p.returncode == 0
         assert rep["errors_read"] == "0" and rep["epoll_miss"] == "0" and rep["epoll_eintr"] == "0"
-        assert rep["errors_fifo"] == "0" and rep["pos_equal"] == "1"
+        assert rep["errors_fifo"] == "0" and rep["pos_equal"] == "1" and rep["errors_map"] == "0"
     print(outcomes)
 
 

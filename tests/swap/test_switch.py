@@ -212,3 +212,20 @@ def test_inotify_watch_follows_to_b(mounts, victim_bin):
     rep = mounts.reports()[proc.pid]
     assert int(rep["creates"]) > 2 and rep["create_events"] == rep["creates"], "creation events lost"
     assert rep["ignored_events"] == "1"  # the old watch descriptor went away
+
+
+def test_unlinked_file_moves_when_the_caller_names_its_replacement(mounts):
+    (mounts.a / "gone.txt").write_text("old content\n")
+    holder = subprocess.Popen(["sh", "-c", f"exec 7<{mounts.a}/gone.txt; rm {mounts.a}/gone.txt; "
+                               "read line <&7; echo \"$line\" > /dev/null; exec sleep 30"], cwd="/")
+    mounts.procs.append(holder)
+    time.sleep(0.3)
+    (mounts.b / ".nfs000123").write_text("old content\n")
+    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[holder.pid], path_map={"gone.txt": ".nfs000123"})
+    assert plan.unmovable == []
+    swap.prepare(plan)
+    report = swap.commit(plan)
+    assert report.ok, report.error
+    assert os.readlink(f"/proc/{holder.pid}/fd/7") == str(mounts.b / ".nfs000123")
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
+    holder.kill()
