@@ -84,6 +84,8 @@ def test_transitions_follow_the_state_machine(spfs_factory: Callable[..., SpfsMo
     with pytest.raises(control_client.ControlError, match="proxy -> restore"):
         mount.set_mode("restore")
     assert mount.status()["switches"] == 5
+    logged = [l for l in mount.log.read_text().splitlines() if "mode change" in l and " done in " in l]
+    assert len(logged) == 5 and all(" ms (invalidate " in l for l in logged)
 
 
 def test_proxy_to_proxy_moves_names_but_keeps_open_handles(proxy: SpfsMount, tmp: Path) -> None:

@@ -236,3 +236,31 @@ def test_inode_count_stays_near_the_soft_limit(spfs_factory: Callable[..., SpfsM
     from spfs_testlib import wait_for
     wait_for(lambda: mount.status()["inodes"] < 400, 10, "old inodes forgotten")
     assert (mount.mountpoint / "f0000").read_bytes() == b"0"  # forgotten ones come back
+
+
+def test_locks_stay_in_the_kernel_and_show_in_fdinfo(proxy: SpfsMount) -> None:
+    import fcntl
+    import subprocess
+    import sys
+    (proxy.target / "locked").write_bytes(b"0123456789")
+    with open(proxy.mountpoint / "locked", "r+b") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 0)
+        fdinfo = Path(f"/proc/self/fdinfo/{handle.fileno()}").read_text()
+        assert "lock:" in fdinfo and "POSIX" in fdinfo
+        probe = f"""
+import fcntl, sys
+with open(sys.argv[1], "r+b") as f:
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 0)
+        print("free")
+    except OSError:
+        print("locked")
+"""
+        through_spfs = subprocess.run([sys.executable, "-c", probe, str(proxy.mountpoint / "locked")],
+                                      capture_output=True, text=True, timeout=20).stdout.strip()
+        on_target = subprocess.run([sys.executable, "-c", probe, str(proxy.target / "locked")],
+                                   capture_output=True, text=True, timeout=20).stdout.strip()
+        assert (through_spfs, on_target) == ("locked", "free")  # FUSE-inode local
+        proxy.set_mode("stub")
+        proxy.set_mode("proxy", proxy.target)
+        assert "lock:" in Path(f"/proc/self/fdinfo/{handle.fileno()}").read_text()
