@@ -114,39 +114,65 @@ def seq_read(path: Path, size_mib: int) -> float:
     return size_mib / timed(run)
 
 
-def metadata(directory: Path, files: int) -> tuple[float, float, float]:
-    names = [str(directory / f"m{i:05d}") for i in range(files)]
+def create_files(names: list[str]) -> None:
+    for name in names:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
 
-    def create() -> None:
-        for name in names:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
 
-    def stat_all() -> None:
-        for name in names:
-            os.stat(name)
+def stat_files(names: list[str]) -> None:
+    for name in names:
+        os.stat(name)
 
-    def unlink() -> None:
-        for name in names:
-            os.unlink(name)
-    return files / timed(create), files / timed(stat_all), files / timed(unlink)
+
+def unlink_files(names: list[str]) -> None:
+    for name in names:
+        os.unlink(name)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a FUSE daemon so far (0 without one)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure_once(view: Path, backing: Path, size_mib: int, files: int, run: int,
-                 samples: dict[str, list[float]]) -> None:
-    """One sample of every metric; *view* is where the client works, *backing* the same
-    directory on the tmpfs."""
-    samples["write MiB/s"].append(seq_write(view / f"w{run}", size_mib))
+                 daemon: int | None, samples: dict[str, list[float]],
+                 cpu: dict[str, list[float]]) -> None:
+    """One sample of every metric, and of the FUSE daemon's CPU time per unit (MiB or
+    operation), which other load on the machine disturbs far less than wall-clock rates.
+    *view* is where the client works, *backing* the same directory on the tmpfs."""
+    def sample(metric: str, units: float, rate: Callable[[], float]) -> None:
+        before = cpu_seconds(daemon)
+        samples[metric].append(rate())
+        cpu[metric].append((cpu_seconds(daemon) - before) / units)
+
+    sample("write MiB/s", size_mib, lambda: seq_write(view / f"w{run}", size_mib))
     (view / f"w{run}").unlink()
     # Written directly into the backing dir: the FUSE page cache starts cold.
     (backing / f"r{run}").write_bytes(os.urandom(CHUNK) * size_mib)
-    samples["read MiB/s"].append(seq_read(view / f"r{run}", size_mib))
+    sample("read MiB/s", size_mib, lambda: seq_read(view / f"r{run}", size_mib))
     (backing / f"r{run}").unlink()
     (view / f"meta{run}").mkdir()
-    create, stat_, unlink = metadata(view / f"meta{run}", files)
-    samples["create/s"].append(create)
-    samples["stat/s"].append(stat_)
-    samples["unlink/s"].append(unlink)
+    names = [str(view / f"meta{run}" / f"m{i:05d}") for i in range(files)]
+    for metric, action in (("create/s", create_files), ("stat/s", stat_files),
+                           ("unlink/s", unlink_files)):
+        sample(metric, files, lambda: files / timed(lambda: action(names)))
     (view / f"meta{run}").rmdir()
+
+
+def daemon_pid(mnt: Path) -> int | None:
+    """The pid of the process serving the FUSE mount at *mnt* (found by its command line)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if str(mnt) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
 
 
 # -- stub release ---------------------------------------------------------------------------
@@ -241,6 +267,22 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
                                        for a, b in pairs))
 
 
+def print_cpu_table(cpu: dict[str, dict[str, float]]) -> None:
+    units = {"write MiB/s": "ms/GiB", "read MiB/s": "ms/GiB", "create/s": "us/op",
+             "stat/s": "us/op", "unlink/s": "us/op"}
+    scale = {"ms/GiB": 1024e3, "us/op": 1e6}
+    configs = list(cpu)
+    print(f"\nFUSE daemon CPU time per unit (lower is better)\n{'':14}{'unit':>8}"
+          + "".join(f"{c:>16}" for c in configs) + f"{'proxy/bindfs':>14}{'proxy/bindfs dp':>17}")
+    for metric in METRICS:
+        unit = units[metric]
+        values = {c: cpu[c][metric] * scale[unit] for c in configs}
+        ratios = [values["spfs proxy"] / values[b] if values[b] else float("nan")
+                  for b in ("bindfs", "bindfs dp")]
+        print(f"{metric.split()[0]:14}{unit:>8}" + "".join(f"{values[c]:>16.1f}" for c in configs)
+              + f"{ratios[0]:>14.2f}{ratios[1]:>17.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
@@ -267,16 +309,23 @@ def main() -> int:
         mounts.enter_context(bindfs(backing / "bindfs", tmp / "bindfs", "big_writes"))
         mounts.enter_context(bindfs(backing / "bindfs-dp", tmp / "bindfs-dp",
                                     "big_writes,default_permissions"))
+        pids = {name: daemon_pid(view) if name != "direct" else None
+                for name, (view, _) in views.items()}
         samples = {name: {m: [] for m in METRICS} for name in views}
+        cpu = {name: {m: [] for m in METRICS} for name in views}
         for run in range(args.runs):  # interleaved, so that noise hits every config alike
             for name, (view, back) in views.items():
-                measure_once(view, back, args.size_mib, args.files, run, samples[name])
+                measure_once(view, back, args.size_mib, args.files, run, pids[name],
+                             samples[name], cpu[name])
         results = {name: {m: statistics.median(v) for m, v in per.items()}
                    for name, per in samples.items()}
+        cpu_results = {name: {m: statistics.median(v) for m, v in per.items()}
+                       for name, per in cpu.items() if pids[name] is not None}
         print(f"\nProxy throughput, tmpfs backing, {args.size_mib} MiB files, {args.files} "
               f"files for metadata, median of {args.runs}; bindfs -o big_writes, "
               f"bindfs dp adds -o default_permissions (what SPFS always uses)\n")
         print_table(results)
+        print_cpu_table(cpu_results)
         stub = stub_release(backing, tmp / "stubmnt", str(tmp / "stub.sock"), args.readers)
         print(f"\nStub -> proxy with {args.readers} parked readers (16 KiB each, one thread "
               f"each in this process):\n  switch command returned in "
