@@ -74,7 +74,7 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
     rng = random.Random(1234 + how)
     procs = []
     for i in range(6):
-        workdir = mounts.populate(records=200000, sub=f"v{i}")
+        workdir = mounts.populate(records=60000, sub=f"v{i}")
         binary, extra = victim_bin, ()
         if i < 2:  # two with file mappings on the mount, one of them running from it
             (workdir / "shared.map").write_bytes(bytes(4 * 4096))
@@ -88,7 +88,7 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
     mounts.wait_ready(6)
     mounts.mirror()
     pids = [p.pid for p in procs]
-    trials = int(os.environ.get("SPFS_KILL_TRIALS", "14"))
+    trials = int(os.environ.get("SPFS_KILL_TRIALS", "10"))
     outcomes = {"finished": 0, "killed": 0}
     for trial in range(trials):
         source, target = (mounts.a, mounts.b) if trial % 2 == 0 else (mounts.b, mounts.a)

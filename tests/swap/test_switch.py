@@ -90,7 +90,7 @@ def test_shared_descriptions_and_fd_tables(mounts, victim_bin, mode):
 def test_hundred_processes_in_cgroup(mounts, victim_bin, cgroup):
     procs = []
     for i in range(100):
-        workdir = mounts.populate(records=60000, sub=f"v{i}")
+        workdir = mounts.populate(records=20000, sub=f"v{i}")
         procs.append(mounts.spawn(victim_bin, cgroup=cgroup, workdir=workdir))
     mounts.wait_ready(100, timeout=40)
     plan, report = _switch_many(mounts, cgroup)

@@ -467,6 +467,7 @@ class Engine:
 
     # -- release --------------------------------------------------------------------------
     def _release(self, watchdog: Watchdog | None) -> None:
+        self.window.marks["release"] = time.perf_counter()
         for injector in self.injectors.values():
             try:
                 injector.uninstall()
@@ -483,6 +484,7 @@ class Engine:
                     ptrace.requeue_signal(tracee.tgid, tracee.tid, info)
             except OSError as exc:
                 log.error("task %d: %s", tracee.tid, exc)
+        self.window.marks["restored"] = time.perf_counter()
         for tracee in self.tracees.values():
             try:
                 ptrace.detach(tracee.tid)
