@@ -132,9 +132,11 @@ def test_two_shares_blocked_on_each_other_do_not_deadlock(tmp_path, container, c
         wait_for(lambda: "trying again" in daemon.log(), 15, "freeze retries")
         assert _replace_status(daemon, "1")["phase"] == "frozen"
         assert _replace_status(daemon, "2")["phase"] == "held"
-        assert read_count(beats["a"]) > 0 and beats["b"].read_text() == "started"
+        wait_for(lambda: read_count(beats["a"]) > 0, what="A's worker running")
+        assert beats["b"].read_text() == "started"
         assert daemon.text("replace;all;mode=release") == 0
-        assert [_final_phase(daemon, i)["phase"] for i in ("1", "2")] == ["done", "done"]
+        results = [_final_phase(daemon, i) for i in ("1", "2")]
+        assert [r["phase"] for r in results] == ["done", "done"], results
         mounts = container.mounts()
         assert [top_mount_at(mounts, str(paths[n])).source for n in "ab"] == ["real-a", "real-b"]
         assert not cgroup.frozen()

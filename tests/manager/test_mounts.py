@@ -11,8 +11,8 @@ import time
 import pytest
 
 from spfs.manager import mountapi as m
-from spfs.manager.mounts import (Placement, describe_placements, move_into_place, read_mountinfo,
-                                 top_mount_at, with_mountpoint_flags)
+from spfs.manager.mounts import (Placement, describe_placements, mounts_of_device, move_into_place,
+                                 read_mountinfo, top_mount_at, with_mountpoint_flags)
 from spfs.manager.nsexec import Namespaces
 from spfs.manager.realmount import RealFs, RetryPolicy, mount_real_fs
 
@@ -207,3 +207,10 @@ def test_container_with_its_own_user_namespace(tmp_path):
             os.close(fd)
         proc.kill()
         proc.wait(10)
+
+
+def test_mounts_of_device_skips_mounts_below_others(container, spfs_in_container):
+    mp, b1, b2 = spfs_in_container
+    container.run("mount", "--bind", b1, f"{mp}/sub/deeper")  # on top of SPFS itself
+    dev = container.stat(mp).st_dev
+    assert mounts_of_device(container.pid, dev) == [mp, b1, b2]

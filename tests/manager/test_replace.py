@@ -65,7 +65,8 @@ class RecordingSwapper:
 
 class Harness:
     def __init__(self, tmp_path: Path, container, cgroup, swapper: RecordingSwapper,
-                 mount_deadline: float = 5.0, spfs_command: str = STANDIN_SPFS) -> None:
+                 mount_deadline: float = 5.0, spfs_command: str = STANDIN_SPFS,
+                 lock_timeout: float = 20.0) -> None:
         self.container = container
         self.cgroup = cgroup
         self.swapper = swapper
@@ -74,8 +75,9 @@ class Harness:
         pipeline = ReplacePipeline(
             NamespaceRealFsMounter(RetryPolicy(deadline=mount_deadline, first_delay=0.05)),
             NamespaceMountMover(), swapper, FreezerLocks(),
-            ReplaceTimeouts(hold=20, freeze=FreezePolicy(lock_timeout=20, attempt=5,
+            ReplaceTimeouts(hold=20, freeze=FreezePolicy(lock_timeout=lock_timeout, attempt=5,
                                                          deadline=10, thaw=5)))
+        self.pipeline = pipeline
         self.manager = Manager(ManagerConfig(str(work), str(work)),
                                SpfsProcessLauncher(command=tuple(spfs_command.split())),
                                pipeline, swapper)
@@ -386,3 +388,34 @@ def test_a_bug_in_a_step_still_ends_the_replace_thawed(make_harness, container, 
     result = h.wait_terminal("87")
     assert result["phase"] == "rolled_back" and result["failed_in"] == "swapping"
     assert "internal error" in result["error"] and not cgroup.frozen()
+
+
+def test_unlisted_binds_of_spfs_are_replaced_too(make_harness, container):
+    h = make_harness()
+    mp, bind = _mount_spfs(h)
+    extra = str(container.base / "extra")
+    os.mkdir(extra)
+    container.run("mount", "--bind", f"{mp}/sub", extra)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == "done" and result["details"]["paths"] == [mp, bind, extra]
+    mounts = container.mounts()
+    assert top_mount_at(mounts, extra).source == "realfs"
+    assert top_mount_at(mounts, extra).root == "/sub"
+    assert container.stat(extra).st_dev == container.stat(mp).st_dev
+    (job, _), = h.swapper.calls
+    assert job.spfs_paths == (mp, bind, extra)
+
+
+def test_freezer_held_by_another_replace_too_long(make_harness, container, cgroup):
+    """The cgroup's lock is bounded too; the prepared swap plan is released."""
+    h = make_harness(lock_timeout=0.5)
+    _, bind = _mount_spfs(h)
+    lock = h.pipeline.locks.lock_for(str(cgroup.path))
+    with lock:
+        assert _replace(h, "87", bind, mode="mode=release") == 0
+        result = h.wait_terminal("87")
+    assert result["phase"] == "rolled_back" and result["failed_in"] == "frozen"
+    assert result["error_code"] == errno.EBUSY
+    assert h.swapper.abandoned == ["plan"] and not h.swapper.calls
+    assert h.status("87")["mode"] == "proxy" and not cgroup.frozen()

@@ -52,6 +52,9 @@ class RealFsMounter(Protocol):
 
 
 class MountMover(Protocol):
+    def mounts_of(self, target: Namespaces | None, dev: int) -> list[str]:
+        """Every path where the superblock `dev` is mounted, as the container sees it."""
+
     def describe(self, target: Namespaces | None, paths: list[str]) -> list[Placement]: ...
 
     def move(self, real_fd: int, placements: list[Placement],
@@ -75,8 +78,8 @@ class ReferenceSwapper(Protocol):
         files), done before the freeze to keep the container's stop short."""
 
     def swap(self, job: SwapJob, prepared: Any) -> dict[str, Any]:
-        """Called with the cgroup frozen.  Returns the engine's report; raises OSError when
-        nothing could be moved."""
+        """Called with the cgroup frozen; takes over `prepared` (releases it on every path).
+        Returns the engine's report; raises OSError when nothing could be moved."""
 
     def abandon(self, prepared: Any) -> None:
         """Drop what prepare() made, when swap() will not be called."""

@@ -143,6 +143,23 @@ def describe_placements(pid: int | None, paths: list[str],
     return placements
 
 
+def mounts_of_device(pid: int | None, dev: int, root: str | None = None) -> list[str]:
+    """Mountpoints of the superblock `dev` seen by process `pid`, relative to `root`; a mount
+    sitting below another of them is left out (it goes away with its parent)."""
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    paths = [e.mountpoint for e in read_mountinfo(pid) if e.dev == wanted]
+    if root not in (None, "/"):
+        prefix = os.path.normpath(root)
+        paths = ["/" + os.path.relpath(p, prefix).lstrip(".") if p != prefix else "/"
+                 for p in paths if p == prefix or p.startswith(prefix + "/")]
+    unique = list(dict.fromkeys(paths))
+    return [p for p in unique if not any(_below(p, other) for other in unique)]
+
+
+def _below(path: str, other: str) -> bool:
+    return path != other and path.startswith(other.rstrip("/") + "/")
+
+
 def with_mountpoint_flags(placements: list[Placement], ms_flags: int) -> list[Placement]:
     """The mountpoint gets the flags recorded for the real mount (SPFS's own mount has FUSE's
     defaults there); binds keep the flags they have."""

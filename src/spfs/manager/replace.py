@@ -105,7 +105,9 @@ class ReplacePipeline:
             log.exception("replace %s: internal error", job.mount_id)
             progress = job.progress
             progress.fail(progress.phase, errno.EIO, f"internal error: {exc!r}")
-            for end in (P.FAILED, P.ROLLED_BACK, P.DONE):
+            # SPFS already proxying onto the real mount: that is a rollback, not a failure
+            ends = (P.ROLLED_BACK, P.FAILED) if job.spfs_mode_after else (P.FAILED, P.ROLLED_BACK)
+            for end in (*ends, P.DONE):
                 if end in ALLOWED_TRANSITIONS[progress.phase]:
                     progress.advance(end)
                     break
@@ -174,16 +176,29 @@ class ReplacePipeline:
     def _prepare_freeze(self, job: ReplaceJob) -> _FreezePlan:
         assert job.real_fd is not None
         try:
-            placements = with_mountpoint_flags(self.mover.describe(job.target, job.paths),
+            spfs_dev = _stat_dev(job.target, job.mountpoint, self.timeouts.move)
+            paths = self._all_paths(job, spfs_dev)
+            placements = with_mountpoint_flags(self.mover.describe(job.target, paths),
                                                job.real_fs.flags)
-            swap_job = SwapJob(job.freeze_cgroup, job.target, tuple(job.paths),
-                               _stat_dev(job.target, job.mountpoint, self.timeouts.move),
+            swap_job = SwapJob(job.freeze_cgroup, job.target, tuple(paths), spfs_dev,
                                self._real_root(job))
             freezer = CgroupFreezer(job.freeze_cgroup)
             prepared = self.swapper.prepare(swap_job)
         except OSError as exc:
             raise PhaseFailure(exc.errno or errno.EIO, f"preparing the freeze: {exc}") from None
         return _FreezePlan(placements, swap_job, freezer, prepared)
+
+    def _all_paths(self, job: ReplaceJob, spfs_dev: int) -> list[str]:
+        """The mountpoint, the binds the request named, and any other mount of the same SPFS
+        in the container (a bind nobody listed would otherwise keep SPFS alive)."""
+        paths = job.paths
+        found = [p for p in self.mover.mounts_of(job.target, spfs_dev) if p not in paths]
+        if found:
+            log.info("replace %s: also replacing unlisted mounts of SPFS at %s", job.mount_id,
+                     ", ".join(found))
+        paths = [*paths, *found]
+        job.progress.details["paths"] = paths
+        return paths
 
     # -- d, e, f
     def _freeze_swap_move(self, job: ReplaceJob, plan: _FreezePlan) -> None:
@@ -196,8 +211,8 @@ class ReplacePipeline:
             with frozen(plan.freezer, lock, self.timeouts.freeze):
                 phase = P.SWAPPING
                 job.progress.advance(P.SWAPPING)
-                job.progress.details["swap"] = self.swapper.swap(plan.swap_job, prepared)
-                prepared = None
+                prepared = None  # swap() owns the prepared plan from here, even on failure
+                job.progress.details["swap"] = self.swapper.swap(plan.swap_job, plan.prepared)
                 phase = P.MOUNTS_MOVED
                 job.progress.advance(P.MOUNTS_MOVED)
                 self.mover.move(job.real_fd, plan.placements, job.target)

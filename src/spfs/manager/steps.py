@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from spfs.manager.mounts import Placement, describe_placements, move_into_place
+from spfs.manager.mounts import (Placement, describe_placements, mounts_of_device,
+                                 move_into_place)
 from spfs.manager.nsexec import Namespaces
 from spfs.manager.realmount import RealFs, RetryPolicy, mount_real_fs
 
@@ -21,6 +22,10 @@ class NamespaceRealFsMounter:
 @dataclass
 class NamespaceMountMover:
     timeout: float = 30.0
+
+    def mounts_of(self, target: Namespaces | None, dev: int) -> list[str]:
+        return mounts_of_device(target.pid if target else None, dev,
+                                target.root if target else None)
 
     def describe(self, target: Namespaces | None, paths: list[str]) -> list[Placement]:
         return describe_placements(target.pid if target else None, paths,

@@ -27,6 +27,10 @@ def _engine() -> ModuleType:
                                     "yet") from None
 
 
+# a Python process start; seconds on a loaded machine
+WATCHDOG_START_TIMEOUT = 30.0
+
+
 def _wait_for_watchdog(plan: Any, timeout: float) -> None:
     """The engine's freezer watchdog is a process started by prepare(); commit() waits for it
     to run (~0.3 s of Python start-up).  Waiting here keeps that out of the frozen window.
@@ -71,9 +75,10 @@ class SwapEngineAdapter:
     def _prepare_plan(self, engine: ModuleType, plan: Any) -> Any:
         try:
             engine.prepare(plan)
-        except engine.SwapError as exc:
+            _wait_for_watchdog(plan, WATCHDOG_START_TIMEOUT)
+        except RuntimeError as exc:  # the engine's SwapError and FreezerError
+            engine.abandon(plan)
             raise OSError(errno.EIO, f"swap engine: {exc}") from None
-        _wait_for_watchdog(plan, self.timeout)
         if plan.unmovable:
             # they stay on SPFS, which keeps proxying them (the C manager's safety net too)
             log.warning("%d references cannot be moved: %s", len(plan.unmovable),
@@ -81,21 +86,31 @@ class SwapEngineAdapter:
         return plan
 
     def swap(self, job: SwapJob, prepared: Any) -> dict[str, Any]:
-        """Commit in the frozen cgroup.  The plan was made while the tasks ran: if a fresh
+        """Commit in the frozen cgroup; `prepared` belongs to this call from now on.  The plan was made while the tasks ran: if a fresh
         look (cheap: /proc only) finds references it does not cover, or the engine finds the
         tasks changed, the plan is made again now, inside the freeze."""
         engine = _engine()
         source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
-        now = engine.discover(source, job.real_root, cgroup=job.cgroup)
-        if not _coverage(now) <= _coverage(prepared):
-            log.info("references appeared since the swap was prepared: preparing again")
-            engine.abandon(prepared)
-            prepared = self._prepare_plan(engine, now)
-        report = engine.commit(prepared, freeze=True, timeout=self.timeout)
-        if not report.ok and report.error and "after discovery" in report.error:
-            log.info("tasks changed since the swap was prepared (%s): preparing again",
-                     report.error)
-            report = engine.commit(self.prepare(job), freeze=True, timeout=self.timeout)
+        try:
+            try:
+                now = engine.discover(source, job.real_root, cgroup=job.cgroup)
+                if not _coverage(now) <= _coverage(prepared):
+                    log.info("references appeared since the swap was prepared: preparing "
+                             "again")
+                    engine.abandon(prepared)
+                    prepared = None
+                    prepared = self._prepare_plan(engine, now)
+            except BaseException:
+                if prepared is not None:
+                    engine.abandon(prepared)
+                raise
+            report = engine.commit(prepared, freeze=True, timeout=self.timeout)  # closes it
+            if not report.ok and report.error and "after discovery" in report.error:
+                log.info("tasks changed since the swap was prepared (%s): preparing again",
+                         report.error)
+                report = engine.commit(self.prepare(job), freeze=True, timeout=self.timeout)
+        except RuntimeError as exc:  # the engine's SwapError and FreezerError
+            raise OSError(errno.EIO, f"swap engine: {exc}") from None
         if not report.ok:
             raise OSError(errno.EIO, f"swap engine: {report.error}")
         return report.as_dict()
