@@ -50,6 +50,19 @@ class Mounts:
         os.mkfifo(where / "fifo2")
         return where
 
+    def add_mapped_files(self, where: Path | None = None) -> None:
+        """The files the victim maps with its "maps" option."""
+        where = where or self.a
+        (where / "shared.map").write_bytes(bytes(4 * 4096))
+        (where / "private.map").write_bytes(bytes(i % 251 for i in range(4 * 4096)))
+
+    def install_binary(self, binary: Path, where: Path | None = None) -> Path:
+        """A copy of the victim on the mount, so that /proc/PID/exe is there too."""
+        copy = (where or self.a) / binary.name
+        copy.write_bytes(binary.read_bytes())
+        copy.chmod(0o755)
+        return copy
+
     def mirror(self) -> None:
         """Make B an exact copy of A (the way SPFS and the NFS export hold the same data)."""
         subprocess.run(["cp", "-a", f"{self.a}/.", f"{self.b}/"], check=True)

@@ -15,8 +15,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_dry_run_lists_everything_and_stops_nothing(mounts, victim_bin):
     mounts.populate()
-    (mounts.a / "shared.map").write_bytes(bytes(4 * 4096))
-    (mounts.a / "private.map").write_bytes(bytes(4 * 4096))
+    mounts.add_mapped_files()
     proc = mounts.spawn(victim_bin, "maps", "threads", "2")
     mounts.wait_ready(1)
     out = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--pid", str(proc.pid), "--dry-run", "--json")

@@ -77,13 +77,10 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
         workdir = mounts.populate(records=60000, sub=f"v{i}")
         binary, extra = victim_bin, ()
         if i < 2:  # two with file mappings on the mount, one of them running from it
-            (workdir / "shared.map").write_bytes(bytes(4 * 4096))
-            (workdir / "private.map").write_bytes(bytes(j % 251 for j in range(4 * 4096)))
+            mounts.add_mapped_files(workdir)
             extra = ("maps", "inotify")
             if i == 0:
-                binary = workdir / "victim"
-                binary.write_bytes(victim_bin.read_bytes())
-                binary.chmod(0o755)
+                binary = mounts.install_binary(victim_bin, workdir)
         procs.append(mounts.spawn(binary, "threads", "2", *extra, cgroup=cgroup, workdir=workdir))
     mounts.wait_ready(6)
     mounts.mirror()
@@ -133,11 +130,8 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
 @pytest.mark.parametrize("entry", [0, 35, 45, 55, 70, 999])
 def test_failure_while_moving_mappings_and_exe_reverts(mounts, victim_bin, entry):
     mounts.populate()
-    (mounts.a / "shared.map").write_bytes(bytes(4 * 4096))
-    (mounts.a / "private.map").write_bytes(bytes(i % 251 for i in range(4 * 4096)))
-    exe = mounts.a / "victim"
-    exe.write_bytes(victim_bin.read_bytes())
-    exe.chmod(0o755)
+    mounts.add_mapped_files()
+    exe = mounts.install_binary(victim_bin)
     proc = mounts.spawn(exe, "maps")
     mounts.wait_ready(1)
     mounts.mirror()

@@ -151,11 +151,8 @@ def test_mappings_and_exe_move_to_b(mounts, victim_bin):
     """Shared and private file mappings (with copy-on-write pages, a read-only one, mlock,
     MADV_DONTDUMP) and the executable itself live on A; afterwards all are on B and A unmounts."""
     mounts.populate()
-    (mounts.a / "shared.map").write_bytes(bytes(4 * 4096))
-    (mounts.a / "private.map").write_bytes(bytes(i % 251 for i in range(4 * 4096)))
-    exe = mounts.a / "victim"
-    exe.write_bytes(victim_bin.read_bytes())
-    exe.chmod(0o755)
+    mounts.add_mapped_files()
+    exe = mounts.install_binary(victim_bin)
     proc = mounts.spawn(exe, "maps")
     mounts.wait_ready(1)
     time.sleep(0.1)

@@ -47,9 +47,6 @@ class SyscallTable:
     marks: dict[str, int] = field(default_factory=dict)  # name -> index of the entry that makes it happen
     critical: list[tuple[int, int]] = field(default_factory=list)  # [lo, hi) entries that always run to the end
 
-    def step(self) -> None:
-        """Kept as a hook for readers of the builders: a self-contained step starts here."""
-
     def mark(self, name: str) -> None:
         self.marks[name] = len(self.entries) - 1
 

@@ -47,7 +47,6 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
             if only is not None and f"fd {ref.fd}" not in only:
                 continue
             source_fd = ref.desc.new_fd if forward else ref.desc.old_fd
-            table.step()
             table.call(Nr.pidfd_getfd, Load(pidfd), source_fd, 0, store=tmp, what=f"pidfd_getfd for fd {ref.fd}")
             locks = [table.blob(flock_struct(lock)) for lock in ref.posix_locks]
             if forward:
@@ -59,13 +58,11 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
             relock.extend((ref.fd, lock) for lock in locks)
         # Any close of an fd on an inode drops the process's POSIX locks on it (the temporary
         # fds above), so they are taken for good only after every install.
-        table.step()
         for fd, lock in relock:
             table.call(Nr.fcntl, fd, F_SETLK, Addr(lock), allow_fail=not forward, what=f"POSIX lock on fd {fd}")
         for reg in process.epoll:
             if only is not None and f"fd {reg.target.tfd}" not in only:
                 continue
-            table.step()
             event = table.blob(struct.pack("<IQ", reg.target.events, reg.target.data))
             # On revert the A registration is still alive (we hold A's description): EEXIST is fine.
             table.call(Nr.epoll_ctl, reg.epfd, EPOLL_CTL_ADD, reg.target.tfd, Addr(event), allow_fail=not forward,
@@ -76,15 +73,12 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
                 table.call(Nr.munmap, scratch, sum(n for _, n in m.dirty), allow_fail=True,
                            what="drop scratch left by the failed step")
             if only is None or f"map {m.vma.start:#x}" in only:
-                table.step()
                 _add_mapping(table, pidfd, tmp, m, forward, scratch, process.nspid)
         if process.exe is not None and (only is None or "exe" in only):
-            table.step()
             _add_exe(table, pidfd, process.exe, forward)
     if do_dirs:
         root = next((d for d in process.dirs if d.kind == "root"), None)
         if root is not None and (only is None or "root" in only):
-            table.step()
             table.call(Nr.pidfd_getfd, Load(pidfd), root.new_fd if forward else root.old_fd, 0, store=tmp,
                        what="pidfd_getfd for root")
             table.call(Nr.fchdir, Load(tmp), what="fchdir to new root")
@@ -93,7 +87,6 @@ def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, 
             table.call(Nr.close, Load(tmp), what="close temporary fd")
         for d in process.dirs:
             if d.kind in ("cwd", "cwd-kept") and (only is None or "cwd" in only or "root" in only):
-                table.step()
                 table.call(Nr.pidfd_getfd, Load(pidfd), d.new_fd if forward else d.old_fd, 0, store=tmp,
                            what="pidfd_getfd for cwd")
                 table.call(Nr.fchdir, Load(tmp), what="fchdir to new cwd")
