@@ -1,0 +1,90 @@
+"""From CRIU images to the SPFS restore-mode manifest of one NFS superblock: exactly the
+names, types, modes and sizes CRIU will open, map, execute, chdir/chroot into or link on it.
+
+Upstream CRIU validates, on restore, the full st_mode of every file and the exact size of
+every file except O_WRONLY|O_APPEND ones; content is never compared, so files are served as
+zeros in restore mode (what processes read later comes from NFS, once SPFS proxies). For a
+silly-renamed open file (.nfsXXXX), CRIU's --link-remap dump made link_remap.N, which CRIU
+links back to the silly name on restore: the manifest has link_remap.N, not the silly name.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from spfs.criu.images import ImageError, ImageSet, MountRecord, RegFile
+from spfs.fs.manifest import Manifest, parse_manifest
+
+
+@dataclass(frozen=True)
+class StubFile:
+    path: str          # relative to the filesystem root of the superblock
+    type: str
+    mode: int          # permission bits
+    size: int | None
+
+
+def _fs_path(f: RegFile, mount: MountRecord, name: str | None = None) -> str:
+    """Path inside the superblock: the bind's sub-root plus the name below its mountpoint."""
+    name = name or f.name
+    rel = posixpath.relpath(posixpath.normpath(name), mount.mountpoint)
+    if rel == "." :
+        rel = ""
+    if rel.startswith(".."):
+        raise ImageError(f"file {f.id} {name!r} is not below its mount {mount.mountpoint!r}")
+    full = posixpath.normpath(posixpath.join(mount.root, rel)).lstrip("/")
+    if full.startswith(".."):
+        raise ImageError(f"file {f.id} {name!r} escapes its mount's root {mount.root!r}")
+    return full
+
+
+def stub_files(images: ImageSet, root_dev: int) -> list[StubFile]:
+    mounts = {m.mnt_id: m for m in images.mounts.values() if m.root_dev == root_dev}
+    if not mounts:
+        raise ImageError(f"no mount of device {root_dev} in the images")
+    remapped = {r.orig_id: r for r in images.remaps if r.kind == "LINKED"}
+    found: dict[str, StubFile] = {}
+
+    def add(path: str, f: RegFile) -> None:
+        if not path:  # the mount root itself: SPFS serves it from the root attributes
+            return
+        kind = f.type
+        if kind in (None, "other"):
+            raise ImageError(f"file {f.id} {f.name!r}: unsupported file type on NFS "
+                             f"(mode {f.mode!r})")
+        entry = StubFile(path, kind, f.mode & 0o7777, f.size if kind == "file" else None)
+        old = found.get(path)
+        if old is not None:
+            if (old.type, old.mode) != (entry.type, entry.mode):
+                raise ImageError(f"{path!r} recorded as {old.type} {old.mode:o} and as "
+                                 f"{entry.type} {entry.mode:o}")
+            if old.size is not None and entry.size is not None and old.size != entry.size:
+                raise ImageError(f"{path!r} recorded with sizes {old.size} and {entry.size}")
+            entry = entry if entry.size is not None else old
+        found[path] = entry
+
+    for f in images.files.values():
+        if f.mnt_id not in mounts:
+            continue
+        if f.id in remapped:
+            remap = images.files.get(remapped[f.id].remap_id)
+            if remap is None:
+                raise ImageError(f"remap of file {f.id} has no files.img entry")
+            # link_remap.N has the silly-renamed file's identity; the silly name is made by
+            # CRIU's link() on restore
+            add(_fs_path(f, mounts[f.mnt_id], remap.name), f)
+            continue
+        add(_fs_path(f, mounts[f.mnt_id]), f)
+    return sorted(found.values(), key=lambda s: (s.path.count("/"), s.path))
+
+
+def build_manifest(images: ImageSet, root_dev: int) -> Manifest:
+    entries = []
+    for s in stub_files(images, root_dev):
+        e = {"path": s.path, "type": s.type, "mode": s.mode}
+        if s.size:
+            e["size"] = s.size
+        entries.append(e)
+    # the SPFS validator is the last word on hostile names and sizes
+    return parse_manifest({"version": 1, "entries": entries}, check_sources=False)
