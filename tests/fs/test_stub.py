@@ -234,3 +234,34 @@ def test_kernel_caches_do_not_bypass_the_stub(proxy: SpfsMount) -> None:
         assert [out[0] for _, out in pending] == [7, 7, b"CHANGE"]
     finally:
         os.close(fd)
+
+
+def test_200_readers_opening_files_during_stub(spfs_factory: Callable[..., SpfsMount],
+                                               tmp: Path) -> None:
+    """Like the C spfs test (200 sha256sum readers): the open itself is parked."""
+    target = tmp / "target"
+    for d in range(10):
+        (target / f"d{d}").mkdir()
+        for i in range(20):
+            (target / f"d{d}" / f"f{i}").write_bytes(content(d * 20 + i))
+    mount = spfs_factory("stub")
+    results: dict[int, bytes] = {}
+
+    def reader(n: int) -> None:
+        results[n] = (mount.mountpoint / f"d{n // 20}" / f"f{n % 20}").read_bytes()
+
+    threads = [threading.Thread(target=reader, args=(n,), daemon=True) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    # Lookups in one directory queue in the kernel behind the parked one (no
+    # PARALLEL_DIROPS): here all of them wait behind one lookup in the root.
+    wait_for(lambda: mount.status()["parked"] >= 1, 10, "a lookup parked")
+    time.sleep(0.3)
+    assert not results
+    switched = time.monotonic()
+    mount.set_mode("proxy", target)
+    for thread in threads:
+        thread.join(10)
+    elapsed = time.monotonic() - switched
+    assert {n: data == content(n) for n, data in results.items()} == {n: True for n in range(200)}
+    assert elapsed < 3.0, f"200 open+read took {elapsed:.2f} s after the switch"
