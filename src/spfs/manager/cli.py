@@ -141,6 +141,11 @@ def run_daemon(args: argparse.Namespace) -> int:
     _setup_logging(args.log or os.path.join(log_dir, "spfs-manager.log"), args.verbose)
     socket_path = os.path.abspath(args.socket_path or
                                   os.path.join(work_dir, "spfs-manager.sock"))
+    # before the socket exists: a SIGTERM right after a client could connect must stop us
+    # cleanly, not kill us with the socket file left behind
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         # bound before detaching, so the caller can connect as soon as we return
         manager = build_manager(args, work_dir, log_dir)
@@ -154,14 +159,6 @@ def run_daemon(args: argparse.Namespace) -> int:
         _detach(pid_file)
     else:
         _write_pid(pid_file, os.getpid())
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
 
     def tick() -> None:
         manager.reap()
@@ -174,6 +171,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     try:
         server.serve(stop, tick)
     finally:
+        log.info("stopping")
         manager.shutdown()
         server.close()
         os.unlink(pid_file)
