@@ -116,3 +116,40 @@ def test_proxy_dir_opened_in_another_mount_namespace(
     assert (mount.mountpoint / "g").read_bytes() == b"written through spfs"
     with pytest.raises(control_client.ControlError, match="mount namespace"):
         control_client.set_mode(mount.socket, "proxy", "/nonexistent", ns_pid=pid)
+
+
+def test_readahead_is_raised_after_init(proxy: SpfsMount) -> None:
+    from spfs.fs.mountinfo import find_fuse_device
+    device = find_fuse_device(str(proxy.mountpoint))
+    assert device is not None
+    assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "1024"
+
+
+def test_direct_io_serves_data_but_refuses_shared_mmap(
+        spfs_factory: Callable[..., SpfsMount], tmp: Path) -> None:
+    import mmap
+    (tmp / "target" / "f").write_bytes(b"direct" * 1000)
+    mount = spfs_factory("proxy", "--proxy-dir", str(tmp / "target"), "--direct-io")
+    with open(mount.mountpoint / "f", "r+b") as handle:
+        assert handle.read() == b"direct" * 1000
+        with pytest.raises(OSError):
+            mmap.mmap(handle.fileno(), 6000, flags=mmap.MAP_SHARED)
+        private = mmap.mmap(handle.fileno(), 6000, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ)
+        assert private[:6] == b"direct"
+        private.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "stub", "--proxy-dir", "/tmp"], "--proxy-dir is for proxy mode"),
+    (["--mode", "proxy"], "proxy mode needs --proxy-dir"),
+    (["--mode", "proxy", "--proxy-dir", "/nonexistent/spfs"], "cannot open proxy directory"),
+    (["--mode", "stub", "--manifest", "/etc/hostname"], "only used in restore mode"),
+    (["--mode", "stub", "--stub-timeout", "0"], "must be positive"),
+])
+def test_bad_command_lines_mount_nothing(tmp: Path, args: list[str], message: str) -> None:
+    (tmp / "mnt").mkdir()
+    result = subprocess.run([*SPFS, str(tmp / "mnt"), *args, "--foreground"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and message in result.stderr
+    assert not is_mounted(tmp / "mnt")

@@ -85,6 +85,9 @@ def prepare(config: DaemonConfig) -> Prepared:
     elif config.manifest:
         raise StartupError("--manifest is only used in restore mode")
     target = None
+    if config.proxy_dir and config.mode is not Mode.PROXY:
+        raise StartupError(f"--proxy-dir is for proxy mode; in {config.mode.value} mode give "
+                           "the directory with the switch to proxy (spfs-client mode)")
     if config.mode is Mode.PROXY:
         if not config.proxy_dir:
             raise StartupError("proxy mode needs --proxy-dir")
