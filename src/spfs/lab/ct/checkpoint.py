@@ -24,7 +24,13 @@ from spfs.lab.paths import GUEST_DIR
 log = logging.getLogger(__name__)
 
 CRIU = "criu"
-ACTION_SCRIPT = GUEST_DIR / "criu-action.sh"
+LAB_ACTION_SCRIPT = GUEST_DIR / "criu-action.sh"
+
+
+def action_scripts() -> list[str]:
+    """criu-spfs's script (network lock) and the lab's (veth, test probe)."""
+    from spfs.criu.dump import ACTION_SCRIPT
+    return ["--action-script", str(ACTION_SCRIPT), "--action-script", str(LAB_ACTION_SCRIPT)]
 DUMP_TIMEOUT = 300.0
 RESTORE_TIMEOUT = 300.0
 
@@ -67,8 +73,7 @@ def _criu(argv: list[str], env: dict[str, str], timeout: float, log_path: Path) 
 def dump_argv(state: CtState, images: Path) -> list[str]:
     argv = [CRIU, "dump", "-t", str(state.init_pid), "-D", str(images), "-o", "dump.log",
             "-v4", "--file-locks", "--link-remap", "--manage-cgroups",
-            "--freeze-cgroup", str(state.cgroup_dir()),
-            "--action-script", str(ACTION_SCRIPT)]
+            "--freeze-cgroup", str(state.cgroup_dir())] + action_scripts()
     for i, m in enumerate(state.nfs):
         argv += ["--external", f"mnt[{m.mountpoint}]:{nfs_key(i)}"]
     for i, b in enumerate(state.binds):
@@ -132,7 +137,7 @@ def restore_argv(state: CtState, images: Path, nfs_dirs: list[Path]) -> list[str
     argv = [CRIU, "restore", "-D", str(images), "-o", "restore.log", "-v4",
             "--root", str(state.root), "--file-locks", "--manage-cgroups",
             "--external", f"veth[{state.ct_veth}]:{state.host_veth}",
-            "--action-script", str(ACTION_SCRIPT),
+            *action_scripts(),
             "-d", "--pidfile", str(images / "restore.pid")]
     for i, d in enumerate(nfs_dirs):
         argv += ["--external", f"mnt[{nfs_key(i)}]:{d}"]
