@@ -6,11 +6,14 @@ fs-agnostic; NFS is for the lab)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from manager_helpers import read_count, start_daemon, stop_daemon, wait_for
-from spfs.manager.mounts import top_mount_at
+from manager_helpers import (kill_and_reap, read_count, start_daemon, stop_daemon, unmount_below,
+                             wait_for)
+from spfs.manager.mounts import read_mountinfo, top_mount_at
 
 TERMINAL = {"done", "failed", "rolled_back"}
 
@@ -143,3 +146,32 @@ def test_two_shares_blocked_on_each_other_do_not_deadlock(tmp_path, container, c
         assert daemon.proc.wait(20) == 0  # both spfs exited, then the manager
     finally:
         stop_daemon(daemon)
+
+
+def test_spfs_on_the_host_for_criu_to_bind_in(tmp_path, cgroup):
+    """Without ns_pid= SPFS is mounted on the host (CRIU binds it into the container as an
+    external mount); the replace then works in the manager's own namespaces."""
+    mp = tmp_path / "host-mp"
+    mp.mkdir()
+    daemon = start_daemon(tmp_path, "--exit-with-spfs", spfs_command=None)
+    worker = None
+    try:
+        assert daemon.text(f"mount;id=h;mode=stub;mountpoint={mp}") == 0
+        assert top_mount_at(read_mountinfo(), str(mp)).fstype.startswith("fuse")
+        beat = tmp_path / "beat"
+        worker = subprocess.Popen([sys.executable, "-c", WORKER.replace(
+            "sys.argv[1], sys.argv[2]", f"{str(beat)!r}, {str(mp / 'w.log')!r}")])
+        cgroup.add(worker.pid)
+        wait_for(lambda: beat.exists(), what="worker")
+        assert daemon.text(f"replace;id=h;source=host-real;type=tmpfs;flags=0;"
+                           f"freeze_cgroup={cgroup.path};mode=release") == 0
+        assert _final_phase(daemon, "h")["phase"] == "done"
+        assert top_mount_at(read_mountinfo(), str(mp)).source == "host-real"
+        wait_for(lambda: read_count(beat) > 5, what="worker progress")
+        assert os.stat(f"/proc/{worker.pid}/cwd").st_dev == os.stat(mp).st_dev
+        assert daemon.proc.wait(20) == 0
+    finally:
+        if worker is not None:
+            kill_and_reap(worker)
+        stop_daemon(daemon)
+        unmount_below(tmp_path)
