@@ -141,7 +141,6 @@ def test_direct_io_serves_data_but_refuses_shared_mmap(
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mode", "stub", "--proxy-dir", "/tmp"], "--proxy-dir is for proxy mode"),
     (["--mode", "proxy"], "proxy mode needs --proxy-dir"),
     (["--mode", "proxy", "--proxy-dir", "/nonexistent/spfs"], "cannot open proxy directory"),
     (["--mode", "stub", "--manifest", "/etc/hostname"], "only used in restore mode"),
@@ -153,3 +152,31 @@ def test_bad_command_lines_mount_nothing(tmp: Path, args: list[str], message: st
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and message in result.stderr
     assert not is_mounted(tmp / "mnt")
+
+
+def test_proxy_dir_given_at_start_is_the_default_target(
+        spfs_factory: Callable[..., SpfsMount], tmp: Path) -> None:
+    (tmp / "target" / "f").write_bytes(b"default target")
+    mount = spfs_factory("stub", "--proxy-dir", str(tmp / "target"))
+    record = control_client.set_mode(mount.socket, "proxy")
+    assert record["new"] == "proxy"
+    assert (mount.mountpoint / "f").read_bytes() == b"default target"
+
+
+def test_sigterm_leaves_a_mount_that_is_no_longer_ours_alone(proxy: SpfsMount, tmp: Path) -> None:
+    # Someone moved our mount away and mounted something else at our old mountpoint.
+    moved = tmp / "moved"
+    moved.mkdir()
+    subprocess.run(["mount", "--move", str(proxy.mountpoint), str(moved)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "spfs-other", str(proxy.mountpoint)], check=True)
+    try:
+        proxy.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert is_mounted(proxy.mountpoint)  # the other filesystem is still there
+        assert proxy.proc.poll() is None     # ours is still mounted (elsewhere)
+        subprocess.run(["umount", str(moved)], check=True)
+        assert proxy.proc.wait(10) == 0
+    finally:
+        subprocess.run(["umount", "-l", str(proxy.mountpoint)], check=False)
+        if is_mounted(moved):
+            subprocess.run(["umount", "-l", str(moved)], check=False)

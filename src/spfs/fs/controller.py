@@ -63,6 +63,9 @@ class FsController:
         self.creds = creds
         self.budget = budget
         self.target = target
+        # --proxy-dir given while starting in another mode: the target of a later switch
+        # to proxy that names none (not opened before then: it may not be there yet).
+        self.default_target: tuple[str, int | None] | None = None
         self.last_switch: SwitchRecord | None = None
         self.switches = 0
         self._lock = trio.Lock()
@@ -94,6 +97,8 @@ class FsController:
 
     async def _set_mode(self, wanted: Mode, proxy_dir: str | None,
                         ns_pid: int | None) -> SwitchRecord:
+        if wanted is Mode.PROXY and not proxy_dir and self.default_target is not None:
+            proxy_dir, ns_pid = self.default_target
         gate, ops = self.ops.gate, self.ops
         old = gate.mode
         check_transition(old, wanted)

@@ -85,9 +85,6 @@ def prepare(config: DaemonConfig) -> Prepared:
     elif config.manifest:
         raise StartupError("--manifest is only used in restore mode")
     target = None
-    if config.proxy_dir and config.mode is not Mode.PROXY:
-        raise StartupError(f"--proxy-dir is for proxy mode; in {config.mode.value} mode give "
-                           "the directory with the switch to proxy (spfs-client mode)")
     if config.mode is Mode.PROXY:
         if not config.proxy_dir:
             raise StartupError("proxy mode needs --proxy-dir")
@@ -115,6 +112,9 @@ def build(config: DaemonConfig, prepared: Prepared) -> tuple[SpfsOperations, FsC
         ops.restore.load(prepared.manifest)
     else:
         table.add(stat.S_IFDIR, ino=ROOT_INODE)
+    if config.proxy_dir and config.mode is not Mode.PROXY:
+        controller.default_target = (config.proxy_dir, config.proxy_mntns_pid)
+        log.info("proxy directory %s will be opened at the switch to proxy", config.proxy_dir)
     if prepared.target is not None:
         target = prepared.target
         controller.install_target(target)
@@ -123,7 +123,7 @@ def build(config: DaemonConfig, prepared: Prepared) -> tuple[SpfsOperations, FsC
     return ops, controller
 
 
-async def _handle_signals(config: DaemonConfig, ops: SpfsOperations) -> None:
+async def _handle_signals(config: DaemonConfig, ops: SpfsOperations, device: str | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if ops.gate.shutting_down:
@@ -134,6 +134,12 @@ async def _handle_signals(config: DaemonConfig, ops: SpfsOperations) -> None:
                      "lets go of the mount", signal.Signals(signum).name, ops.gate.parked,
                      config.mountpoint)
             ops.gate.shut_down()
+            # Only our own mount: whoever started us may have moved it elsewhere (into a
+            # container); then it goes when they unmount it.
+            if mountinfo.find_fuse_device(config.mountpoint) != device:
+                log.warning("%s is no longer our mount; exiting when it is unmounted",
+                            config.mountpoint)
+                continue
             try:
                 await trio.to_thread.run_sync(syscalls.umount2, config.mountpoint,
                                               syscalls.MNT_DETACH)
@@ -157,11 +163,12 @@ async def _announce_ready(config: DaemonConfig, initialised: trio.Event) -> None
     log.info("spfs ready at %s in %s mode", config.mountpoint, config.mode.value)
 
 
-async def _serve(config: DaemonConfig, ops: SpfsOperations, server: ControlServer | None) -> None:
+async def _serve(config: DaemonConfig, ops: SpfsOperations, server: ControlServer | None,
+                 device: str | None) -> None:
     initialised = trio.Event()
     ops.on_init = initialised.set
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, config, ops)
+        nursery.start_soon(_handle_signals, config, ops, device)
         nursery.start_soon(_announce_ready, config, initialised)
         if server is not None:
             nursery.start_soon(server.serve)
@@ -189,7 +196,9 @@ def run(config: DaemonConfig) -> int:
              (time.monotonic() - started) * 1e3)
     unmount = True
     try:
-        trio.run(_serve, config, ops, server)
+        # Read now, before anyone can move the mount: SIGTERM only detaches this one.
+        device = mountinfo.find_fuse_device(config.mountpoint)
+        trio.run(_serve, config, ops, server, device)
         unmount = not ops.gate.shutting_down
     finally:
         pyfuse3.close(unmount=unmount)
