@@ -186,6 +186,7 @@ def test_replace_end_to_end(make_harness, container, cgroup, tmp_path):
     assert {"nosuid", "nodev"} <= set(at_mp.options)  # flags=6 recorded in the request
     # SPFS was switched to proxy onto the detached real mount, which it could reach
     assert h.modes("87") == ["stub", "proxy"]
+    assert h.status("87")["mode"] == "proxy"  # detached, serving what was not moved
     assert (Path(f"/proc/{container.pid}/root{mp}") / "proxied-by-standin").exists()
     assert not cgroup.frozen() and advances(beat)
 

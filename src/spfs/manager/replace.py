@@ -125,7 +125,6 @@ class ReplacePipeline:
         except PhaseFailure as exc:
             self._give_up(job, exc, rolled_back=True)
             return
-        job.spfs_mode_after = None
         job.progress.advance(P.DONE)
 
     # -- a
