@@ -101,7 +101,7 @@ class Engine:
     def run(self) -> None:
         if self.plan.phase is not Phase.PREPARED:
             raise SwapError(f"commit needs a prepared plan (phase is {self.plan.phase.value})")
-        if not self.units:
+        if not self.stop_set:
             self.plan.advance(Phase.STOPPED)
             self.plan.advance(Phase.COMMITTED)
             return

@@ -44,30 +44,6 @@ class Lock:
 
 
 @dataclass(frozen=True)
-class HeldLock:
-    """One line of /proc/locks."""
-
-    lock: Lock
-    dev: int
-    ino: int
-
-
-def locks() -> list[HeldLock]:
-    """Every file lock in the system, read once instead of an fdinfo file per fd."""
-    out = []
-    with open("/proc/locks") as f:
-        for line in f:
-            parts = line.split()
-            if parts[1] == "->":  # a waiter, not a holder
-                continue
-            major, minor, ino = parts[5].split(":")
-            end = None if parts[7] == "EOF" else int(parts[7])
-            out.append(HeldLock(Lock(parts[1], parts[2], parts[3], int(parts[4]), int(parts[6]), end),
-                                os.makedev(int(major, 16), int(minor, 16)), int(ino)))
-    return out
-
-
-@dataclass(frozen=True)
 class EpollTarget:
     tfd: int
     events: int
