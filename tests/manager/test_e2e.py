@@ -66,6 +66,9 @@ def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
         st = container.stat(str(mp))  # the root of SPFS looks like the mountpoint it covers
         assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o751, 1234, 4321)
         spfs_pid = daemon.status()["1"]["spfs_pid"]
+        # as when CRIU starts things inside the container's cgroup: frozen with it, the
+        # spfs daemon would leave every FUSE request hanging
+        cgroup.add(spfs_pid)
         container.run("mount", "--bind", str(mp), str(bind))
 
         beat = tmp_path / "beat"
@@ -83,6 +86,7 @@ def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
         assert daemon.text("replace;all;mode=release") == 0
         result = _final_phase(daemon, "1")
         assert result["phase"] == "done", result
+        assert result["details"]["moved_out_of_cgroup"] == [spfs_pid]
         print("phase timings (ms):", {t["phase"]: t["ms"] for t in result["timings_ms"]},
               "swap stop window (ms):",
               round(result["details"]["swap"]["stop_window_s"] * 1000, 2), result["details"]["swap"]["timings"])

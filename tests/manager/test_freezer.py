@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spfs.manager.freezer import (CgroupFreezer, FreezeError, FreezePolicy, FreezerVersion,
-                                  freeze_with_retries, frozen)
+                                  evacuate, freeze_with_retries, frozen)
 
 POLICY = FreezePolicy(lock_timeout=1, attempt=5, deadline=5, thaw=5)
 
@@ -162,3 +162,23 @@ def test_freeze_retries_stop_at_the_deadline(cgroup, blocked_task):
         freeze_with_retries(freezer, FreezePolicy(attempt=0.3, deadline=1.0))
     assert info.value.errno == errno.ETIMEDOUT
     assert 0.9 < time.monotonic() - started < 3 and not cgroup.frozen()
+
+
+def test_evacuate_moves_only_the_given_pids_to_the_root(cgroup, counter):
+    proc, _ = counter
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        child = cgroup.path / "child"
+        child.mkdir()
+        try:
+            (child / "cgroup.procs").write_text(str(helper.pid))
+            assert evacuate(cgroup.path, [helper.pid, os.getpid()]) == [helper.pid]
+            assert str(helper.pid) not in (child / "cgroup.procs").read_text().split()
+            root = Path("/sys/fs/cgroup/freezer" if cgroup.version == "v1"
+                        else "/sys/fs/cgroup/unified")
+            assert str(helper.pid) in (root / "cgroup.procs").read_text().split()
+            assert str(proc.pid) in (cgroup.path / "cgroup.procs").read_text().split()
+        finally:
+            child.rmdir()
+    finally:
+        kill_and_reap(helper)

@@ -99,6 +99,39 @@ class CgroupFreezer:
         log.info("thawed %s", self.path)
 
 
+def _hierarchy_root(path: Path) -> Path:
+    """The mount root of the cgroup hierarchy `path` belongs to."""
+    dev = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == dev:
+        path = path.parent
+    return path
+
+
+def _pids_below(path: Path) -> set[int]:
+    pids: set[int] = set()
+    for dirpath, _dirs, files in os.walk(path):
+        if "cgroup.procs" in files:
+            pids.update(int(x) for x in Path(dirpath, "cgroup.procs").read_text().split())
+    return pids
+
+
+def evacuate(cgroup: str | Path, pids: list[int]) -> list[int]:
+    """Move `pids` out of the cgroup's subtree to its hierarchy's root.
+
+    The manager and the SPFS daemon must never be frozen with the container: the manager
+    would stop itself, and a frozen SPFS daemon leaves every FUSE request (the manager's own
+    /proc lookups included) hanging.  CRIU may restore tasks, and start us, inside the
+    container's cgroups.  Returns the pids that were moved."""
+    path = Path(cgroup)
+    inside = _pids_below(path) & set(pids)
+    if inside:
+        root = _hierarchy_root(path)
+        for pid in sorted(inside):
+            log.warning("pid %d is inside %s: moving it to %s", pid, path, root)
+            _write(root / "cgroup.procs", str(pid))
+    return sorted(inside)
+
+
 class ThawGuard:
     """A forked process that thaws the cgroup if we die while it is frozen."""
 

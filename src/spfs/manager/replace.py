@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks, frozen
+from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks, evacuate, frozen
 from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper, SpfsHandle,
                                      SwapJob)
 from spfs.manager.mounts import Placement, with_mountpoint_flags
@@ -182,6 +182,10 @@ class ReplacePipeline:
             swap_job = SwapJob(job.freeze_cgroup, job.target, tuple(paths), spfs_dev,
                                self._real_root(job))
             freezer = CgroupFreezer(job.freeze_cgroup)
+            moved = evacuate(job.freeze_cgroup, [os.getpid(), *([job.spfs.pid] if
+                                                               job.spfs.pid else [])])
+            if moved:
+                job.progress.details["moved_out_of_cgroup"] = moved
             prepared = self.swapper.prepare(swap_job)
         except OSError as exc:
             raise PhaseFailure(exc.errno or errno.EIO, f"preparing the freeze: {exc}") from None
