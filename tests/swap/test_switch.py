@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import subprocess
 import time
 
@@ -226,3 +227,31 @@ def test_unlinked_file_moves_when_the_caller_names_its_replacement(mounts):
     assert os.readlink(f"/proc/{holder.pid}/fd/7") == str(mounts.b / ".nfs000123")
     assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
     holder.kill()
+
+
+def test_fd_table_changes_between_discovery_and_stop_are_followed(mounts):
+    """An fd closed, and another reopened on a different file of A under the same number,
+    after discovery: the stale reference is dropped and the new one adopted."""
+    (mounts.a / "x.txt").write_text("x")
+    (mounts.a / "y.txt").write_text("y")
+    go = mounts.ctrl / "go"
+    script = (f"import os, time\nfd = os.open('{mounts.a}/x.txt', os.O_RDONLY)\nos.dup2(fd, 9)\n"
+              f"gone = os.open('{mounts.a}/x.txt', os.O_RDONLY)\n"
+              f"open('{mounts.ctrl}/ready.1', 'w').close()\n"
+              f"while not os.path.exists('{go}'): time.sleep(0.01)\n"
+              f"os.close(gone)\nos.dup2(os.open('{mounts.a}/y.txt', os.O_RDONLY), 9)\n"
+              f"open('{mounts.ctrl}/swapped', 'w').close()\ntime.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd="/")
+    mounts.procs.append(proc)
+    mounts.wait_ready(1)
+    mounts.mirror()
+    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid])
+    assert {r.desc.rel for r in plan.processes[0].fds} == {"x.txt"}
+    swap.prepare(plan)
+    go.touch()
+    while not (mounts.ctrl / "swapped").exists():
+        time.sleep(0.01)
+    report = swap.commit(plan)
+    assert report.ok, report.error
+    assert os.readlink(f"/proc/{proc.pid}/fd/9") == str(mounts.b / "y.txt")
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0

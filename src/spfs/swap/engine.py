@@ -252,16 +252,22 @@ class Engine:
         me = os.getpid()
         for p in self.stop_set:
             numbers = procfs.fd_numbers(p.pid)
-            if numbers != p.fd_numbers:
-                for fd in sorted(set(numbers) - set(p.fd_numbers)):
+            replaced = []
+            for ref in list(p.fds):
+                if ref.fd not in numbers or _kcmp_file(me, p.pid, ref.desc.old_fd, ref.fd) != 0:
+                    # Closed (or reused for another file) since discovery: nothing to move there.
+                    p.fds.remove(ref)
+                    ref.desc.holders = [h for h in ref.desc.holders if h != (ref.pid, ref.fd)]
+                    p.epoll = [e for e in p.epoll if e.target.tfd != ref.fd]
+                    if ref.fd in numbers:
+                        replaced.append(ref.fd)
+                ref.posix_locks = []
+            if numbers != p.fd_numbers or replaced:
+                for fd in sorted((set(numbers) - set(p.fd_numbers)) | set(replaced)):
                     with contextlib.suppress(FileNotFoundError):
                         if os.stat(f"/proc/{p.pid}/fd/{fd}").st_dev == self.plan.source.dev:
                             self._adopt_late_fd(p, fd)
                 p.fd_numbers = numbers
-            for ref in p.fds:
-                if ptrace.kcmp(me, p.pid, ptrace.KCMP_FILE, ref.desc.old_fd, ref.fd) != 0:
-                    raise SwapError(f"fd {ref.fd} of process {p.pid} changed after discovery; run the switch again")
-                ref.posix_locks = []
             for d in p.dirs:
                 if d.kind in ("cwd", "root"):
                     now = os.stat(f"/proc/{p.pid}/{d.kind}")
@@ -499,6 +505,13 @@ class Engine:
         if watchdog is not None:
             watchdog.disarm()
         self.plan.advance(Phase.RELEASED)
+
+
+def _kcmp_file(me: int, pid: int, mine: int, theirs: int) -> int:
+    try:
+        return ptrace.kcmp(me, pid, ptrace.KCMP_FILE, mine, theirs)
+    except OSError:
+        return -1  # the fd went away
 
 
 def _table_signature(p: ProcessPlan) -> tuple:

@@ -5,7 +5,8 @@ so the task gets a new socket of the same type bound at the same path on B.  Lis
 keep accepting; datagrams queued on a bound socket are copied over (peeked, so a revert
 loses nothing).  What cannot be moved: connections queued on a listener but not yet
 accepted (no kernel interface moves them between listeners: the switch refuses while any
-are queued), the peer of connected sockets (they keep their old peer), SCM payloads.
+are queued), the peer of connected sockets (they keep their old peer), connections already accepted from a
+listener on A (they keep A busy until they close), SCM payloads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pyroute2.netlink.diag import UDIAG_SHOW_NAME, UDIAG_SHOW_RQLEN, UDIAG_SHOW_
 
 SO_PEEK_OFF = 42
 TCP_LISTEN = 10
+TCP_CLOSE = 7
 COPIED_OPTIONS = (socket.SO_PASSCRED, socket.SO_RCVBUF, socket.SO_SNDBUF)
 
 
@@ -38,7 +40,10 @@ def bound_on(dev: int) -> dict[int, BoundSocket]:
     out: dict[int, BoundSocket] = {}
     with DiagSocket() as diag:
         diag.bind()
-        for msg in diag.get_sock_stats(show=UDIAG_SHOW_VFS | UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN):
+        # Listeners and unconnected (bound) datagram sockets; connections accepted from a
+        # listener on A also hold the path, but a connected stream cannot be re-created.
+        for msg in diag.get_sock_stats(states=(1 << TCP_LISTEN) | (1 << TCP_CLOSE),
+                                       show=UDIAG_SHOW_VFS | UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN):
             vfs = msg.get_attr("UNIX_DIAG_VFS")
             if not vfs:
                 continue
