@@ -2,8 +2,9 @@
 
 It honours the command line the manager uses (MOUNTPOINT --mode M --socket-path S --ready-fd N
 --log F --foreground [-v] [--proxy-dir D] [--proxy-mntns-pid P]), mounts a *tmpfs* at
-MOUNTPOINT instead of a FUSE filesystem, answers set_mode requests (spfs.fs.protocol) on its control socket
-and appends every mode it is switched to to MODES_FILE (the socket path + ".modes").  It
+MOUNTPOINT instead of a FUSE filesystem, answers set_mode requests (spfs.fs.protocol) on its
+control socket and appends every mode it is switched to to MODES_FILE (the socket path +
+".modes").  It
 does not block or proxy anything: the tests using it check the manager's side only.
 """
 

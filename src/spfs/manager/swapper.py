@@ -86,9 +86,11 @@ class SwapEngineAdapter:
         return plan
 
     def swap(self, job: SwapJob, prepared: Any) -> dict[str, Any]:
-        """Commit in the frozen cgroup; `prepared` belongs to this call from now on.  The plan was made while the tasks ran: if a fresh
-        look (cheap: /proc only) finds references it does not cover, or the engine finds the
-        tasks changed, the plan is made again now, inside the freeze."""
+        """Commit in the frozen cgroup; `prepared` belongs to this call from now on.
+
+        The plan was made while the tasks ran: if a fresh look (cheap: /proc only) finds
+        references it does not cover, or the engine finds the tasks changed, the plan is made
+        again now, inside the freeze."""
         engine = _engine()
         source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
         try:
