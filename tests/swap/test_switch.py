@@ -255,3 +255,20 @@ def test_fd_table_changes_between_discovery_and_stop_are_followed(mounts):
     assert report.ok, report.error
     assert os.readlink(f"/proc/{proc.pid}/fd/9") == str(mounts.b / "y.txt")
     assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
+
+
+def test_fallback_code_page_when_vdso_has_no_free_tail(mounts, victim_bin, monkeypatch):
+    """Another kernel's vdso may have no free tail: the code then goes to a page mapped by
+    one single-stepped syscall (and unmapped at the end)."""
+    from spfs.swap import remote
+
+    monkeypatch.setattr(remote, "FORCE_CODE_PAGE", True)
+    mounts.populate()
+    proc = mounts.spawn(victim_bin, "threads", "2")
+    mounts.wait_ready(1)
+    time.sleep(0.1)
+    maps_before = open(f"/proc/{proc.pid}/maps").read().count("\n")
+    _switch(mounts, pids=[proc.pid])
+    assert open(f"/proc/{proc.pid}/maps").read().count("\n") == maps_before, "code page left mapped"
+    reports = _finish_and_check(mounts, [proc.pid])
+    check_log(mounts.b / "log.txt", int(reports[proc.pid]["iterations"]))

@@ -20,6 +20,7 @@ libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_
 libc.syscall.restype = ctypes.c_long
 
 PTRACE_CONT = 7
+PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
@@ -65,6 +66,10 @@ def interrupt(tid: int) -> None:
 
 def cont(tid: int, sig: int = 0) -> None:
     _check(libc.ptrace(PTRACE_CONT, tid, None, ctypes.c_void_p(sig)), "PTRACE_CONT", tid)
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    _check(libc.ptrace(PTRACE_SINGLESTEP, tid, None, ctypes.c_void_p(sig)), "PTRACE_SINGLESTEP", tid)
 
 
 def detach(tid: int, sig: int = 0) -> None:

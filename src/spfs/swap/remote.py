@@ -24,6 +24,9 @@ from spfs.swap.table import SyscallTable
 log = logging.getLogger(__name__)
 
 PROT_RW = 0x3
+PROT_RWX = 0x7
+# Tests set this to exercise the fallback used when the vdso has no free tail.
+FORCE_CODE_PAGE = False
 MAP_PRIVATE_ANON = 0x22
 PAGE = 4096
 REGION = 512
@@ -84,7 +87,10 @@ class Injector:
         self.tracee = tracee
         self.marker_signal = marker_signal
         self.timeout = timeout
+        self.vdso = vdso
         self.base = vdso[1] - REGION
+        self.code_page = 0  # set when the code had to go into a page of its own
+        self.syscall_insn = 0
         self.mem = -1
         self.original = b""
         self.writable = list(writable)
@@ -94,11 +100,49 @@ class Injector:
     def install(self) -> None:
         self.mem = os.open(f"/proc/{self.tracee.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
         self.original = os.pread(self.mem, REGION, self.base)
-        if any(self.original) and not self.original.startswith(blob.CODE):
-            raise InjectionError(f"task {self.tracee.tid}: the end of [vdso] is not free")
+        free = not any(self.original) or self.original.startswith(blob.CODE)
+        if FORCE_CODE_PAGE or not free:
+            self._install_in_code_page()
         resume = as_resumed(self.tracee.regs)
         image = blob.image(self.ns_ids[0], self.ns_ids[1], self.marker_signal, resume)
         os.pwrite(self.mem, image, self.base)
+
+    def _install_in_code_page(self) -> None:
+        """Fallback when the vdso tail is not free (another kernel's vdso layout): map a page
+        for the code with one single-stepped mmap at a `syscall` instruction of the vdso.
+        Only during that single step (and the munmap at the end) would a killed tracer leave
+        the task with altered registers."""
+        vdso = os.pread(self.mem, self.vdso[1] - self.vdso[0], self.vdso[0])
+        at = vdso.find(b"\x0f\x05")
+        if at < 0:
+            raise InjectionError(f"task {self.tracee.tid}: no room for the injected code and no syscall in [vdso]")
+        self.syscall_insn = self.vdso[0] + at
+        page = self._single_step(Nr.mmap, 0, PAGE, PROT_RWX, MAP_PRIVATE_ANON, -1, 0)
+        if -4096 < page < 0:
+            raise InjectionError(f"task {self.tracee.tid}: mmap for the injected code: {os.strerror(-page)}")
+        self.code_page = self.base = page
+        self.original = bytes(REGION)
+
+    def _single_step(self, nr: int, *args: int) -> int:
+        tid = self.tracee.tid
+        regs = self.tracee.regs.copy()
+        regs.rip, regs.rax, regs.orig_rax = self.syscall_insn, nr, ctypes.c_ulonglong(-1).value
+        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+            setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
+        ptrace.setregs(tid, regs)
+        try:
+            ptrace.singlestep(tid)
+            while True:
+                stop = ptrace.wait_stop(tid, self.timeout)
+                if stop.exited:
+                    raise InjectionError(f"task {tid} exited during injection")
+                if stop.is_signal_delivery and stop.signal == ptrace.SIGTRAP:
+                    return ctypes.c_longlong(ptrace.getregs(tid).rax).value
+                if stop.is_signal_delivery:
+                    self.tracee.record_signal()
+                ptrace.singlestep(tid)
+        finally:
+            ptrace.setregs(tid, self.tracee.regs)
 
     def uninstall(self) -> None:
         """Put back the vdso bytes (zeros) and the task's registers; the task stays stopped."""
@@ -107,7 +151,11 @@ class Injector:
         try:
             # Registers first: a task parked in the blob must never see the blob erased.
             ptrace.setregs(self.tracee.tid, self.tracee.regs)
-            os.pwrite(self.mem, bytes(len(self.original)), self.base)
+            if self.code_page:
+                self._single_step(Nr.munmap, self.code_page, PAGE)
+                self.code_page = 0
+            else:
+                os.pwrite(self.mem, bytes(len(self.original)), self.base)
         finally:
             os.close(self.mem)
             self.mem = -1
