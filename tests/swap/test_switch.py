@@ -272,3 +272,31 @@ def test_fallback_code_page_when_vdso_has_no_free_tail(mounts, victim_bin, monke
     assert open(f"/proc/{proc.pid}/maps").read().count("\n") == maps_before, "code page left mapped"
     reports = _finish_and_check(mounts, [proc.pid])
     check_log(mounts.b / "log.txt", int(reports[proc.pid]["iterations"]))
+
+
+def test_signals_sent_during_the_stop_are_delivered_after(mounts, victim_bin):
+    """A signal and a queued real-time signal (with its value) sent while the victim is
+    stopped reach it after the switch; its interrupted calls carry on."""
+    import ctypes
+    import signal as sig
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    mounts.populate()
+    proc = mounts.spawn(victim_bin, "threads", "2")
+    mounts.wait_ready(1)
+    time.sleep(0.1)
+
+    def send_signals() -> None:
+        mounts.sync_contents()
+        os.kill(proc.pid, sig.SIGUSR1)
+        assert libc.sigqueue(proc.pid, sig.SIGRTMIN, ctypes.c_long(4321)) == 0
+
+    mounts.mirror()
+    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid])
+    swap.prepare(plan)
+    report = swap.commit(plan, on_stopped=send_signals)
+    assert report.ok, report.error
+    reports = _finish_and_check(mounts, [proc.pid])
+    rep = reports[proc.pid]
+    assert rep["usr1"] == "1" and rep["rt_sum"] == "4321"
+    check_log(mounts.b / "log.txt", int(rep["iterations"]))

@@ -40,6 +40,10 @@
 static char ctrl[4096];
 static int fd_log, fd_sh, fd_sh2, fd_nb, fd_ro, fd_fifo, fd_fifo2, fd_lock, fd_flock, fd_ofd, ep;
 static long errors_read, errors_fifo, epoll_miss, epoll_eintr, thread_eintr, errors_map;
+static volatile sig_atomic_t usr1_count;
+static volatile long rt_sum;
+static void on_usr1(int sig) { (void)sig; usr1_count++; }
+static void on_rt(int sig, siginfo_t *info, void *ctx) { (void)sig; (void)ctx; rt_sum += info->si_value.sival_int; }
 static volatile long *shared_map;
 static unsigned char *private_map;
 #define PAGE 4096
@@ -127,6 +131,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "inotify")) watch = 1;
     }
     if (chdir(argv[1])) return 3;
+    struct sigaction sa = {0};
+    sa.sa_handler = on_usr1;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGUSR1, &sa, NULL);
+    struct sigaction sr = {0};
+    sr.sa_sigaction = on_rt;
+    sr.sa_flags = SA_RESTART | SA_SIGINFO;
+    sigaction(SIGRTMIN, &sr, NULL);
     fd_log = open("log.txt", O_WRONLY | O_APPEND | O_CREAT, 0644);
     fd_sh = open("shared.txt", O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     fd_sh2 = dup(fd_sh);
@@ -222,6 +234,7 @@ int main(int argc, char **argv) {
     snprintf(p, sizeof p, "%s/report.%d", ctrl, getpid());
     FILE *f = fopen(p, "w");
     fprintf(f, "iterations=%ld\n", n);
+    fprintf(f, "usr1=%d\nrt_sum=%ld\n", (int)usr1_count, rt_sum);
     fprintf(f, "append=%d\n", !!(fcntl(fd_log, F_GETFL) & O_APPEND));
     fprintf(f, "nonblock=%d\n", !!(fcntl(fd_nb, F_GETFL) & O_NONBLOCK));
     fprintf(f, "cloexec_sh=%d\n", !!(fcntl(fd_sh, F_GETFD) & FD_CLOEXEC));
