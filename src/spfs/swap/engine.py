@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import logging
 import os
-import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from spfs.swap import inotify, procfs, ptrace, tables, unixsock
+from spfs.swap import handover, procfs, ptrace, tables
 from spfs.swap.arch import check_task_regs, without_spurious_eintr
 from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
-from spfs.swap.discover import cgroup_pids, cgroup_tids
-from spfs.swap.discover import late_relative_path
+from spfs.swap.discover import cgroup_pids, cgroup_tids, late_relative_path
 from spfs.swap.model import Description, FdRef, Phase, ProcessPlan, SwapError, SwapPlan
 from spfs.swap.prepare import Prepared, open_on_target
 from spfs.swap.remote import Injector, Tracee, choose_marker_signal
@@ -33,8 +28,6 @@ log = logging.getLogger(__name__)
 
 SEIZE_OPTIONS = ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_TRACEVFORK
 PTRACE_GETEVENTMSG = 0x4201
-F_OFD_SETLK = 37
-SPLICE_F_NONBLOCK = 2
 
 # Set from a signal handler (CLI) to ask a running switch to revert and stop.
 abort_requested = threading.Event()
@@ -82,8 +75,7 @@ class Engine:
         self.we_froze = False
         self.caller_froze = False
         self.prebuilt: dict[int, tuple[tables.SyscallTable, tuple]] = {}
-        self.scratch: dict[int, int] = {}
-        self.moved_watches: list = []  # per process: free address for saving private pages
+        self.scratch: dict[int, int] = {}  # per process: free address for saving private pages
 
     @staticmethod
     def _does_fds(p: ProcessPlan) -> bool:
@@ -116,7 +108,7 @@ class Engine:
             if self.on_stopped is not None:
                 self.on_stopped()
             self._revalidate()
-            self._set_description_state()
+            self._move_manager_side_state()
             self._inject_all()
             self.plan.advance(Phase.COMMITTED)
         except BaseException as exc:
@@ -277,7 +269,7 @@ class Engine:
         for p in self.units:
             if self._does_maps(p):
                 self._revalidate_mappings(p)
-        self._find_locks()
+        handover.find_locks(self.plan, self.stop_set)
         self.window.marks["revalidated"] = time.perf_counter()
 
     def _revalidate_mappings(self, p: ProcessPlan) -> None:
@@ -324,97 +316,10 @@ class Engine:
         owner.fds.append(FdRef(p.pid, fd, desc, cloexec=bool(info.flags & os.O_CLOEXEC)))
         log.info("process %d opened fd %d (%s) after discovery: adopted", p.pid, fd, desc.rel)
 
-    def _find_locks(self) -> None:
-        """Current locks, cheaply: one F_GETLK probe per description (our reference is another
-        lock owner, so any POSIX or OFD lock on the file shows up); fdinfo is read only for the
-        holders of a locked file.  flock locks are not visible to F_GETLK: those seen at
-        discovery are re-read here (a flock taken between discovery and the stop is missed)."""
-        owner_of = {p.pid: p for p in self.stop_set}
-        probe = tables.flock_struct(procfs.Lock("POSIX", "ADVISORY", "WRITE", 0, 0, None))
-        for desc in self.plan.descriptions:
-            if desc.flags & os.O_PATH:
-                continue
-            try:
-                found = struct.unpack("<h", fcntl.fcntl(desc.old_fd, fcntl.F_GETLK, probe)[:2])[0]
-            except OSError:
-                found = fcntl.F_UNLCK
-            if found == fcntl.F_UNLCK and not desc.locks:
-                continue
-            desc.locks = []
-            for pid, fd in desc.holders:
-                try:
-                    info = procfs.fdinfo(pid, fd)
-                except FileNotFoundError:
-                    continue
-                for lock in info.locks:
-                    if lock.kind in ("FLOCK", "OFDLCK"):
-                        if lock not in desc.locks:
-                            desc.locks.append(lock)
-                    elif lock.kind == "POSIX":
-                        p = owner_of[pid]
-                        owner = owner_of.get(p.fd_table_of, p) if p.fd_table_of else p
-                        ref = next((r for r in owner.fds if r.fd == fd), None)
-                        if ref is not None:
-                            ref.posix_locks.append(lock)
-
-    def _set_description_state(self) -> None:
-        """Offsets, flock and OFD locks live in the description: set them from here."""
-        copied_fifos: set[str] = set()
-        for desc in self.plan.descriptions:
-            if stat.S_ISREG(desc.mode) or (stat.S_ISDIR(desc.mode) and not desc.flags & os.O_PATH):
-                if not desc.flags & os.O_PATH:
-                    pos = os.lseek(desc.old_fd, 0, os.SEEK_CUR)
-                    if stat.S_ISDIR(desc.mode) and pos:
-                        log.warning("directory %s read to offset %d: directory offsets do not carry over, "
-                                    "restarting at 0", desc.rel, pos)
-                        pos = 0
-                    os.lseek(desc.new_fd, pos, os.SEEK_SET)
-            if desc.locks:
-                self._copy_description_locks(desc)
-            if stat.S_ISSOCK(desc.mode):
-                if desc.sock.listening and unixsock.has_queued_connections(desc.old_fd):
-                    raise SwapError(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
-                                    "moved to a new listener: run the switch again")
-                if not desc.sock.listening:
-                    unixsock.copy_datagrams(desc.old_fd, desc.new_fd)
-            if stat.S_ISFIFO(desc.mode):
-                path = os.path.join(self.plan.target, desc.rel)
-                if path not in copied_fifos:
-                    copied_fifos.add(path)
-                    _copy_pipe_content(desc.old_fd, self.prepared.fifo_keepers[path])
-        self._move_inotify_watches(forward=True)
+    def _move_manager_side_state(self) -> None:
+        handover.move_description_state(self.plan, self.prepared.fifo_keepers)
+        handover.move_inotify_watches(self.plan, self.stop_set, forward=True)
         self.window.marks["descriptions"] = time.perf_counter()
-
-    def _move_inotify_watches(self, forward: bool) -> None:
-        """Watches on A are re-added on B through our copy of the inotify fd (see inotify.py)."""
-        source = os.path.realpath(self.plan.source.path)
-        for p in self.stop_set:
-            for reg in p.inotify:
-                if forward:
-                    reg.new_wd = inotify.add_watch(reg.copy_fd, os.path.join(self.plan.target, reg.rel),
-                                                   reg.watch.mask)
-                    self.moved_watches.append(reg)
-                    inotify.remove_watch(reg.copy_fd, reg.watch.wd)
-                elif reg.new_wd >= 0:
-                    with contextlib.suppress(OSError):
-                        inotify.add_watch(reg.copy_fd, os.path.join(source, reg.rel), reg.watch.mask)
-                        inotify.remove_watch(reg.copy_fd, reg.new_wd)
-
-    @staticmethod
-    def _copy_description_locks(desc) -> None:
-        """Take the description's flock/OFD locks on B; A's go only when A's description closes."""
-        for lock in desc.locks:
-            if lock.kind == "FLOCK":
-                op = fcntl.LOCK_EX if lock.access == "WRITE" else fcntl.LOCK_SH
-                try:
-                    fcntl.flock(desc.new_fd, op | fcntl.LOCK_NB)
-                except OSError as exc:
-                    raise SwapError(f"flock on {desc.rel} on the target is held by someone else: {exc}") from exc
-            elif lock.kind == "OFDLCK":
-                try:
-                    fcntl.fcntl(desc.new_fd, F_OFD_SETLK, tables.flock_struct(lock))
-                except OSError as exc:
-                    raise SwapError(f"OFD lock on {desc.rel} on the target is held by someone else: {exc}") from exc
 
     # -- injection ----------------------------------------------------------------------
     def _injector(self, p: ProcessPlan) -> Injector:
@@ -456,7 +361,7 @@ class Engine:
         self.window.injected = time.perf_counter()
 
     def _rollback(self) -> None:
-        self._move_inotify_watches(forward=False)
+        handover.move_inotify_watches(self.plan, self.stop_set, forward=False)
         for p, done in reversed(self.touched):
             try:
                 strays = tuple(sorted(set(procfs.fd_numbers(p.pid)) - set(p.fd_numbers)))
@@ -537,22 +442,3 @@ def _holds_source(pid: int, dev: int) -> bool:
             if os.stat(f"/proc/{pid}/fd/{fd}").st_dev == dev:
                 return True
     return any(os.stat(f"/proc/{pid}/{k}").st_dev == dev for k in ("cwd", "root"))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _copy_pipe_content(fifo_fd: int, keeper: int) -> None:
-    """Duplicate what is buffered in the source FIFO into the target FIFO (tee: non-destructive)."""
-    reader = os.open(f"/proc/self/fd/{fifo_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
-        while True:
-            copied = _libc.tee(reader, keeper, ctypes.c_size_t(size), SPLICE_F_NONBLOCK)
-            err = ctypes.get_errno() if copied < 0 else 0
-            if err != errno.EINTR:
-                break
-        if copied < 0 and err != errno.EAGAIN:  # EAGAIN: empty pipe
-            raise OSError(err, "tee from the source FIFO")
-    finally:
-        os.close(reader)

@@ -1,0 +1,132 @@
+"""The manager-side part of the stop window: state that lives in open file descriptions
+or kernel objects the manager shares with the tasks, moved without any injection
+(offsets, flock/OFD locks, FIFO content, datagram queues, inotify watches), and finding
+the POSIX locks the injected tables must take."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+
+from spfs.swap import inotify, procfs, tables, unixsock
+from spfs.swap.model import Description, ProcessPlan, SwapError, SwapPlan
+
+log = logging.getLogger(__name__)
+
+F_OFD_SETLK = 37
+SPLICE_F_NONBLOCK = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def find_locks(plan: SwapPlan, stopped: list[ProcessPlan]) -> None:
+    """Current locks, cheaply: one F_GETLK probe per description (our reference is another
+    lock owner, so any POSIX or OFD lock on the file shows up); fdinfo is read only for the
+    holders of a locked file.  flock locks are not visible to F_GETLK: those seen at
+    discovery are re-read here (a flock taken between discovery and the stop is missed)."""
+    owner_of = {p.pid: p for p in stopped}
+    probe = tables.flock_struct(procfs.Lock("POSIX", "ADVISORY", "WRITE", 0, 0, None))
+    for desc in plan.descriptions:
+        if desc.flags & os.O_PATH:
+            continue
+        try:
+            found = struct.unpack("<h", fcntl.fcntl(desc.old_fd, fcntl.F_GETLK, probe)[:2])[0]
+        except OSError:
+            found = fcntl.F_UNLCK
+        if found == fcntl.F_UNLCK and not desc.locks:
+            continue
+        desc.locks = []
+        for pid, fd in desc.holders:
+            try:
+                info = procfs.fdinfo(pid, fd)
+            except FileNotFoundError:
+                continue
+            for lock in info.locks:
+                if lock.kind in ("FLOCK", "OFDLCK"):
+                    if lock not in desc.locks:
+                        desc.locks.append(lock)
+                elif lock.kind == "POSIX":
+                    p = owner_of[pid]
+                    owner = owner_of.get(p.fd_table_of, p) if p.fd_table_of else p  # locks belong to the fd table
+                    ref = next((r for r in owner.fds if r.fd == fd), None)
+                    if ref is not None:
+                        ref.posix_locks.append(lock)
+
+
+def move_description_state(plan: SwapPlan, fifo_keepers: dict[str, int]) -> None:
+    """Offsets, flock and OFD locks, FIFO and datagram contents: set on B from here."""
+    copied_fifos: set[str] = set()
+    for desc in plan.descriptions:
+        if (stat.S_ISREG(desc.mode) or stat.S_ISDIR(desc.mode)) and not desc.flags & os.O_PATH:
+            _copy_offset(desc)
+        if desc.locks:
+            _copy_description_locks(desc)
+        if stat.S_ISSOCK(desc.mode):
+            if desc.sock.listening and unixsock.has_queued_connections(desc.old_fd):
+                raise SwapError(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
+                                "moved to a new listener: run the switch again")
+            if not desc.sock.listening:
+                unixsock.copy_datagrams(desc.old_fd, desc.new_fd)
+        if stat.S_ISFIFO(desc.mode):
+            path = os.path.join(plan.target, desc.rel)
+            if path not in copied_fifos:
+                copied_fifos.add(path)
+                _copy_pipe_content(desc.old_fd, fifo_keepers[path])
+
+
+def move_inotify_watches(plan: SwapPlan, processes: list[ProcessPlan], forward: bool) -> None:
+    """Watches on A are re-added on B through our copy of the inotify fd (see inotify.py);
+    backwards for a revert."""
+    source = os.path.realpath(plan.source.path)
+    for p in processes:
+        for reg in p.inotify:
+            if forward:
+                reg.new_wd = inotify.add_watch(reg.copy_fd, os.path.join(plan.target, reg.rel), reg.watch.mask)
+                inotify.remove_watch(reg.copy_fd, reg.watch.wd)
+            elif reg.new_wd >= 0:
+                with contextlib.suppress(OSError):
+                    inotify.add_watch(reg.copy_fd, os.path.join(source, reg.rel), reg.watch.mask)
+                    inotify.remove_watch(reg.copy_fd, reg.new_wd)
+
+
+def _copy_offset(desc: Description) -> None:
+    pos = os.lseek(desc.old_fd, 0, os.SEEK_CUR)
+    if stat.S_ISDIR(desc.mode) and pos:
+        log.warning("directory %s read to offset %d: directory offsets do not carry over, restarting at 0",
+                    desc.rel, pos)
+        pos = 0
+    os.lseek(desc.new_fd, pos, os.SEEK_SET)
+
+
+def _copy_description_locks(desc: Description) -> None:
+    """Take the description's flock/OFD locks on B; A's go only when A's description closes."""
+    for lock in desc.locks:
+        try:
+            if lock.kind == "FLOCK":
+                op = fcntl.LOCK_EX if lock.access == "WRITE" else fcntl.LOCK_SH
+                fcntl.flock(desc.new_fd, op | fcntl.LOCK_NB)
+            elif lock.kind == "OFDLCK":
+                fcntl.fcntl(desc.new_fd, F_OFD_SETLK, tables.flock_struct(lock))
+        except OSError as exc:
+            raise SwapError(f"{lock.kind} lock on {desc.rel} on the target is held by someone else: {exc}") from exc
+
+
+def _copy_pipe_content(fifo_fd: int, keeper: int) -> None:
+    """Duplicate what is buffered in the source FIFO into the target FIFO (tee: non-destructive)."""
+    reader = os.open(f"/proc/self/fd/{fifo_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
+        while True:
+            copied = _libc.tee(reader, keeper, ctypes.c_size_t(size), SPLICE_F_NONBLOCK)
+            err = ctypes.get_errno() if copied < 0 else 0
+            if err != errno.EINTR:
+                break
+        if copied < 0 and err != errno.EAGAIN:  # EAGAIN: empty pipe
+            raise OSError(err, "tee from the source FIFO")
+    finally:
+        os.close(reader)
