@@ -300,3 +300,30 @@ def test_signals_sent_during_the_stop_are_delivered_after(mounts, victim_bin):
     rep = reports[proc.pid]
     assert rep["usr1"] == "1" and rep["rt_sum"] == "4321"
     check_log(mounts.b / "log.txt", int(rep["iterations"]))
+
+
+def test_root_and_cwd_of_chrooted_processes(mounts, tmp_path):
+    """A process chrooted into A (cwd inside), and one chrooted into A whose cwd stayed
+    outside its root (the C manager reset such a cwd to /)."""
+    jail = mounts.a / "jail"
+    (jail / "inner").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    code = ("import os, sys, time\nos.chdir(sys.argv[2])\nready = open(sys.argv[4], 'w')\n"
+            "os.chroot(sys.argv[1])\nif sys.argv[3] == 'in': os.chdir('/inner')\n"
+            "ready.close()\ntime.sleep(60)\n")
+    procs = []
+    for i, where in enumerate(("in", "out")):
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(jail), str(outside), where,
+                                       str(mounts.ctrl / f"ready.{i}")]))
+    mounts.procs.extend(procs)
+    mounts.wait_ready(2)
+    time.sleep(0.2)
+    mounts.mirror()
+    plan, report = _switch(mounts, pids=[p.pid for p in procs])
+    inside, kept = procs
+    assert os.readlink(f"/proc/{inside.pid}/root") == str(mounts.b / "jail")
+    assert os.readlink(f"/proc/{inside.pid}/cwd") == str(mounts.b / "jail" / "inner")
+    assert os.readlink(f"/proc/{kept.pid}/root") == str(mounts.b / "jail")
+    assert os.readlink(f"/proc/{kept.pid}/cwd") == str(outside)
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0

@@ -74,6 +74,13 @@ def tree_pids(roots: list[int]) -> list[int]:
     return sorted(seen)
 
 
+def _containing_mount(mounts: dict[int, procfs.Mount], path: str, dev: int) -> procfs.Mount | None:
+    """The deepest mount of device `dev` whose mount point contains `path`."""
+    candidates = [m for m in mounts.values() if m.dev == dev and
+                  (path == m.mountpoint or path.startswith(m.mountpoint.rstrip("/") + "/"))]
+    return max(candidates, key=lambda m: len(m.mountpoint), default=None)
+
+
 def _kcmp_sort(items: list, key) -> list[list]:
     """Group items whose kernel objects are identical (kcmp == 0), via sorting."""
     def compare(a, b) -> int:
@@ -106,16 +113,25 @@ class _Scanner:
         self.sockets = sockets or {}
         self.path_map = path_map
         self.mountinfo_by_ns: dict[int, dict[int, procfs.Mount]] = {}
+        self.own_mounts = procfs.mountinfo()
         self.unmovable: list[Unmovable] = []
 
     def sb_relative(self, pid: int, link: str, mnt_id: int | None) -> str | None:
-        """Path of a link target relative to the source, or None when outside it."""
-        mounts = self._mounts(pid)
-        mount = mounts.get(mnt_id) if mnt_id is not None else None
-        if mount is None and mnt_id is None:
-            candidates = [m for m in mounts.values() if m.dev == self.source.dev and
-                          (link == m.mountpoint or link.startswith(m.mountpoint.rstrip("/") + "/"))]
-            mount = max(candidates, key=lambda m: len(m.mountpoint), default=None)
+        """Path of a link target relative to the source, or None when outside it.
+
+        /proc links are printed from *our* root: a mount we can see (mount ids are global)
+        maps through our mountinfo, also for a chrooted task.  A mount of another namespace
+        prints relative to that namespace's root, so it maps through the task's mountinfo;
+        a detached mount prints relative to its own root."""
+        mount = None
+        if mnt_id is not None:
+            mount = self.own_mounts.get(mnt_id)
+            if mount is None:
+                mount = self._mounts(pid).get(mnt_id)
+        else:
+            mount = _containing_mount(self.own_mounts, link, self.source.dev)
+            if mount is None and procfs.ns_inode(pid, "mnt") != procfs.ns_inode("self", "mnt"):
+                mount = _containing_mount(self._mounts(pid), link, self.source.dev)
         if mount is not None:
             inside = os.path.relpath(link, mount.mountpoint)
             sb = os.path.normpath(os.path.join(mount.root, "" if inside == "." else inside))
