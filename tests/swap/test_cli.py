@@ -55,3 +55,15 @@ def test_bad_input_is_refused_clearly(mounts):
     assert out.returncode == 2 and "manager itself" in out.stderr
     out = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--cgroup", str(mounts.root))
     assert out.returncode == 2 and "not a cgroup" in out.stderr
+
+
+def test_missing_file_on_target_is_refused_before_stopping(mounts, victim_bin, cgroup):
+    mounts.populate()
+    proc = mounts.spawn(victim_bin, cgroup=cgroup)
+    mounts.wait_ready(1)
+    out = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--cgroup", str(cgroup))
+    assert out.returncode == 2 and "prepare failed" in out.stderr and "No such file" in out.stderr
+    state = (cgroup / ("freezer.state" if (cgroup / "freezer.state").exists() else "cgroup.freeze")).read_text()
+    assert state.strip() in ("THAWED", "0")
+    assert "TracerPid:\t0" in open(f"/proc/{proc.pid}/status").read()
+    assert os.readlink(f"/proc/{proc.pid}/cwd") == str(mounts.a)
