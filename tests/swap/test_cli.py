@@ -67,3 +67,25 @@ def test_missing_file_on_target_is_refused_before_stopping(mounts, victim_bin, c
     assert state.strip() in ("THAWED", "0")
     assert "TracerPid:\t0" in open(f"/proc/{proc.pid}/status").read()
     assert os.readlink(f"/proc/{proc.pid}/cwd") == str(mounts.a)
+
+
+def test_run_switch_from_a_worker_thread(mounts, victim_bin):
+    """The manager calls run_switch from its own threads: no signal handler set-up there."""
+    import argparse
+    import threading
+
+    from spfs.swap import cli
+
+    mounts.populate()
+    proc = mounts.spawn(victim_bin)
+    mounts.wait_ready(1)
+    mounts.mirror()
+    parser = argparse.ArgumentParser()
+    cli.add_switch_arguments(parser)
+    args = parser.parse_args(["--source", str(mounts.a), "--target", str(mounts.b), "--pid", str(proc.pid), "--json"])
+    result = []
+    worker = threading.Thread(target=lambda: result.append(cli.run_switch(args)))
+    worker.start()
+    worker.join(60)
+    assert result == [0]
+    assert os.readlink(f"/proc/{proc.pid}/cwd") == str(mounts.b)

@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 
 from spfs.swap import api
 from spfs.swap.engine import abort_requested
@@ -113,7 +114,9 @@ def run_switch(args: argparse.Namespace) -> int:
     except SwapError as exc:
         print(f"switch: {exc}", file=sys.stderr)
         return 2
-    previous = {sig: signal.signal(sig, lambda *_: abort_requested.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        previous = {sig: signal.signal(sig, lambda *_: abort_requested.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         report = api.commit(plan, timeout=args.timeout)
     finally:
