@@ -16,6 +16,7 @@ from spfs.fs.manifest import ManifestError
 from spfs.lab.ct import checkpoint
 from spfs.lab.ct.container import exec_in
 from spfs.lab.env import shares
+from spfs.lab.paths import LabPaths
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def dumped(tmp_path_factory, request):
     from spfs.lab.ct.spec import BindMount, NfsMount
     server = Path(shares()["a"].server_dir) / "imgtest"
     server.mkdir()
-    shutil.copy2("/work/main/build/lab/bin/nfsload", server / "exe-on-nfs")
+    shutil.copy2(LabPaths.default().bin_dir / "nfsload", server / "exe-on-nfs")
     (server / "sub").mkdir(mode=0o750)
     os.mkfifo(server / "fifo", 0o640)
     ct = container.create("imgs", [NfsMount.parse("4.1:a:/mnt/nfs")],

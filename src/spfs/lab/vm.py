@@ -106,7 +106,7 @@ def qemu_command(spec: RunSpec, paths: LabPaths, run_dir: Path, out_sock: Path) 
     append = " ".join([
         "console=ttyS0", "quiet", "loglevel=4", "panic=-1", "mitigations=off",
         f"spfs.boot={GUEST_DIR / 'boot.sh'}", f"spfs.run={run_dir}",
-        f"spfs.kernel={kernel.root}",
+        f"spfs.kernel={kernel.root}", f"spfs.checkout={CHECKOUT}",
     ])
     return [
         shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",

@@ -5,23 +5,29 @@
 # virtio port, records its exit status and powers off. See README "The lab".
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
-T0=$(cut -d' ' -f1 /proc/uptime 2>/dev/null || echo 0)
 
 mount -t proc proc /proc
+RUN=""; KROOT=""; CHECKOUT=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        spfs.run=*) RUN="${arg#spfs.run=}" ;;
+        spfs.kernel=*) KROOT="${arg#spfs.kernel=}" ;;
+        spfs.checkout=*) CHECKOUT="${arg#spfs.checkout=}" ;;
+    esac
+done
+# The checkout must stay at its path even where the guest mounts its own tmpfs (a clone
+# under /tmp or /run): hold it aside, mount those, and put it back.
+mkdir -p /.spfs-checkout
+mount --bind "$CHECKOUT" /.spfs-checkout
+
 mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-
-RUN=""; KROOT=""
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        spfs.run=*) RUN="${arg#spfs.run=}" ;;
-        spfs.kernel=*) KROOT="${arg#spfs.kernel=}" ;;
-    esac
-done
+mkdir -p "$CHECKOUT"
+mount --move /.spfs-checkout "$CHECKOUT"
 
 stamp() {  # boot timeline, on the console and in the run dir
     echo "spfs-lab: [$(cut -d' ' -f1 /proc/uptime)] $*" > /dev/console
@@ -36,7 +42,7 @@ die() {
 mkdir -p "$RUN"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none runshare "$RUN" \
     || { echo "cannot mount run dir" > /dev/console; poweroff -f; }
-stamp "userspace started (initramfs handed over at ${T0})"
+stamp "userspace started"
 
 # Kernel modules come from the extracted Debian package in the build dir.
 KVER=$(uname -r)
