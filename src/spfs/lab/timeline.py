@@ -20,7 +20,7 @@ class Step:
 
 @dataclass
 class Timeline:
-    out: TextIO = sys.stdout
+    out: TextIO = field(default_factory=lambda: sys.stdout)  # the current one, not import-time
     started: float = field(default_factory=time.monotonic)
     steps: list[Step] = field(default_factory=list)
 
