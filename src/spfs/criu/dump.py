@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from spfs.criu.mountinfo import NfsSuperblock, nfs_superblocks
+from spfs.criu.runner import CriuError, run_criu
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,9 @@ def dump(pid: int, images: Path, criu: str = "criu", extra: list[str] | None = N
     log.info("dumping %d: %d NFS superblock(s), %d mount(s)", pid, len(superblocks),
              sum(len(sb.mounts) for sb in superblocks))
     argv = criu_dump_argv(criu, pid, images, superblocks, extra or [])
-    t0 = time.monotonic()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise DumpError(f"criu dump did not finish in {timeout:.0f} s "
-                        f"(log: {images / 'dump.log'})") from None
-    if proc.returncode != 0:
-        tail = (images / "dump.log").read_text(errors="replace").splitlines()[-20:] \
-            if (images / "dump.log").exists() else []
-        raise DumpError(f"criu dump failed ({proc.returncode}): {proc.stderr.strip()}\n"
-                        + "\n".join(tail))
-    seconds = time.monotonic() - t0
+        seconds = run_criu(argv, images / "dump.log", timeout)
+    except CriuError as e:
+        raise DumpError(str(e)) from None
     log.info("criu dump done in %.2f s", seconds)
     return DumpResult(images, superblocks, seconds)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from spfs.criu.runner import CriuError, run_criu
 from spfs.lab.ct.container import alive, release_veth, stop_processes
 from spfs.lab.ct.nfs_helpers import netns_id
-from spfs.lab.ct.util import CtError, run, wait_for
+from spfs.lab.ct.util import CtError, run
 from spfs.lab.ct.spec import CtState
 from spfs.lab.env import lab_env
 from spfs.lab.paths import GUEST_DIR
@@ -57,17 +57,10 @@ def _criu_env(state: CtState, extra: dict[str, str] | None = None) -> dict[str, 
 
 
 def _criu(argv: list[str], env: dict[str, str], timeout: float, log_path: Path) -> float:
-    t0 = time.monotonic()
     try:
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise CtError(f"{argv[1]} did not finish in {timeout:.0f} s; log: {log_path}") from None
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-25:] \
-            if log_path.exists() else []
-        raise CtError(f"criu {argv[1]} failed ({proc.returncode}): {proc.stderr.strip()}\n"
-                      f"--- {log_path} (tail) ---\n" + "\n".join(tail))
-    return time.monotonic() - t0
+        return run_criu(argv, log_path, timeout, env)
+    except CriuError as e:
+        raise CtError(str(e)) from None
 
 
 def dump_argv(state: CtState, images: Path) -> list[str]:
