@@ -11,12 +11,12 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 from typing import Any
 
 import trio
 
+from spfs.control_socket import remove_stale_socket
 from spfs.fs import protocol
 from spfs.fs.controller import FsController
 from spfs.fs.manifest import ManifestError
@@ -39,22 +39,9 @@ class ControlSocketError(OSError):
 def bind_control_socket(path: str) -> socket.socket:
     """Bind *path*, replacing a stale socket file but never a live daemon's."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlSocketError(errno.EEXIST, f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # nobody listens: left behind by a killed daemon
-        else:
-            raise ControlSocketError(errno.EADDRINUSE, f"{path} is in use by a running daemon")
-        finally:
-            probe.close()
+        remove_stale_socket(path, f"{path} is in use by a running daemon")
+    except OSError as exc:
+        raise ControlSocketError(exc.errno or errno.EIO, exc.strerror) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)

@@ -11,13 +11,13 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from spfs.control_socket import remove_stale_socket
 from spfs.manager.protocol import (MAX_PACKET_BYTES, Reply, RequestError, Request, encode_reply,
                                    form_of, parse_packet)
 
@@ -39,27 +39,6 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
-def _remove_stale_socket(path: str) -> None:
-    """A socket file nobody listens on is left from a killed manager: take it over."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.warning("removing stale control socket %s", path)
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another manager is listening on {path}")
-
-
 class ControlServer:
     def __init__(self, path: str, handle: Callable[[Request], Reply],
                  limits: ServerLimits = ServerLimits()) -> None:
@@ -68,7 +47,7 @@ class ControlServer:
         self.limits = limits
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
-        _remove_stale_socket(path)
+        remove_stale_socket(path, f"another manager is listening on {path}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old_umask = os.umask(0o177)
         try:
