@@ -29,7 +29,7 @@ def _fs_path(f: RegFile, mount: MountRecord, name: str | None = None) -> str:
     """Path inside the superblock: the bind's sub-root plus the name below its mountpoint."""
     name = name or f.name
     rel = posixpath.relpath(posixpath.normpath(name), mount.mountpoint)
-    if rel == "." :
+    if rel == ".":
         rel = ""
     if rel.startswith(".."):
         raise ImageError(f"file {f.id} {name!r} is not below its mount {mount.mountpoint!r}")
