@@ -25,6 +25,7 @@ class SpfsSpec:
     proxy_dir: str | None = None
     proxy_ns_pid: int | None = None
     verbosity: int = 0
+    manifest: str | None = None  # restore mode: what SPFS serves
 
 
 class SpfsHandle(Protocol):
@@ -70,6 +71,8 @@ class SwapJob:
     spfs_paths: tuple[str, ...]  # mountpoint and binds, as the container sees them
     spfs_dev: int  # st_dev of the SPFS superblock
     real_root: str  # a path of the real fs root usable by the manager (/proc/self/fd/N)
+    # unlinked files on SPFS (relative names, as /proc shows them) -> their names on the real fs
+    path_map: tuple[tuple[str, str], ...] = ()
 
 
 class ReferenceSwapper(Protocol):

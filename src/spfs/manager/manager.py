@@ -45,6 +45,7 @@ class ManagedSpfs:
     released: threading.Event = field(default_factory=threading.Event)
     freeze_cgroup: str | None = None
     bindmounts: list[str] = field(default_factory=list)
+    ns_mountpoint: str | None = None  # set by a replace that names the container
     job: ReplaceJob | None = None
     thread: threading.Thread | None = None
 
@@ -59,8 +60,8 @@ class ManagedSpfs:
         return {
             "id": self.id,
             "mountpoint": self.request.mountpoint,
-            "ns_mountpoint": self.request.container_mountpoint,
-            "ns_pid": self.request.ns_pid,
+            "ns_mountpoint": self.ns_mountpoint or self.request.container_mountpoint,
+            "ns_pid": self.target.pid if self.target else None,
             "mode": self.mode.value,
             "spfs_pid": self.handle.pid,
             "spfs_running": not self.handle.exited(),
@@ -113,7 +114,7 @@ class Manager:
                 work_dir=os.path.join(self.config.work_dir, f"spfs-{req.id}"),
                 log_path=os.path.join(self.config.log_dir, f"spfs-{req.id}.log"),
                 proxy_dir=req.proxy_dir, proxy_ns_pid=req.ns_pid if req.proxy_dir else None,
-                verbosity=self.config.verbosity)
+                verbosity=self.config.verbosity, manifest=req.manifest)
             handle = self.launcher.start(spec)
             with self._lock:
                 self.mounts[req.id] = ManagedSpfs(req, handle, target, req.mode)
@@ -165,14 +166,23 @@ class Manager:
                 spfs.freeze_cgroup = req.freeze_cgroup
             if spfs.freeze_cgroup is None:
                 return Reply.error(errno.EINVAL, "freeze_cgroup wasn't provided")
+            if req.ns_pid is not None:
+                # SPFS was mounted outside the container (criu-spfs: CRIU bound it in);
+                # only now, after restore, are the container's namespaces known
+                if spfs.target is not None and spfs.target.pid != req.ns_pid:
+                    return Reply.error(errno.EEXIST, f"SPFS {req.id} already belongs to the "
+                                                     f"namespaces of pid {spfs.target.pid}")
+                spfs.target = Namespaces(req.ns_pid, root=spfs.request.root)
+                spfs.ns_mountpoint = req.ns_mountpoint or spfs.ns_mountpoint
             spfs.bindmounts.extend(b for b in req.bindmounts if b not in spfs.bindmounts)
             self._apply_hold(spfs, req.hold)
             spfs.job = ReplaceJob(
                 mount_id=req.id, spfs=spfs.handle, target=spfs.target,
-                mountpoint=spfs.request.container_mountpoint,
+                mountpoint=spfs.ns_mountpoint or spfs.request.container_mountpoint,
                 bindmounts=tuple(spfs.bindmounts), freeze_cgroup=spfs.freeze_cgroup,
                 real_fs=RealFs(req.source, req.fstype, req.flags, req.data),
-                progress=ReplaceProgress(req.id), released=spfs.released)
+                progress=ReplaceProgress(req.id), released=spfs.released,
+                path_map=req.path_map, remove_after=req.remove_after)
             spfs.thread = threading.Thread(target=self._run_replace, args=(spfs,),
                                            name=f"replace-{req.id}", daemon=True)
             spfs.thread.start()

@@ -28,6 +28,7 @@ MAX_PACKET_BYTES = 65536
 MAX_PATH_BYTES = 4096
 MAX_MOUNT_DATA_BYTES = 16384
 MAX_BINDMOUNTS = 256
+MAX_PATH_MAP = 4096
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _FSTYPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -73,6 +74,7 @@ class MountRequest:
     ns_pid: int | None = None
     root: str | None = None
     ns_mountpoint: str | None = None
+    manifest: str | None = None  # restore mode: the SPFS manifest file (JSON form only)
 
     @property
     def container_mountpoint(self) -> str:
@@ -97,6 +99,14 @@ class ReplaceRequest:
     freeze_cgroup: str | None = None
     bindmounts: tuple[str, ...] = ()
     data: str = ""
+    # JSON form only, for SPFS mounted outside the container and bound in by CRIU
+    # (criu-spfs): the container's namespaces and mountpoint, known only after restore;
+    # silly-renamed files as `{name on SPFS: name on the real fs}`, and names to delete on
+    # the real fs once nothing is left on SPFS (CRIU's link_remap.N files).
+    ns_pid: int | None = None
+    ns_mountpoint: str | None = None
+    path_map: tuple[tuple[str, str], ...] = ()
+    remove_after: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,6 +225,7 @@ def _build_mount(o: _Options) -> MountRequest:
         ns_pid=_optional_pid(o, "ns_pid"),
         root=_optional_path(o, "root"),
         ns_mountpoint=_optional_path(o, "ns_mountpoint"),
+        manifest=_optional_path(o, "manifest"),
     )
 
 
@@ -259,7 +270,28 @@ def _build_replace(o: _Options) -> ReplaceRequest | ReplaceAllRequest:
         freeze_cgroup=_optional_path(o, "freeze_cgroup"),
         bindmounts=_bindmount_list(o.get("bindmounts") or []),
         data=_check_mount_data(o.get("data") or ""),
+        ns_pid=_optional_pid(o, "ns_pid"),
+        ns_mountpoint=_optional_path(o, "ns_mountpoint"),
+        path_map=_path_map(o.get("path_map") or {}),
+        remove_after=tuple(_relative_path("remove_after", p) for p in o.get("remove_after") or []),
     )
+
+
+def _relative_path(name: str, value: Any) -> str:
+    """A path below a filesystem root: relative, no `..`, `.` or empty components."""
+    if not isinstance(value, str) or not value or "\0" in value or \
+            len(value.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise _invalid(f"{name}: {str(value)[:80]!r} is not a valid path")
+    if value.startswith("/") or any(part in ("", ".", "..") for part in value.split("/")):
+        raise _invalid(f"{name}: {value[:80]!r} must be relative and stay below the root")
+    return value
+
+
+def _path_map(value: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    if len(value) > MAX_PATH_MAP:
+        raise _invalid(f"path_map has more than {MAX_PATH_MAP} entries")
+    return tuple((_relative_path("path_map", k), _relative_path("path_map", v))
+                 for k, v in value.items())
 
 
 def _build_switch(o: _Options) -> SwitchRequest:
@@ -418,10 +450,11 @@ def parse_text(packet: bytes) -> Request:
 
 _JSON_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "mount": {"id": str, "mode": str, "mountpoint": str, "proxy_dir": str, "ns_pid": int,
-              "root": str, "ns_mountpoint": str},
+              "root": str, "ns_mountpoint": str, "manifest": str},
     "mode": {"id": str, "mode": str, "proxy_dir": str, "ns_pid": int, "all": bool},
     "replace": {"id": str, "source": str, "type": str, "flags": int, "freeze_cgroup": str,
-                "bindmounts": list, "mode": str, "all": bool, "data": str},
+                "bindmounts": list, "mode": str, "all": bool, "data": str, "ns_pid": int,
+                "ns_mountpoint": str, "path_map": dict, "remove_after": list},
     "switch": {"source": str, "target": str, "freeze_cgroup": str, "device": int,
                "ns_pid": int},
     "status": {"id": str},

@@ -63,6 +63,8 @@ class ReplaceJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     real_fd: int | None = None  # the detached real mount, kept while SPFS may proxy onto it
     spfs_mode_after: SpfsMode | None = None
+    path_map: tuple[tuple[str, str], ...] = ()  # unlinked on SPFS -> name on the real fs
+    remove_after: tuple[str, ...] = ()  # names to delete on the real fs once replaced
 
     @property
     def paths(self) -> list[str]:
@@ -125,7 +127,29 @@ class ReplacePipeline:
         except PhaseFailure as exc:
             self._give_up(job, exc, rolled_back=True)
             return
+        self._remove_leftovers(job)
         job.progress.advance(P.DONE)
+
+    @staticmethod
+    def _remove_leftovers(job: ReplaceJob) -> None:
+        """CRIU's link_remap.N files kept silly-renamed files alive across the migration;
+        now the processes hold the real files open, the names go (the NFS client turns each
+        into a silly rename of its own).  A failure here costs a stray file, not the replace."""
+        removed, problems = [], []
+        for name in job.remove_after:
+            try:
+                os.unlink(name, dir_fd=job.real_fd)
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problems.append(f"{name}: {exc.strerror or exc}")
+        if removed:
+            job.progress.details["removed"] = removed
+            log.info("replace %s: removed %s from the real fs", job.mount_id, ", ".join(removed))
+        if problems:
+            job.progress.details["remove_errors"] = problems
+            log.warning("replace %s: could not remove %s", job.mount_id, "; ".join(problems))
 
     # -- a
     def _wait_release(self, job: ReplaceJob) -> None:
@@ -180,7 +204,7 @@ class ReplacePipeline:
             placements = with_mountpoint_flags(self.mover.describe(job.target, paths),
                                                job.real_fs.flags)
             swap_job = SwapJob(job.freeze_cgroup, job.target, tuple(paths), spfs_dev,
-                               self._real_root(job))
+                               self._real_root(job), job.path_map)
             freezer = CgroupFreezer(job.freeze_cgroup)
             moved = evacuate(job.freeze_cgroup, [os.getpid(), *([job.spfs.pid] if
                                                                job.spfs.pid else [])])

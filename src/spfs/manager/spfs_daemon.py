@@ -162,6 +162,8 @@ class SpfsProcessLauncher:
             argv += ["--proxy-dir", spec.proxy_dir]
         if spec.proxy_ns_pid is not None:
             argv += ["--proxy-mntns-pid", str(spec.proxy_ns_pid)]
+        if spec.manifest is not None:
+            argv += ["--manifest", spec.manifest]
         log.info("spfs %s: starting %s", spec.id, " ".join(argv))
         try:
             proc = subprocess.Popen(argv, pass_fds=(ready_write,), stdin=subprocess.DEVNULL,

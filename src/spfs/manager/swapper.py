@@ -70,7 +70,8 @@ class SwapEngineAdapter:
         engine = _engine()
         source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
         return self._prepare_plan(engine, engine.discover(source, job.real_root,
-                                                          cgroup=job.cgroup))
+                                                          cgroup=job.cgroup,
+                                                          path_map=dict(job.path_map)))
 
     def _prepare_plan(self, engine: ModuleType, plan: Any) -> Any:
         try:
@@ -95,7 +96,8 @@ class SwapEngineAdapter:
         source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
         try:
             try:
-                now = engine.discover(source, job.real_root, cgroup=job.cgroup)
+                now = engine.discover(source, job.real_root, cgroup=job.cgroup,
+                                      path_map=dict(job.path_map))
                 if not _coverage(now) <= _coverage(prepared):
                     log.info("references appeared since the swap was prepared: preparing "
                              "again")
