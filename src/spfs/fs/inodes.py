@@ -78,6 +78,11 @@ class Inode:
         return self.kind == stat.S_IFDIR
 
 
+# What the name operations of a backend answer: the inode and its attributes, taken from
+# the stat the backend made anyway (a second stat per request is measurable).
+Found = tuple[Inode, pyfuse3.EntryAttributes]
+
+
 class InodeTable:
     def __init__(self) -> None:
         self.inodes: dict[int, Inode] = {}

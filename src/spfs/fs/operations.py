@@ -25,7 +25,7 @@ from pyfuse3 import FUSEError
 from spfs.fs import attrs
 from spfs.fs.gate import ModeGate
 from spfs.fs.handles import Handle, HandleTable, close_quietly
-from spfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from spfs.fs.inodes import ROOT_INODE, Found, InodeTable
 from spfs.fs.modes import Mode
 from spfs.fs.proxy_backend import ProxyBackend
 from spfs.fs.restore_backend import RestoreBackend
@@ -119,8 +119,8 @@ class SpfsOperations(pyfuse3.Operations):
             raise FUSEError(errno.EIO)
         return backend
 
-    def _entry(self, parent: int, name: bytes, inode: Inode) -> pyfuse3.EntryAttributes:
-        attr = self.backend.attributes(inode)
+    def _entry(self, parent: int, name: bytes, found: Found) -> pyfuse3.EntryAttributes:
+        inode, attr = found
         inode.lookups += 1
         self.table.add_name(parent, name, inode.ino)
         return attr
@@ -138,13 +138,16 @@ class SpfsOperations(pyfuse3.Operations):
             self.table.forget(ino, count)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if inode == ROOT_INODE and not self.gate.open:
+        if self.gate.open:  # the common case, without the extra coroutine of _getattr
+            return _run_guarded(SpfsOperations._getattr_now, self, (inode,))
+        if inode == ROOT_INODE:
             return attrs.stub_root(self.stub_root)
         return await self._getattr(inode)
 
-    @served
-    def _getattr(self, ino: int) -> pyfuse3.EntryAttributes:
+    def _getattr_now(self, ino: int) -> pyfuse3.EntryAttributes:
         return self.backend.attributes(self.table.get(ino))
+
+    _getattr = served(_getattr_now)
 
     @unparked
     def flush(self, fh: int) -> None:
@@ -220,7 +223,12 @@ class SpfsOperations(pyfuse3.Operations):
     # -- names ---------------------------------------------------------------------------
     @served
     def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(parent, name, self.backend.lookup(parent, name, ctx))
+        found = self.backend.lookup(parent, name, ctx)
+        if found is None:
+            # Not remembered by the kernel (timeout 0), exactly like ENOENT, which would
+            # cost an exception on each side of pyfuse3.
+            return attrs.negative(0)
+        return self._entry(parent, name, found)
 
     @served
     def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -252,8 +260,8 @@ class SpfsOperations(pyfuse3.Operations):
     @served
     def link(self, ino: int, new_parent: int, new_name: bytes,
              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode = self.backend.link(self.table.get(ino), new_parent, new_name, ctx)
-        return self._entry(new_parent, new_name, inode)
+        found = self.backend.link(self.table.get(ino), new_parent, new_name, ctx)
+        return self._entry(new_parent, new_name, found)
 
     @served
     def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -279,9 +287,9 @@ class SpfsOperations(pyfuse3.Operations):
     @served
     def create(self, parent: int, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        handle, inode = self.backend.create(parent, name, mode, flags, ctx)
-        inode.open_handles += 1
-        return self._file_info(handle), self._entry(parent, name, inode)
+        handle, found = self.backend.create(parent, name, mode, flags, ctx)
+        found[0].open_handles += 1
+        return self._file_info(handle), self._entry(parent, name, found)
 
     @served
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -319,10 +327,12 @@ class SpfsOperations(pyfuse3.Operations):
         for index in range(start_id, len(handle.dir_names)):
             name = handle.dir_names[index]
             try:
-                inode = backend.lookup(handle.ino, name, None)  # type: ignore[arg-type]
-                attr = backend.attributes(inode)
+                found = backend.lookup(handle.ino, name, None)  # type: ignore[arg-type]
             except (OSError, FUSEError):
+                continue
+            if found is None:
                 continue  # removed since the listing was taken
+            inode, attr = found
             if not pyfuse3.readdir_reply(token, name, attr, index + 1):
                 self.table.maybe_drop(inode)
                 break

@@ -23,7 +23,7 @@ from spfs.fs import attrs, syscalls
 from spfs.fs.creds import CallerCredentials
 from spfs.fs.handles import Handle, HandleTable, close_quietly
 from spfs.fs.inode_budget import InodeBudget
-from spfs.fs.inodes import Inode, InodeTable, ProxyObject
+from spfs.fs.inodes import Found, Inode, InodeTable, ProxyObject
 
 _LOOKUP_RESOLVE = (syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
                    | syscalls.RESOLVE_NO_MAGICLINKS)
@@ -77,27 +77,54 @@ class ProxyBackend:
             raise FUSEError(errno.ENOTDIR)
         return self._obj(inode).fd
 
-    def _bind(self, fd: int, st: os.stat_result) -> Inode:
-        """The inode for a freshly resolved target object (hard links share one inode)."""
+    def _bind(self, fd: int, st: os.stat_result) -> Found:
+        """The inode for a freshly resolved target object (hard links share one inode),
+        with attributes from *st*, the stat of *fd*."""
+        inode = self.table.find_backing(st)
+        if inode is not None and inode.kind == stat.S_IFMT(st.st_mode):
+            os.close(fd)
+        else:
+            inode = self.table.add(stat.S_IFMT(st.st_mode))
+            self.table.bind_proxy(inode, ProxyObject(fd=fd, dev=st.st_dev, ino=st.st_ino))
+            if self.budget is not None:
+                self.budget.check()
+        return inode, attrs.from_stat(inode.ino, st, self.timeouts)
+
+    def _resolve(self, parent_ino: int, name: bytes) -> Found | None:
+        """The object *name* in the parent directory, or None if there is none.
+
+        A name that leads to an object we already hold (the usual case: the kernel's entry
+        expired, or a hard link) costs one fstatat: a single checked component with
+        AT_SYMLINK_NOFOLLOW cannot leave the directory, and the object found by (st_dev,
+        st_ino) is alive (we hold it), so that pair cannot name anything else.
+        """
+        _check_name(name)
+        dirfd = self._dirfd(parent_ino)
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
         known = self.table.find_backing(st)
         if known is not None and known.kind == stat.S_IFMT(st.st_mode):
-            os.close(fd)
-            return known
-        inode = self.table.add(stat.S_IFMT(st.st_mode))
-        self.table.bind_proxy(inode, ProxyObject(fd=fd, dev=st.st_dev, ino=st.st_ino))
-        if self.budget is not None:
-            self.budget.check()
-        return inode
-
-    def _resolve(self, parent_ino: int, name: bytes) -> Inode:
-        _check_name(name)
-        fd = syscalls.openat2(self._dirfd(parent_ino), name, _O_PATH_FLAGS, _LOOKUP_RESOLVE)
+            return known, attrs.from_stat(known.ino, st, self.timeouts)
+        fd = syscalls.try_openat2(dirfd, name, _O_PATH_FLAGS, _LOOKUP_RESOLVE)
+        if fd == -errno.ENOENT:
+            return None  # removed since the fstatat
+        if fd < 0:
+            raise OSError(-fd, os.strerror(-fd), os.fsdecode(name))
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
         return self._bind(fd, st)
+
+    def _created(self, parent_ino: int, name: bytes) -> Found:
+        """The object this daemon has just created under *name*."""
+        found = self._resolve(parent_ino, name)
+        if found is None:
+            raise FUSEError(errno.ENOENT)  # removed on the target in the meantime
+        return found
 
     def _name_of(self, inode: Inode) -> tuple[int, bytes]:
         """A (parent descriptor, name) pair for operations that must not follow a symlink."""
@@ -111,7 +138,7 @@ class ProxyBackend:
         return attrs.from_stat(inode.ino, os.fstat(self._obj(inode).fd), self.timeouts)
 
     # -- operations ----------------------------------------------------------------------
-    def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Inode:
+    def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found | None:
         with self.creds.of(ctx):
             return self._resolve(parent_ino, name)
 
@@ -156,27 +183,27 @@ class ProxyBackend:
             return os.readlink(b"", dir_fd=self._obj(inode).fd)
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int,
-              ctx: pyfuse3.RequestContext) -> Inode:
+              ctx: pyfuse3.RequestContext) -> Found:
         _check_name(name)
         with self.creds.of(ctx):
             os.mknod(name, mode, rdev, dir_fd=self._dirfd(parent_ino))
-            return self._resolve(parent_ino, name)
+            return self._created(parent_ino, name)
 
-    def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Inode:
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Found:
         _check_name(name)
         with self.creds.of(ctx):
             os.mkdir(name, mode, dir_fd=self._dirfd(parent_ino))
-            return self._resolve(parent_ino, name)
+            return self._created(parent_ino, name)
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes,
-                ctx: pyfuse3.RequestContext) -> Inode:
+                ctx: pyfuse3.RequestContext) -> Found:
         _check_name(name)
         with self.creds.of(ctx):
             # The target string is stored verbatim (the C spfs mangled it, §1.10 #2).
             os.symlink(target, name, dir_fd=self._dirfd(parent_ino))
-            return self._resolve(parent_ino, name)
+            return self._created(parent_ino, name)
 
-    def link(self, inode: Inode, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Inode:
+    def link(self, inode: Inode, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found:
         _check_name(name)
         obj = self._obj(inode)
         dirfd = self._dirfd(parent_ino)
@@ -189,7 +216,7 @@ class ProxyBackend:
                 # linkat(AT_EMPTY_PATH) would need CAP_DAC_READ_SEARCH, which a non-root
                 # fsuid does not have; following the magic link needs nothing.
                 os.link(obj.proc_path, name, dst_dir_fd=dirfd, follow_symlinks=True)
-        return inode
+        return inode, self.attributes(inode)
 
     def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         _check_name(name)
@@ -232,7 +259,7 @@ class ProxyBackend:
         return self.handles.add(inode.ino, flags, fd=fd)
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
-               ctx: pyfuse3.RequestContext) -> tuple[Handle, Inode]:
+               ctx: pyfuse3.RequestContext) -> tuple[Handle, Found]:
         _check_name(name)
         dirfd = self._dirfd(parent_ino)
         open_flags = (flags & ~(os.O_NOCTTY | os.O_DIRECT)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -242,11 +269,11 @@ class ProxyBackend:
             # The O_PATH descriptor comes from the open file itself, not from the name,
             # which someone could have replaced in the meantime.
             path_fd = os.open(f"/proc/self/fd/{fd}", _O_PATH_FLAGS & ~os.O_NOFOLLOW)
-            inode = self._bind(path_fd, os.fstat(path_fd))
+            found = self._bind(path_fd, os.fstat(path_fd))
         except BaseException:
             os.close(fd)
             raise
-        return self.handles.add(inode.ino, flags, fd=fd), inode
+        return self.handles.add(found[0].ino, flags, fd=fd), found
 
     def read(self, handle: Handle, offset: int, size: int) -> bytes:
         assert handle.fd is not None

@@ -17,7 +17,7 @@ from pyfuse3 import FUSEError
 
 from spfs.fs import attrs
 from spfs.fs.handles import Handle, HandleTable
-from spfs.fs.inodes import ROOT_INODE, Inode, InodeTable, RestoreNode
+from spfs.fs.inodes import ROOT_INODE, Found, Inode, InodeTable, RestoreNode
 from spfs.fs.manifest import Manifest, ManifestEntry, ManifestError, RootAttributes
 from spfs.fs.restore_content import FileContent
 
@@ -148,8 +148,13 @@ class RestoreBackend:
         return attrs.from_restore(inode.ino, inode.restore, self.timeouts)
 
     # -- operations ----------------------------------------------------------------------
-    def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Inode:
-        return self._child(parent_ino, name)
+    def _found(self, inode: Inode) -> Found:
+        return inode, self.attributes(inode)
+
+    def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found | None:
+        _, _, children = self._dir(parent_ino)
+        ino = children.get(name)
+        return self._found(self.table.get(ino)) if ino is not None else None
 
     def setattr(self, inode: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                 handle: Handle | None, ctx: pyfuse3.RequestContext) -> None:
@@ -178,21 +183,22 @@ class RestoreBackend:
         return node.target
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int,
-              ctx: pyfuse3.RequestContext) -> Inode:
+              ctx: pyfuse3.RequestContext) -> Found:
         fields: dict[str, object] = {"rdev": rdev}
         if stat.S_ISREG(mode):
             fields["content"] = FileContent()
-        return self._create(parent_ino, name, mode, ctx, **fields)
+        return self._found(self._create(parent_ino, name, mode, ctx, **fields))
 
-    def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Inode:
-        return self._create(parent_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx,
-                            children={}, nlink=2)
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Found:
+        return self._found(self._create(parent_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx,
+                                        children={}, nlink=2))
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes,
-                ctx: pyfuse3.RequestContext) -> Inode:
-        return self._create(parent_ino, name, stat.S_IFLNK | 0o777, ctx, target=target)
+                ctx: pyfuse3.RequestContext) -> Found:
+        return self._found(self._create(parent_ino, name, stat.S_IFLNK | 0o777, ctx,
+                                        target=target))
 
-    def link(self, inode: Inode, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Inode:
+    def link(self, inode: Inode, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found:
         _check_name(name)
         node = self._node(inode.ino)
         if node.children is not None:
@@ -204,7 +210,7 @@ class RestoreBackend:
         self.table.add_name(parent_ino, name, inode.ino)
         node.nlink += 1
         node.ctime_ns = pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
-        return inode
+        return self._found(inode)
 
     def _drop_link(self, parent_ino: int, name: bytes, victim: Inode) -> None:
         _, pnode, children = self._dir(parent_ino)
@@ -292,10 +298,10 @@ class RestoreBackend:
         return self.handles.add(inode.ino, flags, restore=True)
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
-               ctx: pyfuse3.RequestContext) -> tuple[Handle, Inode]:
+               ctx: pyfuse3.RequestContext) -> tuple[Handle, Found]:
         inode = self._create(parent_ino, name, stat.S_IFREG | stat.S_IMODE(mode), ctx,
                              content=FileContent())
-        return self.handles.add(inode.ino, flags, restore=True), inode
+        return self.handles.add(inode.ino, flags, restore=True), self._found(inode)
 
     def _content(self, handle: Handle) -> FileContent:
         content = self._node(handle.ino).content

@@ -45,10 +45,9 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def openat2(dirfd: int, path: bytes | str, flags: int, resolve: int, mode: int = 0) -> int:
-    """openat2(2): open *path* relative to *dirfd* under the RESOLVE_* restrictions."""
-    if isinstance(path, str):
-        path = os.fsencode(path)
+def try_openat2(dirfd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): the new descriptor, or -errno (no exception: a missing name is an
+    ordinary answer on the lookup path)."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
     while True:
         res = _syscall(SYS_OPENAT2, dirfd, ctypes.c_char_p(path), ctypes.byref(how),
@@ -56,9 +55,18 @@ def openat2(dirfd: int, path: bytes | str, flags: int, resolve: int, mode: int =
         if res >= 0:
             return res
         err = ctypes.get_errno()
-        if err == errno.EAGAIN:  # openat2 may ask for a retry when a rename raced
-            continue
-        raise OSError(err, os.strerror(err), os.fsdecode(path))
+        if err != errno.EAGAIN:  # openat2 may ask for a retry when a rename raced
+            return -err
+
+
+def openat2(dirfd: int, path: bytes | str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): open *path* relative to *dirfd* under the RESOLVE_* restrictions."""
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    res = try_openat2(dirfd, path, flags, resolve, mode)
+    if res < 0:
+        raise OSError(-res, os.strerror(-res), os.fsdecode(path))
+    return res
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
