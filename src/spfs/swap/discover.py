@@ -173,7 +173,7 @@ class _Scanner:
                         continue
                     info = procfs.fdinfo(pid, fd)
                     deleted = st.st_nlink == 0 and link.endswith(DELETED)
-                    name = link[: -len(DELETED)] if deleted else link
+                    name = fd_path(pid, link, st)
                     rel = self.sb_relative(pid, name, info.mnt_id)
                     if rel is None and info.mnt_id not in self.source.mnt_ids:
                         continue
@@ -329,6 +329,18 @@ def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[
                     unmovable=unmovable, cgroup=cgroup, path_map=path_map)
 
 
+def fd_path(pid: int, link: str, st: os.stat_result) -> str:
+    """The path of an open file from its /proc link.  " (deleted)" also marks a file whose
+    cached name was only dropped (SPFS invalidates its entries on a mode switch; network
+    filesystems do it too) while the file still has links: then the name is the path, unless
+    a file really is called that."""
+    if not link.endswith(DELETED):
+        return link
+    if st.st_nlink == 0 or not os.path.lexists(f"/proc/{pid}/root{link}"):
+        return link[: -len(DELETED)]
+    return link
+
+
 def late_relative_path(plan: SwapPlan, pid: int, link: str, mnt_id: int, st: os.stat_result) -> str:
     """Path relative to the source of an fd found only after the stop; SwapError if unusable."""
     from spfs.swap.model import SwapError
@@ -339,7 +351,7 @@ def late_relative_path(plan: SwapPlan, pid: int, link: str, mnt_id: int, st: os.
         if mapped is None:
             raise SwapError(f"process {pid} opened {link} (unlinked) after discovery")
         return mapped
-    rel = _Scanner(plan.source, plan.path_map).sb_relative(pid, link, mnt_id)
+    rel = _Scanner(plan.source, plan.path_map).sb_relative(pid, fd_path(pid, link, st), mnt_id)
     if rel is None or stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO):
         raise SwapError(f"process {pid} opened {link} after discovery and it cannot be moved")
     return rel
