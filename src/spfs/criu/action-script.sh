@@ -10,6 +10,9 @@
 #   flush dirty NFS pages (else it hangs unkillably in nfs_getattr), every other connection
 #   stays locked. The rules live in a mangle chain of their own.
 # network-unlock (restore): drop that chain, which the dump image carried along.
+# post-restore, pre-resume, post-resume (restore): handed to the criu-spfs restore that runs
+#   CRIU (src/spfs/criu/stages.py) through the FIFOs in $SPFS_CRIU_CONTROL: SPFS goes to
+#   stub before the processes resume, and the replace by the real NFS is released after.
 PID=${CRTOOLS_INIT_PID:-}
 MARK=0xC114
 CHAIN=SPFS-NFS
@@ -58,6 +61,16 @@ unmark_nfs() {
     return 0
 }
 
+to_criu_spfs() {  # one stage to criu-spfs; its answer is "ok" or what went wrong
+    ctl=${SPFS_CRIU_CONTROL:-}
+    [ -n "$ctl" ] || return 0
+    timeout 30 sh -c 'printf "%s\n" "$1" > "$2"' - "$1 ${PID:-0}" "$ctl/request" || {
+        echo "criu-spfs action: criu-spfs did not take stage $1" >&2; return 1; }
+    answer=$(timeout 300 head -n 1 "$ctl/reply") || {
+        echo "criu-spfs action: no answer for stage $1" >&2; return 1; }
+    [ "$answer" = ok ] || { echo "criu-spfs action: $1: $answer" >&2; return 1; }
+}
+
 case "${CRTOOLS_SCRIPT_ACTION:-}" in
     network-lock)
         [ -n "$PID" ] || { echo "criu-spfs action: no CRTOOLS_INIT_PID" >&2; exit 1; }
@@ -65,5 +78,7 @@ case "${CRTOOLS_SCRIPT_ACTION:-}" in
     network-unlock)
         [ -n "$PID" ] && unmark_nfs
         exit 0 ;;
+    post-restore|pre-resume|post-resume)
+        to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" || exit 1 ;;
 esac
 exit 0

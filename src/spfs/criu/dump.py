@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ def write_manifest(images: Path, pid: int, superblocks: list[NfsSuperblock]) -> 
 
 
 def dump(pid: int, images: Path, criu: str = "criu", extra: list[str] | None = None,
-         timeout: float = DUMP_TIMEOUT) -> DumpResult:
+         timeout: float = DUMP_TIMEOUT, env: dict[str, str] | None = None) -> DumpResult:
     images = Path(images)
     images.mkdir(parents=True, exist_ok=True)
     try:
@@ -76,7 +77,8 @@ def dump(pid: int, images: Path, criu: str = "criu", extra: list[str] | None = N
              sum(len(sb.mounts) for sb in superblocks))
     argv = criu_dump_argv(criu, pid, images, superblocks, extra or [])
     try:
-        seconds = run_criu(argv, images / "dump.log", timeout)
+        seconds = run_criu(argv, images / "dump.log", timeout,
+                           dict(os.environ) | (env or {}))
     except CriuError as e:
         raise DumpError(str(e)) from None
     log.info("criu dump done in %.2f s", seconds)

@@ -79,6 +79,18 @@ def stub_files(images: ImageSet, root_dev: int) -> list[StubFile]:
     return sorted(found.values(), key=lambda s: (s.path.count("/"), s.path))
 
 
+def root_mode(images: ImageSet, root_dev: int) -> int | None:
+    """The permission bits of the share's root, if a process used it (cwd, open dir fd):
+    CRIU compares the full st_mode of what it opens."""
+    for f in images.files.values():
+        mount = images.mounts.get(f.mnt_id) if f.mnt_id is not None else None
+        if mount is None or mount.root_dev != root_dev or f.type != "dir":
+            continue
+        if _fs_path(f, mount) == "" and f.mode is not None:
+            return f.mode & 0o7777
+    return None
+
+
 def build_manifest(images: ImageSet, root_dev: int) -> Manifest:
     entries = []
     for s in stub_files(images, root_dev):
@@ -87,4 +99,30 @@ def build_manifest(images: ImageSet, root_dev: int) -> Manifest:
             e["size"] = s.size
         entries.append(e)
     # the SPFS validator is the last word on hostile names and sizes
-    return parse_manifest({"version": 1, "entries": entries}, check_sources=False)
+    doc: dict = {"version": 1, "entries": entries}
+    mode = root_mode(images, root_dev)
+    if mode is not None:
+        doc["root"] = {"mode": mode}
+    return parse_manifest(doc, check_sources=False)
+
+
+@dataclass(frozen=True)
+class LinkedRemap:
+    """An open file that was unlinked on NFS (silly-renamed) at dump time."""
+
+    silly: str   # its name when dumped (.nfsXXXX), relative to the superblock root
+    remap: str   # link_remap.N, which CRIU's --link-remap made on the real export
+
+
+def linked_remaps(images: ImageSet, root_dev: int) -> list[LinkedRemap]:
+    mounts = {m.mnt_id: m for m in images.mounts.values() if m.root_dev == root_dev}
+    found = []
+    for r in images.remaps:
+        if r.kind != "LINKED":
+            continue
+        orig, remap = images.files.get(r.orig_id), images.files.get(r.remap_id)
+        if orig is None or remap is None or orig.mnt_id not in mounts:
+            continue
+        mount = mounts[orig.mnt_id]
+        found.append(LinkedRemap(_fs_path(orig, mount), _fs_path(orig, mount, remap.name)))
+    return found

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from spfs.lab.ct import checkpoint, container, workload
 from spfs.lab.ct.spec import BindMount, CtState, NfsMount
-from spfs.lab.timeline import Timeline
+from spfs.timeline import Timeline
 
 
 def main() -> int:

@@ -1,8 +1,9 @@
 """Suspend and resume lab containers with CRIU.
 
-`--plain` is the baseline upstream CRIU can do today: the container's NFS mounts are declared
-external on dump and, on resume, mapped to the same shares mounted in the guest's root netns.
-Without `--plain`, criu-spfs does the work (issue 6) with SPFS in place of the shares.
+By default criu-spfs does the work: SPFS stands in for each share at restore and
+spfs-manager puts the real NFS back, mounted inside the container. `--plain` is the baseline
+upstream CRIU can do alone: the NFS mounts are declared external on dump and, on resume,
+mapped to the same shares mounted in the guest's root netns.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spfs.criu.runner import CriuError, run_criu
 from spfs.lab.ct.container import alive, release_veth, stop_processes
@@ -20,6 +23,9 @@ from spfs.lab.ct.util import CtError, run
 from spfs.lab.ct.spec import CtState
 from spfs.lab.env import lab_env
 from spfs.lab.paths import GUEST_DIR
+
+if TYPE_CHECKING:
+    from spfs.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -69,35 +75,52 @@ def dump_argv(state: CtState, images: Path) -> list[str]:
             "--freeze-cgroup", str(state.cgroup_dir())] + action_scripts()
     for i, m in enumerate(state.nfs):
         argv += ["--external", f"mnt[{m.mountpoint}]:{nfs_key(i)}"]
+    return argv + guest_bind_externals(state, True)
+
+
+def guest_bind_externals(state: CtState, dump: bool) -> list[str]:
+    """A bind of the container's own mounts (ct:SRC) is restored by CRIU as a bind of the
+    restored mount; only guest paths are external."""
+    argv = []
     for i, b in enumerate(state.binds):
-        # a bind of the container's own mounts (ct:SRC) is restored by CRIU as a bind of the
-        # restored mount; only guest paths are external
         if not b.inside:
-            argv += ["--external", f"mnt[{b.target}]:{bind_key(i)}"]
+            spec = f"mnt[{b.target}]:{bind_key(i)}" if dump else f"mnt[{bind_key(i)}]:{b.source}"
+            argv += ["--external", spec]
     return argv
 
 
-def _use_plain(plain: bool) -> bool:
-    """criu-spfs becomes the default once it exists (issue 6); until then the baseline."""
+def criu_spfs_dump_extra(state: CtState) -> list[str]:
+    """What the lab adds to `criu-spfs dump` (which declares the NFS mounts itself)."""
+    return ["--manage-cgroups", "--freeze-cgroup", str(state.cgroup_dir()),
+            "--action-script", str(LAB_ACTION_SCRIPT), *guest_bind_externals(state, True)]
+
+
+def criu_spfs_restore_extra(state: CtState, images: Path) -> list[str]:
+    return ["--root", str(state.root), "--manage-cgroups",
+            "--external", f"veth[{state.ct_veth}]:{state.host_veth}",
+            "--action-script", str(LAB_ACTION_SCRIPT),
+            "-d", "--pidfile", str(images / "restore.pid"), *guest_bind_externals(state, False)]
+
+
+def _dump(state: CtState, images: Path, plain: bool, probe: dict[str, str] | None) -> float:
+    env = _criu_env(state, probe)
     if plain:
-        return True
-    from spfs.criu import cli as criu_spfs
-    if getattr(criu_spfs, "IMPLEMENTED", False):
-        return False
-    log.info("criu-spfs is not implemented yet: using the plain CRIU baseline")
-    return True
+        return _criu(dump_argv(state, images), env, DUMP_TIMEOUT, images / "dump.log")
+    from spfs.criu.dump import DumpError, dump
+    try:
+        return dump(state.init_pid, images, criu=CRIU, extra=criu_spfs_dump_extra(state),
+                    timeout=DUMP_TIMEOUT, env=env).seconds
+    except DumpError as e:
+        raise CtError(str(e)) from None
 
 
 def suspend(state: CtState, images: str | Path, plain: bool = False,
             probe: dict[str, str] | None = None) -> Timing:
-    if not _use_plain(plain):
-        raise CtError("criu-spfs suspend is not wired into the lab yet")
     if not alive(state):
         raise CtError(f"container {state.name} is not running")
     images = Path(images)
     images.mkdir(parents=True, exist_ok=True)
-    seconds = _criu(dump_argv(state, images), _criu_env(state, probe), DUMP_TIMEOUT,
-                    images / "dump.log")
+    seconds = _dump(state, images, plain, probe)
     # CRIU killed the tasks; wait until the namespaces are really gone before anything reuses
     # the veth name or the cgroup.
     stop_processes(state)
@@ -134,21 +157,36 @@ def restore_argv(state: CtState, images: Path, nfs_dirs: list[Path]) -> list[str
             "-d", "--pidfile", str(images / "restore.pid")]
     for i, d in enumerate(nfs_dirs):
         argv += ["--external", f"mnt[{nfs_key(i)}]:{d}"]
-    for i, b in enumerate(state.binds):
-        if not b.inside:
-            argv += ["--external", f"mnt[{bind_key(i)}]:{b.source}"]
-    return argv
+    return argv + guest_bind_externals(state, False)
 
 
-def resume(state: CtState, images: str | Path, plain: bool = False) -> Timing:
-    if not _use_plain(plain):
-        raise CtError("criu-spfs resume is not wired into the lab yet")
+def _resume_spfs(state: CtState, images: Path, wait: bool,
+                 timeline: "Timeline | None") -> float:
+    from spfs.criu.restore import RestoreConfig, RestoreError, restore
+    config = RestoreConfig(images, criu=CRIU, extra=criu_spfs_restore_extra(state, images),
+                           wait=wait, freeze_cgroup=str(state.cgroup_dir()),
+                           env=_criu_env(state))
+    t0 = time.monotonic()
+    try:
+        restore(config, timeline)
+    except RestoreError as e:
+        raise CtError(str(e)) from None
+    return time.monotonic() - t0
+
+
+def resume(state: CtState, images: str | Path, plain: bool = False, wait: bool = True,
+           timeline: "Timeline | None" = None) -> Timing:
+    """criu-spfs restore (`wait`: until the shares are real NFS again and spfs and the
+    manager exited), or the plain baseline."""
     if alive(state):
         raise CtError(f"container {state.name} is running")
     images = Path(images)
+    (images / "restore.pid").unlink(missing_ok=True)
+    if not plain:
+        seconds = _resume_spfs(state, images, wait, timeline)
+        return _resumed(state, images, seconds)
     nfs_dirs = mount_shares_in_root_netns(state)
     try:
-        (images / "restore.pid").unlink(missing_ok=True)
         seconds = _criu(restore_argv(state, images, nfs_dirs), _criu_env(state),
                         RESTORE_TIMEOUT, images / "restore.log")
     finally:
@@ -156,6 +194,10 @@ def resume(state: CtState, images: str | Path, plain: bool = False) -> Timing:
         # were only the source of those binds.
         for d in nfs_dirs:
             subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
+    return _resumed(state, images, seconds)
+
+
+def _resumed(state: CtState, images: Path, seconds: float) -> Timing:
     state.init_pid = int((images / "restore.pid").read_text())
     state.netns = netns_id(state.init_pid) or ""
     state.save()

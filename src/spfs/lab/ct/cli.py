@@ -48,6 +48,9 @@ def add_ct_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--plain", action="store_true",
                    help="plain CRIU baseline: NFS mapped to the same shares mounted in the "
                         "guest's root netns")
+    r.add_argument("--no-wait", action="store_true",
+                   help="return once the processes run (criu-spfs finishes the replace in "
+                        "the background); default: wait until spfs and the manager exited")
     return p
 
 
@@ -83,7 +86,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.ct_cmd in ("suspend", "resume"):
         from spfs.lab.ct import checkpoint
-        fn = checkpoint.suspend if args.ct_cmd == "suspend" else checkpoint.resume
-        fn(CtState.load(args.name), args.images, plain=args.plain)
+        state = CtState.load(args.name)
+        if args.ct_cmd == "suspend":
+            checkpoint.suspend(state, args.images, plain=args.plain)
+        else:
+            checkpoint.resume(state, args.images, plain=args.plain, wait=not args.no_wait)
         return 0
     raise SpecError(f"unknown ct command {args.ct_cmd}")

@@ -37,5 +37,11 @@ class Timeline:
         yield
         self.note(what, time.monotonic() - t0)
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps([asdict(s) for s in self.steps], indent=2))
+    def as_list(self) -> list[dict]:
+        return [asdict(s) for s in self.steps]
+
+    def save(self, path: Path, **extra: object) -> None:
+        doc: object = self.as_list() if not extra else {"steps": self.as_list(), **extra}
+        tmp = path.with_name(path.name + ".new")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(path)

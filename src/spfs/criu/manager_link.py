@@ -1,0 +1,108 @@
+"""criu-spfs's side of spfs-manager: start the daemon, send it JSON requests, watch it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spfs.manager.client_cmd import send_request
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 60.0
+START_TIMEOUT = 60.0
+
+
+class ManagerError(RuntimeError):
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class ManagerLink:
+    work_dir: Path
+    log_dir: Path
+    pid: int = 0
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.work_dir / "spfs-manager.sock")
+
+    def start(self, mount_deadline: float | None = None, verbose: bool = False) -> None:
+        """The daemon detaches (-d) once its socket accepts connections and exits by itself
+        after the last SPFS it mounted is gone (--exit-with-spfs)."""
+        self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "spfs.manager.cli", "-d", "--exit-with-spfs",
+                "-w", str(self.work_dir), "-s", self.socket_path, "--log-dir", str(self.log_dir)]
+        if mount_deadline is not None:
+            argv += ["--mount-deadline", str(mount_deadline)]
+        if verbose:
+            argv.append("-v")
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=START_TIMEOUT,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ManagerError(f"spfs-manager did not start in {START_TIMEOUT:.0f} s") from None
+        if proc.returncode != 0:
+            raise ManagerError(f"spfs-manager failed to start ({proc.returncode}): "
+                               f"{proc.stderr.strip()[-2000:]}")
+        self.pid = int((self.work_dir / "spfs-manager.pid").read_text())
+        log.info("spfs-manager %d listening on %s", self.pid, self.socket_path)
+
+    def request(self, **fields: Any) -> dict[str, Any]:
+        packet = json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
+        try:
+            reply = json.loads(send_request(self.socket_path, packet, REQUEST_TIMEOUT))
+        except (OSError, ValueError) as e:
+            raise ManagerError(f"spfs-manager {fields.get('cmd')}: {e}") from None
+        if reply.get("code") != 0:
+            raise ManagerError(f"spfs-manager {fields.get('cmd')} {fields.get('id', '')}: "
+                               f"{reply.get('error')}: {reply.get('message')}",
+                               int(reply.get("code") or 0))
+        return reply.get("data") or {}
+
+    def status(self) -> list[dict[str, Any]]:
+        """The manager's status (failures included: the code of a failed replace is not an
+        error of the request)."""
+        packet = json.dumps({"cmd": "status"}).encode()
+        reply = json.loads(send_request(self.socket_path, packet, REQUEST_TIMEOUT))
+        return list((reply.get("data") or {}).get("mounts") or [])
+
+    def alive(self) -> bool:
+        return self.pid > 0 and pid_alive(self.pid)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.alive():
+            return
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.alive():
+            log.warning("spfs-manager %d ignored SIGTERM for %.0f s: killing it", self.pid,
+                        timeout)
+            os.kill(self.pid, signal.SIGKILL)

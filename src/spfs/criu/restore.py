@@ -1,0 +1,320 @@
+"""`criu-spfs restore`: restore a container dumped by `criu-spfs dump`, with SPFS standing in
+for each NFS share until spfs-manager has put the real NFS back, live.
+
+1. Read the record and the images; build each share's SPFS manifest. Anything hostile or
+   broken is refused here, before anything is mounted or started.
+2. Start spfs-manager; mount one SPFS per share in restore mode on a private staging
+   directory of the host.
+3. `criu restore` with every NFS mount of the dump mapped to the staging directory (a bind's
+   sub-root to the same sub-directory), our action script, and a stage bridge:
+   pre-resume queues a held replace per share (now that the container's namespaces and
+   cgroup exist) and turns every SPFS to stub, post-resume releases the replaces.
+4. The staging mounts are detached (the container holds its own binds); the manager mounts
+   NFS in the container, proxies, freezes, swaps and moves mounts, and exits after the last
+   SPFS. With `--wait` we follow that to the end; without, a detached watcher does, so the
+   timeline JSON in DIR is complete either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spfs.criu.cgroups import freezer_cgroup_of
+from spfs.criu.dump import ACTION_SCRIPT
+from spfs.criu.images import ImageError, load_images
+from spfs.criu.manager_link import ManagerError, ManagerLink, pid_alive
+from spfs.criu.record import RecordedShare, RecordError, load_record
+from spfs.criu.runner import CriuError, run_criu
+from spfs.criu.stages import StageServer
+from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
+from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
+from spfs.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+TIMELINE_NAME = "criu-spfs-restore.json"
+RESTORE_TIMEOUT = 600.0
+DONE_PHASES = ("done", "failed", "rolled_back")
+
+
+class RestoreError(RuntimeError):
+    pass
+
+
+@dataclass
+class ShareRestore:
+    share: RecordedShare
+    manifest: Manifest
+    remaps: list[LinkedRemap]
+    staging: Path | None = None
+
+    @property
+    def id(self) -> str:
+        return self.share.key
+
+
+@dataclass
+class RestoreConfig:
+    images: Path
+    criu: str = "criu"
+    extra: list[str] = field(default_factory=list)
+    wait: bool = False
+    work_dir: Path | None = None
+    freeze_cgroup: str | None = None
+    mount_deadline: float = 300.0
+    wait_timeout: float = 900.0
+    verbose: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # for CRIU and its action scripts
+
+
+def plan_shares(images: Path) -> list[ShareRestore]:
+    """Everything read and checked up front; raises RestoreError naming what is wrong."""
+    try:
+        recorded = load_record(images)
+        image_set = load_images(images)
+        shares = []
+        for share in recorded:
+            share.primary  # a share with only sub-directory binds cannot be replaced
+            dumped = image_set.mounts.get(share.mounts[0].mnt_id)
+            if dumped is None:
+                raise RestoreError(f"{share.key}: mount {share.mounts[0].mnt_id} is not in "
+                                   f"the images")
+            shares.append(ShareRestore(share, build_manifest(image_set, dumped.root_dev),
+                                       linked_remaps(image_set, dumped.root_dev)))
+        return shares
+    except (RecordError, ImageError, ManifestError) as e:
+        raise RestoreError(f"refusing the image directory {images}: {e}") from None
+
+
+def criu_restore_argv(criu: str, images: Path, shares: list[ShareRestore],
+                      extra: list[str]) -> list[str]:
+    argv = [criu, "restore", "-D", str(images), "-o", "restore.log", "-v4", "--file-locks",
+            "--action-script", str(ACTION_SCRIPT)]
+    for s in shares:
+        assert s.staging is not None
+        for m in s.share.mounts:
+            host = s.staging / m.root.lstrip("/") if m.root != "/" else s.staging
+            argv += ["--external", f"mnt[{m.external_key}]:{host}"]
+    return argv + extra
+
+
+class Restore:
+    def __init__(self, config: RestoreConfig, timeline: Timeline | None = None) -> None:
+        self.config = config
+        self.images = Path(config.images).resolve()
+        self.tl = timeline or Timeline()
+        self.work = Path(config.work_dir or f"/run/criu-spfs/restore-{os.getpid()}")
+        self.manager = ManagerLink(self.work / "manager", self.images / "spfs-manager")
+        self.shares: list[ShareRestore] = []
+        self.init_pid = 0
+        self.frozen_ms: float | None = None
+        self.owns_work = False
+
+    # -- 1, 2
+    def prepare(self) -> None:
+        self.shares = plan_shares(self.images)
+        self.tl.note(f"images checked: {len(self.shares)} NFS share(s), "
+                     f"{sum(len(s.manifest.entries) for s in self.shares)} stub entries")
+        if self.work.exists():
+            raise RestoreError(f"work directory {self.work} exists: another restore?")
+        self.work.mkdir(mode=0o700, parents=True)
+        self.owns_work = True
+        self.manager.start(self.config.mount_deadline, self.config.verbose)
+        for s in self.shares:
+            d = self.work / s.id
+            d.mkdir()
+            (d / "mnt").mkdir()
+            dump_manifest(s.manifest, d / "manifest.json")
+            self.manager.request(cmd="mount", id=s.id, mode="restore",
+                                 mountpoint=str(d / "mnt"), manifest=str(d / "manifest.json"))
+            s.staging = d / "mnt"
+        self.tl.note("spfs-manager started, SPFS mounted in restore mode")
+
+    # -- 3
+    def run_criu(self) -> None:
+        stages = StageServer(self.work / "stages", self._on_stage)
+        stages.start()
+        argv = criu_restore_argv(self.config.criu, self.images, self.shares, self.config.extra)
+        try:
+            seconds = run_criu(argv, self.images / "restore.log", RESTORE_TIMEOUT,
+                               dict(os.environ) | self.config.env | stages.env)
+        except CriuError as e:
+            raise RestoreError(str(e)) from None
+        finally:
+            stages.stop()
+        if stages.errors:
+            # processes run, but not as planned: SPFS may still be in restore mode
+            raise RestoreError("action script stages failed: " + "; ".join(stages.errors))
+        self.tl.note("criu restore done: processes running on SPFS", seconds)
+
+    def _on_stage(self, stage: str, pid: int) -> None:
+        if stage == "post-restore":
+            self.init_pid = pid
+            self.tl.note(f"criu: processes restored (init pid {pid})")
+        elif stage == "pre-resume":
+            self.init_pid = pid
+            self._queue_replaces(pid)
+            self.manager.request(cmd="mode", all=True, mode="stub")
+            self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
+        elif stage == "post-resume":
+            self.manager.request(cmd="replace", all=True, mode="release")
+            self.tl.note("processes resumed; replace released")
+
+    def _queue_replaces(self, pid: int) -> None:
+        cgroup = self.config.freeze_cgroup or freezer_cgroup_of(pid)
+        for s in self.shares:
+            sh = s.share
+            primary = sh.primary
+            self.manager.request(
+                cmd="replace", id=s.id, source=sh.source, type=sh.fstype, flags=primary.flags,
+                freeze_cgroup=cgroup, mode="hold", data=sh.mount_data, ns_pid=pid,
+                ns_mountpoint=primary.mountpoint,
+                bindmounts=[m.mountpoint for m in sh.mounts if m is not primary] or None,
+                path_map={r.silly: r.remap for r in s.remaps} or None,
+                remove_after=[r.remap for r in s.remaps] or None)
+        log.info("replaces queued (held) for pid %d, freezer cgroup %s", pid, cgroup)
+
+    def detach_staging(self) -> None:
+        """The container has its own binds of each SPFS; the host's staging mounts go."""
+        for s in self.shares:
+            if s.staging is not None and os.path.ismount(s.staging):
+                subprocess.run(["umount", "-l", str(s.staging)], capture_output=True,
+                               timeout=30)
+
+    # -- 4
+    def follow(self) -> bool:
+        """Until every share is real NFS again and spfs and the manager have exited."""
+        deadline = time.monotonic() + self.config.wait_timeout
+        seen: dict[str, set[str]] = {s.id: set() for s in self.shares}
+        final: dict[str, dict] = {}
+        ok = True
+        while len(final) < len(self.shares):
+            if time.monotonic() > deadline:
+                raise RestoreError(f"replace not finished in {self.config.wait_timeout:.0f} s")
+            try:
+                mounts = self.manager.status()
+            except OSError:
+                break  # the manager exited: only after its last SPFS went, see below
+            for m in mounts:
+                ok &= self._note_progress(m, seen.setdefault(m["id"], set()), final)
+            time.sleep(0.1)
+        spfs_pids = [m.get("spfs_pid") for m in final.values() if m.get("spfs_pid")]
+        self._wait_exit(spfs_pids, deadline)
+        return ok and len(final) == len(self.shares)
+
+    def _note_progress(self, m: dict, seen: set[str], final: dict[str, dict]) -> bool:
+        replace = m.get("replace") or {}
+        phase = replace.get("phase")
+        labels = {"proxy": "NFS mounted in the container; SPFS proxies to it",
+                  "frozen": "container frozen", "thawed": "references and mounts moved; "
+                  "container thawed"}
+        for done in [t["phase"] for t in replace.get("timings_ms") or []] + [phase]:
+            if done in labels and done not in seen:
+                seen.add(done)
+                self.tl.note(f"{m['id']}: {labels[done]}")
+        if phase in DONE_PHASES and m["id"] not in final:
+            final[m["id"]] = m
+            timings = {t["phase"]: t["ms"] for t in replace.get("timings_ms") or []}
+            frozen = sum(timings.get(p, 0) for p in ("frozen", "swapping", "mounts_moved"))
+            self.frozen_ms = max(self.frozen_ms or 0, frozen)
+            if phase == "done":
+                self.tl.note(f"{m['id']}: replaced by {m['real_fs']['source']} "
+                             f"(frozen window {frozen:.0f} ms)")
+                return True
+            self.tl.note(f"{m['id']}: replace {phase}: {replace.get('error')}")
+            return False
+        return True
+
+    def _wait_exit(self, spfs_pids: list[int], deadline: float) -> None:
+        while any(pid_alive(p) for p in spfs_pids) or self.manager.alive():
+            if time.monotonic() > deadline:
+                raise RestoreError("spfs or spfs-manager still running after the replace")
+            time.sleep(0.1)
+        self.tl.note("spfs and spfs-manager exited")
+
+    # -- failure
+    def abort(self) -> None:
+        """No SPFS mount, daemon or staging dir left behind by a failed restore."""
+        self.detach_staging()
+        spfs_pids = []
+        if self.manager.alive():
+            try:
+                spfs_pids = [m["spfs_pid"] for m in self.manager.status() if m.get("spfs_pid")]
+            except OSError:
+                pass
+            self.manager.stop()
+        deadline = time.monotonic() + 10
+        for pid in spfs_pids:
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(pid):
+                os.kill(pid, 15)
+        self.cleanup_work()
+
+    def cleanup_work(self) -> None:
+        if not self.owns_work or not self.work.exists():
+            return
+        for s in self.shares:
+            if s.staging is not None and os.path.ismount(s.staging):
+                log.warning("%s still mounted: leaving %s", s.staging, self.work)
+                return
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def save_timeline(self, **extra: object) -> Path:
+        path = self.images / TIMELINE_NAME
+        self.tl.save(path, init_pid=self.init_pid, frozen_window_ms=self.frozen_ms, **extra)
+        return path
+
+
+def restore(config: RestoreConfig, timeline: Timeline | None = None) -> Restore:
+    """Returns once processes run (config.wait: once NFS is back and the helpers exited)."""
+    r = Restore(config, timeline)
+    try:
+        r.prepare()
+        r.run_criu()
+    except (RestoreError, ManagerError, OSError) as e:
+        r.tl.note(f"restore failed: {e}")
+        r.abort()
+        r.save_timeline(ok=False, error=str(e))
+        raise RestoreError(str(e)) from None
+    r.detach_staging()
+    if config.wait:
+        ok = r.follow()
+        r.cleanup_work()
+        r.save_timeline(ok=ok)
+        if not ok:
+            raise RestoreError("a replace failed: processes keep running on SPFS (proxy); "
+                               f"see {r.manager.log_dir}")
+    else:
+        r.save_timeline(ok=True, pending=True)
+        _follow_in_background(r)
+    return r
+
+
+def _follow_in_background(r: Restore) -> None:
+    """A detached child follows the replace and completes the timeline JSON."""
+    child = os.fork()
+    if child != 0:
+        os.waitpid(child, 0)  # the intermediate exits at once
+        return
+    try:
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        try:
+            ok = r.follow()
+            r.cleanup_work()
+            r.save_timeline(ok=ok)
+        except Exception as e:
+            r.save_timeline(ok=False, error=str(e))
+    finally:
+        os._exit(0)
