@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import subprocess
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -20,6 +23,17 @@ def _only_in_guest() -> None:
     if not in_guest():
         pytest.fail("lab tests run inside the lab guest: use `make test` or "
                     "`spfs-lab run -- .venv/bin/pytest -m lab`")
+
+
+@pytest.fixture
+def images(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A CRIU image dir; kept in the lab run's results (logs of criu, the manager and spfs)
+    so a failure can be read on the host afterwards."""
+    results = os.environ.get("SPFS_LAB_RESULTS")
+    if not results:
+        return tmp_path / "img"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    return Path(results) / "images" / name
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from spfs.lab.ct.spec import CtState
 
 
 @pytest.mark.parametrize("vers", ["4.1", "3"])
-def test_basic_restore_puts_nfs_back(make_ct, tmp_path, vers: str) -> None:
+def test_basic_restore_puts_nfs_back(make_ct, images, vers: str) -> None:
     ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
     assert workload.exec_in(ct.name, ["mkdir", "-p", "/mnt/nfs/sub"], timeout=30).returncode == 0
     loads = [workload.start(ct.name, "append", "/mnt/nfs/w.log"),
@@ -23,9 +23,9 @@ def test_basic_restore_puts_nfs_back(make_ct, tmp_path, vers: str) -> None:
     try:
         workload.wait_running(loads)
         before = fstypes_at(ct)["/mnt/nfs"][0]
-        checkpoint.suspend(ct, tmp_path / "img")
+        checkpoint.suspend(ct, images)
         assert not alive(CtState.load(ct.name))
-        checkpoint.resume(CtState.load(ct.name), tmp_path / "img")
+        checkpoint.resume(CtState.load(ct.name), images)
         restored = CtState.load(ct.name)
         assert alive(restored)
         assert spfs_helpers_running() == []
@@ -36,7 +36,7 @@ def test_basic_restore_puts_nfs_back(make_ct, tmp_path, vers: str) -> None:
         verdicts = {w.kind: w.stop() for w in loads}
     for kind, verdict in verdicts.items():
         assert verdict.startswith("PASS"), f"{kind}: {verdict}"
-    timeline = json.loads((tmp_path / "img" / "criu-spfs-restore.json").read_text())
+    timeline = json.loads((images / "criu-spfs-restore.json").read_text())
     assert timeline["ok"] is True
     steps = [s["what"] for s in timeline["steps"]]
     assert any("stub mode" in s for s in steps) and any("replaced by" in s for s in steps)
