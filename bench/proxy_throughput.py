@@ -2,6 +2,7 @@
 """Proxy throughput of SPFS against the backing directory itself and bindfs, in one run.
 
     .venv/bin/python bench/proxy_throughput.py [--size-mib 256] [--files 3000] [--runs 3]
+                                               [--pin {none,same,split}]
 
 Backing store: a private tmpfs (like the anchor numbers). Client: this single-threaded
 Python process, 1 MiB read()/write() calls, metadata on empty files. Each figure is the
@@ -12,6 +13,14 @@ dp" adds `-o default_permissions`, which SPFS always uses (the kernel then asks 
 directory's attributes before each create/unlink), for a like-with-like figure.
 Also measured: how long 1,000 readers parked in stub mode take to complete after the
 switch to proxy, against the same 1,000 reads issued in proxy mode.
+
+Metadata rates of every FUSE daemon depend a lot on where the scheduler puts the client
+and the daemon (a wake-up on another vCPU costs an IPI, i.e. a VM exit): on this 2-vCPU VM
+bindfs did 7k-21k creates/s from one run to the next. --pin fixes the placement for every
+configuration alike: `same` puts the client and all daemons on CPU 0 (each request is a
+context switch on one CPU: the daemons' CPU cost decides), `split` the client on CPU 0 and
+the daemons on CPU 1 (each request crosses CPUs, as on an idle machine). The load average
+is printed before and after, as other work on the machine disturbs all figures.
 """
 
 from __future__ import annotations
@@ -48,15 +57,17 @@ def tmpfs(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def spfs_proxy(backing: Path, mnt: Path, socket_path: str,
-               *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+def spfs_proxy(backing: Path, mnt: Path, socket_path: str, *extra: str,
+               src: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """SPFS in proxy mode; from the source tree *src* instead of the installed one if given."""
     mnt.mkdir()
     read_end, write_end = os.pipe()
+    env = dict(os.environ, PYTHONPATH=str(src)) if src is not None else None
     proc = subprocess.Popen([sys.executable, "-m", "spfs.fs.cli", str(mnt), "--mode", "proxy",
                              "--proxy-dir", str(backing), "--socket-path", socket_path,
                              "--ready-fd", str(write_end), "--foreground", *extra,
                              "--log", str(mnt.parent / f"{mnt.name}.log")],
-                            pass_fds=[write_end])
+                            pass_fds=[write_end], env=env)
     os.close(write_end)
     try:
         ready, _, _ = select.select([read_end], [], [], 30)
@@ -162,13 +173,24 @@ def measure_once(view: Path, backing: Path, size_mib: int, files: int, run: int,
     (view / f"meta{run}").rmdir()
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Put every thread of *pid* on *cpu* (affinity is per thread on Linux)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), {cpu})
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def daemon_pid(mnt: Path) -> int | None:
     """The pid of the process serving the FUSE mount at *mnt* (found by its command line)."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if str(mnt) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            # Whole arguments: the bindfs mountpoint is a prefix of the bindfs-dp one.
+            if str(mnt) in (proc / "cmdline").read_bytes().decode(errors="replace").split("\0"):
                 return int(proc.name)
         except OSError:
             continue
@@ -265,6 +287,13 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
     for metric in METRICS:
         print(f"{metric:14}" + "".join(f"{results[a][metric] / results[b][metric]:>20.2f}"
                                        for a, b in pairs))
+    if "spfs compared" in results:
+        print(f"\n{'':14}{'proxy/compared':>20}{'compared/bindfs':>20}{'compared/bindfs dp':>20}")
+        for metric in METRICS:
+            base = results["spfs compared"][metric]
+            print(f"{metric:14}{results['spfs proxy'][metric] / base:>20.2f}"
+                  f"{base / results['bindfs'][metric]:>20.2f}"
+                  f"{base / results['bindfs dp'][metric]:>20.2f}")
 
 
 def print_cpu_table(cpu: dict[str, dict[str, float]]) -> None:
@@ -289,6 +318,11 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--readers", type=int, default=1000)
+    parser.add_argument("--compare-src", type=Path,
+                        help="also run SPFS proxy from this source tree (the src/ of another "
+                             "checkout), interleaved with the others: before/after comparisons")
+    parser.add_argument("--pin", choices=("none", "same", "split"), default="none",
+                        help="CPU placement of the client and the FUSE daemons (see above)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root (mounts tmpfs and FUSE)", file=sys.stderr)
@@ -298,7 +332,10 @@ def main() -> int:
         tmp = Path(tmp_name)
         backing = mounts.enter_context(tmpfs(tmp / "backing"))
         views: dict[str, tuple[Path, Path]] = {}
-        for name in ("direct", "spfs proxy", "spfs direct_io", "bindfs", "bindfs dp"):
+        names = ["direct", "spfs proxy", "spfs direct_io", "bindfs", "bindfs dp"]
+        if args.compare_src:
+            names.insert(2, "spfs compared")
+        for name in names:
             slug = name.replace(" ", "-")
             (backing / slug).mkdir()
             views[name] = (tmp / slug if name != "direct" else backing / slug, backing / slug)
@@ -306,24 +343,36 @@ def main() -> int:
                                         str(tmp / "spfs.sock")))
         mounts.enter_context(spfs_proxy(backing / "spfs-direct_io", tmp / "spfs-direct_io",
                                         str(tmp / "dio.sock"), "--direct-io"))
+        if args.compare_src:
+            mounts.enter_context(spfs_proxy(backing / "spfs-compared", tmp / "spfs-compared",
+                                            str(tmp / "cmp.sock"), src=args.compare_src))
         mounts.enter_context(bindfs(backing / "bindfs", tmp / "bindfs", "big_writes"))
         mounts.enter_context(bindfs(backing / "bindfs-dp", tmp / "bindfs-dp",
                                     "big_writes,default_permissions"))
         pids = {name: daemon_pid(view) if name != "direct" else None
                 for name, (view, _) in views.items()}
+        all_cpus = os.sched_getaffinity(0)
+        if args.pin != "none":
+            pin(os.getpid(), 0)
+            for pid in pids.values():
+                if pid is not None:
+                    pin(pid, 0 if args.pin == "same" else 1)
+        load_before = load_average()
         samples = {name: {m: [] for m in METRICS} for name in views}
         cpu = {name: {m: [] for m in METRICS} for name in views}
         for run in range(args.runs):  # interleaved, so that noise hits every config alike
             for name, (view, back) in views.items():
                 measure_once(view, back, args.size_mib, args.files, run, pids[name],
                              samples[name], cpu[name])
+        os.sched_setaffinity(0, all_cpus)
         results = {name: {m: statistics.median(v) for m, v in per.items()}
                    for name, per in samples.items()}
         cpu_results = {name: {m: statistics.median(v) for m, v in per.items()}
                        for name, per in cpu.items() if pids[name] is not None}
         print(f"\nProxy throughput, tmpfs backing, {args.size_mib} MiB files, {args.files} "
               f"files for metadata, median of {args.runs}; bindfs -o big_writes, "
-              f"bindfs dp adds -o default_permissions (what SPFS always uses)\n")
+              f"bindfs dp adds -o default_permissions (what SPFS always uses); CPU placement: "
+              f"{args.pin}; load average before {load_before}, after {load_average()}\n")
         print_table(results)
         print_cpu_table(cpu_results)
         stub = stub_release(backing, tmp / "stubmnt", str(tmp / "stub.sock"), args.readers)

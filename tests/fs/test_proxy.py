@@ -264,3 +264,25 @@ with open(sys.argv[1], "r+b") as f:
         proxy.set_mode("stub")
         proxy.set_mode("proxy", proxy.target)
         assert "lock:" in Path(f"/proc/self/fdinfo/{handle.fileno()}").read_text()
+
+
+def test_lookups_see_target_changes_at_once(spfs_factory: Callable[..., SpfsMount],
+                                            tmp: Path) -> None:
+    """Lookups of missing names are not remembered, and a held object is only reused for a
+    name while that name still leads to it (the lookup fast path)."""
+    mount = spfs_factory("proxy", "--proxy-dir", str(tmp / "target"), "--cache-timeout", "0")
+    m, t = mount.mountpoint, mount.target
+    assert not (m / "late").exists()
+    (t / "late").write_bytes(b"1")
+    assert (m / "late").read_bytes() == b"1"
+    first = os.stat(m / "late").st_ino
+    os.unlink(t / "late")
+    (t / "late").write_bytes(b"22")
+    assert (m / "late").read_bytes() == b"22"
+    assert os.stat(m / "late").st_ino != first
+    os.link(t / "late", t / "other")
+    assert os.stat(m / "other").st_ino == os.stat(m / "late").st_ino
+    os.unlink(t / "late")
+    os.mkdir(t / "late")
+    assert stat.S_ISDIR(os.stat(m / "late").st_mode)
+    assert (m / "other").read_bytes() == b"22"
