@@ -165,7 +165,7 @@ def _resume_spfs(state: CtState, images: Path, wait: bool,
     from spfs.criu.restore import RestoreConfig, RestoreError, restore
     config = RestoreConfig(images, criu=CRIU, extra=criu_spfs_restore_extra(state, images),
                            wait=wait, freeze_cgroup=str(state.cgroup_dir()),
-                           env=_criu_env(state))
+                           env=_criu_env(state), verbose=True)
     t0 = time.monotonic()
     try:
         restore(config, timeline)
