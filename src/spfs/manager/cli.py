@@ -11,6 +11,7 @@ the first argument, so daemon options and switch options never mix.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
@@ -99,6 +100,9 @@ def _setup_logging(path: str, verbosity: int) -> None:
     # message) would slow the swap down while the container is frozen
     root.setLevel(logging.WARNING)
     logging.getLogger("spfs").setLevel(logging.DEBUG if verbosity else logging.INFO)
+    # SIGUSR1 writes every thread's Python stack to the log: a replace that seems stuck
+    # can be looked at without stopping it
+    faulthandler.register(signal.SIGUSR1, file=handler.stream, all_threads=True)
 
 
 def _write_pid(path: str, pid: int) -> None:
