@@ -141,7 +141,11 @@ class ThawGuard:
         if self.pid == 0:  # child: only syscalls from here on, no locks
             code = 0
             try:
-                os.close(self._write_end)
+                # Hold nothing but our pipe: a copy of another pipe's write end (the swap
+                # engine's fd donors wait for EOF on theirs) would keep its reader waiting
+                # for as long as we live.
+                os.closerange(3, read_end)
+                os.closerange(read_end + 1, _max_fd())
                 if os.read(read_end, 1) != b"k":
                     freezer._request(False)
                     code = 1
@@ -156,6 +160,10 @@ class ThawGuard:
         finally:
             os.close(self._write_end)
             _reap_bounded(self.pid, 2.0)
+
+
+def _max_fd() -> int:
+    return os.sysconf("SC_OPEN_MAX")
 
 
 def _reap_bounded(pid: int, timeout: float) -> None:
