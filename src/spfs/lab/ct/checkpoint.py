@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from spfs.criu.runner import CriuError, run_criu
 from spfs.lab.ct.container import alive, release_veth, stop_processes
+from spfs.lab.ct import nfs_helpers
 from spfs.lab.ct.nfs_helpers import netns_id
 from spfs.lab.ct.util import CtError, run
 from spfs.lab.ct.spec import CtState
@@ -163,9 +165,12 @@ def restore_argv(state: CtState, images: Path, nfs_dirs: list[Path]) -> list[str
 def _resume_spfs(state: CtState, images: Path, wait: bool,
                  timeline: "Timeline | None") -> float:
     from spfs.criu.restore import RestoreConfig, RestoreError, restore
+    # NFS is mounted again inside the container's netns: NFSv3 locks need its helpers
+    helpers = {"SPFS_LAB_NFS_HELPERS": "1" if nfs_helpers.needed(state) else "0",
+               "SPFS_LAB_PYTHON": sys.executable}
     config = RestoreConfig(images, criu=CRIU, extra=criu_spfs_restore_extra(state, images),
                            wait=wait, freeze_cgroup=str(state.cgroup_dir()),
-                           env=_criu_env(state), verbose=True)
+                           env=_criu_env(state, helpers), verbose=True)
     t0 = time.monotonic()
     try:
         restore(config, timeline)

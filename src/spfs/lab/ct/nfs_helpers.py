@@ -7,7 +7,8 @@ monitor"). mount.nfs would start a statd itself, but it finds the guest's statd 
 container's mntns still shares the guest's /run before it pivots) and does nothing.
 So the lab runs both daemons in the container's netns, each container with a private /run and
 state dir (a private mount namespace), as processes of the guest (not of the container, so
-CRIU does not dump them; they are stopped before dump and restarted after restore).
+CRIU does not dump them; they are stopped before dump and restarted by the lab's action
+script before the restored processes resume: `python -m spfs.lab.ct.nfs_helpers PID`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ def netns_id(pid: int) -> str | None:
 
 
 def helper_pids(state: CtState, netns: str | None = None) -> list[int]:
-    netns = netns or netns_id(state.init_pid)
+    return _pids_in_netns(netns or netns_id(state.init_pid))
+
+
+def _pids_in_netns(netns: str | None) -> list[int]:
     if netns is None:
         return []
     pids = []
@@ -60,12 +64,18 @@ def helper_pids(state: CtState, netns: str | None = None) -> list[int]:
     return pids
 
 
-def start(state: CtState) -> None:
-    run(["nsenter", "-t", str(state.init_pid), "-n", "unshare", "-m", "--propagation",
+def start_for(pid: int) -> None:
+    """rpcbind and rpc.statd in the network namespace of `pid`."""
+    run(["nsenter", "-t", str(pid), "-n", "unshare", "-m", "--propagation",
          "private", "sh", "-c", _START], timeout=30)
+    netns = netns_id(pid)
     wait_for("rpcbind and rpc.statd in the container netns",
-             lambda: len(helper_pids(state)) >= 2, 10)
-    log.info("%s: rpcbind and rpc.statd running in its netns", state.name)
+             lambda: len(_pids_in_netns(netns)) >= 2, 10)
+    log.info("rpcbind and rpc.statd running in the netns of pid %d", pid)
+
+
+def start(state: CtState) -> None:
+    start_for(state.init_pid)
 
 
 def stop(state: CtState, netns: str | None = None) -> None:
@@ -80,3 +90,13 @@ def stop(state: CtState, netns: str | None = None) -> None:
                  lambda: not any(Path(f"/proc/{p}").exists() for p in pids), 10)
     except CtError:
         log.warning("%s: NFS helpers %s did not exit", state.name, pids)
+
+
+if __name__ == "__main__":
+    import sys
+    logging.basicConfig(level=logging.INFO, format="spfs-lab nfs-helpers: %(message)s")
+    try:
+        start_for(int(sys.argv[1]))
+    except (CtError, ValueError, IndexError) as e:
+        print(f"spfs-lab nfs-helpers: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -6,6 +6,8 @@
 # post-dump: optional probe for tests (SPFS_LAB_NETLOCK_PROBE=FILE): with CRIU's network lock
 #   in place, try a plain TCP connection and a synced NFS write from inside the container.
 # post-restore: configure the guest end of the restored veth.
+# pre-resume: (NFSv3 containers, SPFS_LAB_NFS_HELPERS=1) restart rpcbind and rpc.statd in the
+#   container's netns: the NFS client's lockd there needs them once NFS is mounted again.
 PID=${CRTOOLS_INIT_PID:-}
 in_ct_net() { nsenter -t "$PID" -n "$@"; }
 
@@ -34,5 +36,9 @@ case "${CRTOOLS_SCRIPT_ACTION:-}" in
     post-restore)
         ip addr add "$SPFS_LAB_CT_HOST_ADDR/24" dev "$SPFS_LAB_CT_HOST_VETH" 2>/dev/null
         ip link set "$SPFS_LAB_CT_HOST_VETH" up ;;
+    pre-resume)
+        if [ "${SPFS_LAB_NFS_HELPERS:-}" = 1 ]; then
+            "$SPFS_LAB_PYTHON" -m spfs.lab.ct.nfs_helpers "$PID" || exit 1
+        fi ;;
 esac
 exit 0
