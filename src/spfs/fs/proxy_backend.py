@@ -95,8 +95,9 @@ class ProxyBackend:
 
         A name that leads to an object we already hold (the usual case: the kernel's entry
         expired, or a hard link) costs one fstatat: a single checked component with
-        AT_SYMLINK_NOFOLLOW cannot leave the directory, and the object found by (st_dev,
-        st_ino) is alive (we hold it), so that pair cannot name anything else.
+        AT_SYMLINK_NOFOLLOW cannot leave the directory. The held object is recognised by
+        (st_dev, st_ino), the identity hard links already share an inode by (a local
+        filesystem cannot reuse the number of an object we hold open).
         """
         _check_name(name)
         dirfd = self._dirfd(parent_ino)
