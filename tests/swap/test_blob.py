@@ -28,6 +28,7 @@ def test_code_bytes_match_assembled_source(tmp_path):
     assert offsets["single"] == blob.ENTRY_SINGLE
     assert offsets["marker_end"] == blob.MARKER_END
     assert offsets["data"] == blob.DATA
+    assert offsets["loop_syscall_end"] == blob.LOOP_SYSCALL_END
 
 
 def test_table_serialization_resolves_slots_and_indirect_arguments():

@@ -18,13 +18,41 @@ from spfs import swap
 HARNESS = Path(__file__).with_name("kill_harness.py")
 
 
-def _on(path_prefix: Path, pid: int) -> bool:
-    """Every reference of the victim is under path_prefix (consistent, not half switched)."""
+def _side(pid: int, a: Path, b: Path) -> str:
+    """"A", "B" or "mixed ...": where the victim's fds 3-12, cwd, exe and file mappings are."""
     links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in range(3, 13)]
     links.append(os.readlink(f"/proc/{pid}/cwd"))
-    on = [link.startswith(str(path_prefix)) for link in links]
-    assert all(on) or not any(on), f"victim {pid} is half switched: {links}"
-    return all(on)
+    links.append(os.readlink(f"/proc/{pid}/exe"))
+    links += [line.split(None, 5)[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+              if len(line.split(None, 5)) == 6]
+    sides = {"A" if link.startswith(f"{a}/") or link == str(a) else "B"
+             for link in links if link.startswith((f"{a}/", f"{b}/")) or link in (str(a), str(b))}
+    return sides.pop() if len(sides) == 1 else f"mixed {links}"
+
+
+def _on(path_prefix: Path, pid: int) -> bool:
+    """Every reference of the victim is under path_prefix (consistent, not half switched)."""
+    root = path_prefix.parent
+    side = _side(pid, root / "A", root / "B")
+    assert not side.startswith("mixed"), f"victim {pid} is half switched: {side}"
+    return side == path_prefix.name
+
+
+def _settled_side(pids: list[int], a: Path, b: Path, fds: dict[int, int] | None = None,
+                  timeout: float = 30.0) -> str:
+    """The one side every victim is on, once each has finished its table: a task parked
+    when the manager died holds its kept references (more fds than `fds` says) until it
+    undoes its table, which takes as long as the scheduler makes it wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sides = {pid: _side(pid, a, b) for pid in pids}
+        busy = [pid for pid in pids if fds and len(os.listdir(f"/proc/{pid}/fd")) != fds[pid]]
+        if not busy and not any(side.startswith("mixed") for side in sides.values()):
+            break
+        assert time.monotonic() < deadline, f"victims did not settle: {sides}, still in a table: {busy}"
+        time.sleep(0.01)
+    assert len(set(sides.values())) == 1, f"victims on different sides or half switched: {sides}"
+    return next(iter(sides.values()))
 
 
 def _state(pid: int) -> tuple[str, int]:
@@ -69,8 +97,39 @@ def test_failure_at_each_commit_step_reverts_to_source(mounts, victim_bin, cgrou
         assert p.returncode == 0
 
 
+def _run_harness(source: Path, target: Path, cgroup: Path, kill_after: float | None, how: int) -> dict | None:
+    """One switch in a child process, killed `kill_after` seconds after it starts committing."""
+    harness = subprocess.Popen([sys.executable, str(HARNESS), str(source), str(target), str(cgroup)],
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert harness.stdout.readline().strip() == "go"
+        if kill_after is not None:
+            time.sleep(kill_after)
+            harness.send_signal(how)
+        out, _ = harness.communicate(timeout=30)
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait(10)
+    return json.loads(out) if out.strip() else None
+
+
+def _wait_thawed(cgroup: Path, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:  # the watchdog thaws the cgroup after a SIGKILL
+        frozen = ((cgroup / "freezer.state").read_text().strip() != "THAWED"
+                  if (cgroup / "freezer.state").exists() else "frozen 1" in (cgroup / "cgroup.events").read_text())
+        if not frozen or time.monotonic() > deadline:
+            return not frozen
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
+    """Kill the switching process at random points over its whole commit: every victim ends
+    all on A or all on B (all on B only if the commit had completed), never some on each
+    side or one half switched; none stopped, traced, frozen or dead; every victim's own
+    per-iteration check (cwd and fds on one filesystem) never saw a mix."""
     rng = random.Random(1234 + how)
     procs = []
     for i in range(6):
@@ -78,53 +137,50 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
         binary, extra = victim_bin, ()
         if i < 2:  # two with file mappings on the mount, one of them running from it
             mounts.add_mapped_files(workdir)
-            extra = ("maps", "inotify")
+            extra = ("maps",)
             if i == 0:
                 binary = mounts.install_binary(victim_bin, workdir)
         procs.append(mounts.spawn(binary, "threads", "2", *extra, cgroup=cgroup, workdir=workdir))
     mounts.wait_ready(6)
     mounts.mirror()
     pids = [p.pid for p in procs]
-    trials = int(os.environ.get("SPFS_KILL_TRIALS", "10"))
-    outcomes = {"finished": 0, "killed": 0}
+    fds = {pid: len(os.listdir(f"/proc/{pid}/fd")) for pid in pids}
+    a, b = mounts.a, mounts.b
+    # One whole switch first, to spread the kills over the commit's real duration.
+    calibration = _run_harness(a, b, cgroup, None, how)
+    assert calibration and calibration["ok"], calibration
+    assert _settled_side(pids, a, b, fds) == "B"
+    span = calibration["commit_s"] * 1.2
+    trials = int(os.environ.get("SPFS_KILL_TRIALS", "12"))
+    outcomes: dict[str, int] = {}
     for trial in range(trials):
-        source, target = (mounts.a, mounts.b) if trial % 2 == 0 else (mounts.b, mounts.a)
-        harness = subprocess.Popen([sys.executable, str(HARNESS), str(source), str(target), str(cgroup)],
-                                   stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-        assert harness.stdout.readline().strip() == "go"
-        time.sleep(rng.uniform(0, 0.008))
-        harness.send_signal(how)
-        out, _ = harness.communicate(timeout=20)
-        outcomes["finished" if out.strip() else "killed"] += 1
-        on_target = sum(1 for pid in pids if _on(target, pid))
-        outcomes[f"moved {on_target}/{len(pids)}"] = outcomes.get(f"moved {on_target}/{len(pids)}", 0) + 1
-        if how == signal.SIGTERM and out.strip():
-            report = json.loads(out)
-            if not report["ok"]:
-                for pid in pids:
-                    assert _on(source, pid), "aborted switch did not revert"
-        deadline = time.monotonic() + 5
-        while True:  # the watchdog thaws the cgroup after a SIGKILL
-            frozen = ((cgroup / "freezer.state").read_text().strip() != "THAWED"
-                      if (cgroup / "freezer.state").exists() else (cgroup / "cgroup.events").read_text().find("frozen 1") >= 0)
-            if not frozen or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        assert not frozen, f"trial {trial}: cgroup left frozen"
+        side_before = _settled_side(pids, a, b, fds)
+        source, target = (a, b) if side_before == "A" else (b, a)
+        report = _run_harness(source, target, cgroup, rng.uniform(0, span), how)
+        assert _wait_thawed(cgroup), f"trial {trial}: cgroup left frozen"
         dead = [(p.pid, p.returncode) for p in procs if p.poll() is not None]
         assert not dead, f"trial {trial}: victims died: {dead}"
         _assert_running_untraced(pids)
-        for pid in pids:
-            _on(mounts.a, pid)  # all on A or all on B, never half
-        assert all(p.poll() is None for p in procs), f"trial {trial}: a victim died"
+        try:
+            side = _settled_side(pids, a, b, fds)
+        except AssertionError as exc:
+            raise AssertionError(f"trial {trial} ({source} -> {target}, report {report}): {exc}") from None
+        moved = side != side_before
+        if report is not None:  # finished (SIGTERM: reverted, or too late to matter)
+            assert moved == report["ok"], f"trial {trial}: report says ok={report['ok']}, victims moved={moved}"
+        key = f"{'finished' if report else 'killed'}, {'moved' if moved else 'stayed'}"
+        outcomes[key] = outcomes.get(key, 0) + 1
     mounts.stop_victims()
     reports = mounts.reports()
     for p in procs:
         rep = reports[p.pid]
         assert p.returncode == 0
+        assert rep["mixed"] == "0", "a victim saw its cwd and fds on different mounts"
         assert rep["errors_read"] == "0" and rep["epoll_miss"] == "0" and rep["epoll_eintr"] == "0"
         assert rep["errors_fifo"] == "0" and rep["pos_equal"] == "1" and rep["errors_map"] == "0"
     print(outcomes)
+    if how == signal.SIGKILL and trials >= 12:
+        assert any(k.startswith("killed") for k in outcomes), f"no trial was killed mid-way: {outcomes}"
 
 
 @pytest.mark.parametrize("entry", [0, 35, 45, 55, 70, 999])

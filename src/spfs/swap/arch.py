@@ -51,6 +51,9 @@ class Nr:
     """Syscall numbers used by the engine (x86-64)."""
 
     read = 0
+    write = 1
+    sendto = 44
+    openat = 257
     close = 3
     lseek = 8
     mmap = 9

@@ -23,8 +23,16 @@
  *
  * Table entry (80 bytes): nr, a0..a5, flags, store, result.
  *     flags bit 0: failure allowed; bit 1+i: argument i is an address,
- *     load the argument from it.  store: if non-zero, the result is also
- *     written there (how later entries use an fd created by an earlier one).
+ *     load the argument from it; bit 7: a result of 0 counts as a failure
+ *     (a read that hits end of file); bits 32-63: on failure, skip that many
+ *     entries forward instead of ending the table (0: end it).  store: if
+ *     non-zero, the result is also written there (how later entries use an
+ *     fd created by an earlier one).
+ *
+ * The skips make a table a small program with branches: the commit tables
+ * (tables.py) park at a signal the live tracer sees, then read the decision
+ * byte and either finish the commit or undo it (end of file: the tracer is
+ * gone), so a killed tracer never leaves a task half switched.
  */
         .text
         .globl blob_start
@@ -59,15 +67,27 @@ run:
         mov     (%r9), %r9
 6:      mov     (%r12), %rax
         syscall
+loop_syscall_end:
         mov     %rax, 72(%r12)
         mov     64(%r12), %rcx
         test    %rcx, %rcx
         jz      7f
         mov     %rax, (%rcx)
 7:      cmp     $-4095, %rax
-        jb      8f
-        test    $1, %bl
+        jae     9f
+        test    %rax, %rax
+        jnz     8f
+        bt      $7, %rbx
+        jnc     8f
+9:      test    $1, %bl
+        jnz     8f
+        mov     %rbx, %rcx
+        shr     $32, %rcx
         jz      failed
+        imul    $80, %rcx, %rdx
+        add     %rdx, %r12
+        sub     %rcx, %r13
+        jmp     run
 8:      add     $80, %r12
         dec     %r13
         jmp     run

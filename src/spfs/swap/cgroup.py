@@ -3,6 +3,7 @@ watchdog process that thaws the group again if the manager dies while it is froz
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -76,35 +77,54 @@ def _v2_frozen(path: Path) -> bool:
 
 
 class Watchdog:
-    """A child process that restores the cgroup's freezer state if we die.
+    """A child process that outlives us: if we die during a switch, it re-sends the signals
+    the engine had held back and restores the cgroup's freezer state.
 
-    Protocol on its stdin: "arm <state>" = on EOF write <state>; "disarm"; EOF = act & exit.
+    Protocol on its stdin (see watchdog.py): "arm <state>" = on EOF write <state>;
+    "disarm"; "signal TGID TID HEX" = a held-back signal; "delivered" = we re-sent them
+    ourselves; EOF = wait for our exit, then act, then exit.
     """
 
-    def __init__(self, freezer: Freezer):
+    def __init__(self, freezer: Freezer | None):
         self.freezer = freezer
-        self.proc = subprocess.Popen([sys.executable, "-m", "spfs.swap.watchdog", str(freezer.path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "spfs.swap.watchdog", str(os.getpid()),
+                                      str(freezer.path) if freezer else "-"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
                                      start_new_session=True)
         self.ready = False
 
-    def wait_ready(self, timeout: float) -> None:
-        """Block until the child runs (its start-up must not compete with the stop window)."""
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait (bounded) until the child runs, so that its start-up does not compete with
+        the stop window.  Not ready in time is not an error: whatever we write waits in the
+        pipe and it acts on it when it gets there.  A child that died is."""
         if self.ready:
-            return
+            return True
         assert self.proc.stdout is not None
         poller = select.poll()
         poller.register(self.proc.stdout, select.POLLIN)
-        ready = poller.poll(timeout * 1000)
-        if not ready or self.proc.stdout.readline().strip() != b"ready":
-            raise FreezerError("the freezer watchdog did not start")
+        if not poller.poll(timeout * 1000):
+            if self.proc.poll() is not None:
+                raise FreezerError(f"the swap watchdog exited with {self.proc.returncode}")
+            return False
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise FreezerError("the swap watchdog did not start")
         self.ready = True
+        return True
 
     def arm(self, restore_frozen: bool) -> None:
         self._send(f"arm {'frozen' if restore_frozen else 'thawed'}")
 
     def disarm(self) -> None:
         self._send("disarm")
+
+    def hold_signal(self, tgid: int, tid: int, info: ctypes.Structure) -> None:
+        try:
+            self._send(f"signal {tgid} {tid} {bytes(info).hex()}")
+        except OSError as exc:  # we still re-send it ourselves; only our death would lose it
+            log.error("could not hand a held-back signal to the watchdog: %s", exc)
+
+    def signals_delivered(self) -> None:
+        self._send("delivered")
 
     def _send(self, line: str) -> None:
         assert self.proc.stdin is not None

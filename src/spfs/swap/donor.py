@@ -32,7 +32,7 @@ def _setns(fd: int, kind: int) -> None:
 class Donor:
     """A child process living in the pid namespace of `pid`."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, close_in_child: tuple[int, ...] = ()):
         own = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
         theirs = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         read_end, self.write_end = os.pipe2(os.O_CLOEXEC)
@@ -44,6 +44,8 @@ class Donor:
                     try:
                         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
                         os.close(self.write_end)
+                        for fd in close_in_child:  # e.g. the decision pipe's write end: only the manager's
+                            os.close(fd)
                         os.read(read_end, 1)
                     finally:
                         os._exit(0)

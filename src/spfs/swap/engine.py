@@ -1,9 +1,11 @@
 """The stop window: freeze -> seize+interrupt every thread -> thaw -> wait for the stops ->
-re-validate -> inject per process -> (revert on failure) -> restore -> detach.
+re-validate -> inject per process (each parks) -> the decision -> restore -> detach.
 
 Nothing in here may leave a task stopped, frozen or with altered registers: release()
 runs in a finally block and does best-effort work per task, and the injected code
-restores a task by itself if this process dies (see remote.py)."""
+restores a task by itself if this process dies (see remote.py).  Which side a task ends
+on is decided by one write into the decision pipe (tables.py): before it, a killed
+manager leaves every task on A; after it, on B."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
 from spfs.swap.discover import cgroup_pids, cgroup_tids, late_relative_path
 from spfs.swap.model import Description, FdRef, Phase, ProcessPlan, SwapError, SwapPlan
 from spfs.swap.prepare import Prepared, open_on_target
-from spfs.swap.remote import Injector, Tracee, choose_marker_signal
+from spfs.swap.remote import REGION, Injector, Tracee, choose_marker_signal
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ class Engine:
         self.units = [p for p in self.stop_set if self._does_fds(p) or self._does_dirs(p) or self._does_maps(p)]
         self.tracees: dict[int, Tracee] = {}
         self.injectors: dict[int, Injector] = {}
-        self.touched: list[tuple[ProcessPlan, set[str]]] = []  # with what their commit did
+        self.pipes = tables.Pipes(prepared.decision_read, prepared.done_write)
+        self.vdso_of = {p.pid: p.vdso for p in self.stop_set}
         self.window = Window()
         self.we_froze = False
         self.caller_froze = False
@@ -98,9 +101,11 @@ class Engine:
             self.plan.advance(Phase.COMMITTED)
             return
         self._prebuild_tables()
-        watchdog = self.prepared.watchdog if self.freezer else None
-        if watchdog is not None:
-            watchdog.wait_ready(self.timeout + 10)
+        watchdog = self.prepared.watchdog
+        if watchdog is not None and not watchdog.wait_ready(self.timeout + 10):
+            # It acts on what it reads whenever it gets there: only its start-up CPU time
+            # would now compete with the window (a slow machine, e.g. an emulated guest).
+            log.warning("the swap watchdog is still starting; going on")
         affinity = self._pin() if self.pin else {}
         try:
             self._stop_all(watchdog)
@@ -110,6 +115,7 @@ class Engine:
             self._revalidate()
             self._move_manager_side_state()
             self._inject_all()
+            self._commit_point()
             self.plan.advance(Phase.COMMITTED)
         except BaseException as exc:
             if self.plan.phase is Phase.STOPPED:
@@ -128,12 +134,27 @@ class Engine:
 
     def _prebuild_tables(self) -> None:
         """Build and lay out each table before the stop; rebuilt in the window only if the
-        re-validation changed what it must do (late fds, locks)."""
+        re-validation changed what it must do (late fds, locks, private pages)."""
         for p in self.units:
-            table = tables.build(p, self.prepared.donor_pid(p.pid), forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
-                                 do_maps=self._does_maps(p))
+            table = self._build_table(p, None)
             table.compile()
-            self.prebuilt[p.pid] = (table, _table_signature(p))
+            self.prebuilt[p.pid] = (table, self._table_signature(p))
+
+    def _build_table(self, p: ProcessPlan, fail_after: int | None) -> tables.SyscallTable:
+        return tables.build(p, self.prepared.donor_pid(p.pid), self.pipes, do_fds=self._does_fds(p),
+                            do_dirs=self._does_dirs(p), do_maps=self._does_maps(p),
+                            scratch=self.scratch.get(p.pid, 0), scratch_size=_scratch_size(p),
+                            fail_after=fail_after)
+
+    def _table_signature(self, p: ProcessPlan) -> tuple:
+        return (tuple((r.fd, r.desc.index, tuple(r.posix_locks)) for r in p.fds), len(p.epoll), len(p.dirs),
+                tuple(tuple(m.dirty) for m in p.maps), self.scratch.get(p.pid, 0))
+
+    def _tracee(self, tid: int, tgid: int) -> Tracee:
+        watchdog = self.prepared.watchdog
+        tracee = Tracee(tid, tgid, witness=watchdog.hold_signal if watchdog is not None else None)
+        self.tracees[tid] = tracee
+        return tracee
 
     # -- stopping ---------------------------------------------------------------------
     def _pin(self) -> dict[int, set[int]]:
@@ -192,7 +213,7 @@ class Engine:
                     tgid = procfs.status(tid).tgid
             if tgid in wanted and tid not in self.tracees:
                 ptrace.seize(tid, SEIZE_OPTIONS)
-                self.tracees[tid] = Tracee(tid, tgid)
+                self._tracee(tid, tgid)
                 ptrace.interrupt(tid)
 
     def _seize_process(self, p: ProcessPlan) -> None:
@@ -200,7 +221,7 @@ class Engine:
             if tid in self.tracees:
                 continue
             ptrace.seize(tid, SEIZE_OPTIONS)
-            self.tracees[tid] = Tracee(tid, p.pid)
+            self._tracee(tid, p.pid)
             ptrace.interrupt(tid)
 
     def _wait_interrupt_stop(self, tid: int, deadline: float) -> None:
@@ -216,6 +237,13 @@ class Engine:
                 raise SwapError(f"task {tid} exited during the switch")
             if stop.is_event_stop:
                 regs = ptrace.getregs(tid)
+                if self._in_injected_code(tracee.tgid, regs.rip):
+                    # Still finishing the table of a previous switch (it ran on after that
+                    # detach): let it leave the injected code before we overwrite it.
+                    ptrace.cont(tid)
+                    time.sleep(0.001)
+                    ptrace.interrupt(tid)
+                    continue
                 check_task_regs(regs, tid)
                 fixed = without_spurious_eintr(regs, caught_signal_pending=bool(tracee.pending))
                 if fixed is not None:
@@ -227,10 +255,10 @@ class Engine:
                 msg = ctypes.c_ulong()
                 ptrace.libc.ptrace(PTRACE_GETEVENTMSG, tid, None, ctypes.byref(msg))
                 if stop.event == ptrace.PTRACE_EVENT_CLONE:
-                    self.tracees[msg.value] = Tracee(msg.value, tracee.tgid)  # auto-attached thread
+                    self._tracee(msg.value, tracee.tgid)  # auto-attached thread
                 else:
                     raise_later = SwapError(f"process {tracee.tgid} forked {msg.value} during the switch; run it again")
-                    self.tracees[msg.value] = Tracee(msg.value, msg.value)
+                    self._tracee(msg.value, msg.value)
                     self._wait_interrupt_stop(msg.value, deadline)
                     ptrace.cont(tid)
                     raise raise_later
@@ -340,47 +368,55 @@ class Engine:
         injector.install()
         return injector
 
+    def _in_injected_code(self, tgid: int, rip: int) -> bool:
+        vdso = self.vdso_of.get(tgid)
+        return vdso is not None and vdso[1] - REGION <= rip < vdso[1]
+
     def _inject_all(self) -> None:
+        """Each table installs B and parks its task; nothing is decided yet."""
         for index, p in enumerate(self.units):
             if abort_requested.is_set():
                 raise SwapError("switch aborted by a signal; reverting")
             fail_after = self.fail.entry if self.fail and self.fail.unit == index else None
             table, signature = self.prebuilt.get(p.pid, (None, None))
-            if table is None or fail_after is not None or signature != _table_signature(p):
-                table = tables.build(p, self.prepared.donor_pid(p.pid), forward=True, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
-                                     do_maps=self._does_maps(p), scratch=self.scratch.get(p.pid, 0),
-                                     fail_after=fail_after)
-            injector = self._injector(p)
-            done = set(table.marks)  # assume all until the run says otherwise
-            self.touched.append((p, done))
-            result = injector.run(table)
+            if table is None or fail_after is not None or signature != self._table_signature(p):
+                table = self._build_table(p, fail_after)
+            result = self._injector(p).run(table)
             if not result.ok:
-                done.intersection_update(table.done_marks(result.failed_index))
                 what = table.entries[result.failed_index].what
                 raise UnitFailed(f"process {p.pid}: {what} failed: {os.strerror(-result.error)}")
         self.window.injected = time.perf_counter()
 
+    def _commit_point(self) -> None:
+        """One byte per parked task into the decision pipe: from this write on, every task
+        ends on B whatever happens to us."""
+        parked = sum(1 for injector in self.injectors.values() if injector.parked)
+        decision = self.prepared.decision_write
+        if parked and os.write(decision, b"c" * parked) != parked:
+            raise SwapError("short write into the decision pipe")
+        self.window.marks["committed"] = time.perf_counter()
+
     def _rollback(self) -> None:
-        handover.move_inotify_watches(self.plan, self.stop_set, forward=False)
-        for p, done in reversed(self.touched):
+        """Close the decision pipe: every parked task reads end of file and undoes its table."""
+        self.prepared.close_decision()
+        for injector in self.injectors.values():
             try:
-                strays = tuple(sorted(set(procfs.fd_numbers(p.pid)) - set(p.fd_numbers)))
-                table = tables.build(p, self.prepared.donor_pid(p.pid), forward=False, do_fds=self._does_fds(p), do_dirs=self._does_dirs(p),
-                                     do_maps=self._does_maps(p), scratch=self.scratch.get(p.pid, 0),
-                                     close_first=strays, only=done)
-                result = self._injector(p).run(table)
-                if not result.ok:
-                    log.error("revert of process %d failed at %s: %s", p.pid,
-                              table.entries[result.failed_index].what, os.strerror(-result.error))
-            except Exception:  # noqa: BLE001 - keep reverting the others
-                log.exception("revert of process %d failed", p.pid)
-        log.warning("reverted %d processes to the source", len(self.touched))
+                injector.finish()
+            except Exception:  # noqa: BLE001 - keep reverting the others (a parked task reverts on its own)
+                log.exception("revert of process %d failed", injector.tracee.tgid)
+        handover.move_inotify_watches(self.plan, self.stop_set, forward=False)
+        log.warning("reverted %d processes to the source", len(self.injectors))
 
     # -- release --------------------------------------------------------------------------
     def _release(self, watchdog: Watchdog | None) -> None:
         self.window.marks["release"] = time.perf_counter()
+        with_signals = {t.tgid for t in self.tracees.values() if t.pending}
         for injector in self.injectors.values():
             try:
+                if injector.parked and (injector.tracee.tgid in with_signals or injector.code_page):
+                    # Its signals must arrive at its own code, not inside the table; a code
+                    # page must be unmapped by us.  Otherwise it finishes after the detach.
+                    injector.finish()
                 injector.uninstall()
             except OSError as exc:
                 log.error("could not restore task %d: %s", injector.tracee.tid, exc)
@@ -395,6 +431,8 @@ class Engine:
                     ptrace.requeue_signal(tracee.tgid, tracee.tid, info)
             except OSError as exc:
                 log.error("task %d: %s", tracee.tid, exc)
+        if watchdog is not None and with_signals:
+            watchdog.signals_delivered()
         self.window.marks["restored"] = time.perf_counter()
         for tracee in self.tracees.values():
             try:
@@ -403,6 +441,8 @@ class Engine:
                 if exc.errno != 3:  # ESRCH: gone, or not stopped (then the kernel detaches on our exit)
                     log.error("detach %d: %s", tracee.tid, exc)
         self.window.released = time.perf_counter()
+        if self.plan.phase is Phase.COMMITTED:
+            self._wait_done(len(self.injectors))
         if self.freezer is not None and not self.caller_froze:
             with contextlib.suppress(Exception):
                 if self.freezer.is_frozen():
@@ -410,6 +450,16 @@ class Engine:
         if watchdog is not None:
             watchdog.disarm()
         self.plan.advance(Phase.RELEASED)
+
+    def _wait_done(self, count: int) -> None:
+        """Tasks detached while parked finish their table on their own: wait for their byte
+        in the done pipe, so that no kept A reference is left when we return (umount A)."""
+        if self.caller_froze:
+            return  # frozen again: they finish when the caller thaws them
+        got = self.prepared.read_done(count, self.timeout)
+        if got < count:
+            log.warning("%d of %d processes did not finish their switch within %s s", count - got, count,
+                        self.timeout)
 
 
 def _kcmp_file(me: int, pid: int, mine: int, theirs: int) -> int:
@@ -419,9 +469,8 @@ def _kcmp_file(me: int, pid: int, mine: int, theirs: int) -> int:
         return -1  # the fd went away
 
 
-def _table_signature(p: ProcessPlan) -> tuple:
-    return (tuple((r.fd, r.desc.index, tuple(r.posix_locks)) for r in p.fds), len(p.epoll), len(p.dirs),
-            tuple(tuple(m.dirty) for m in p.maps))
+def _scratch_size(p: ProcessPlan) -> int:
+    return max((sum(n for _, n in m.dirty) for m in p.maps), default=0)
 
 
 def _free_range(ranges: list[tuple[int, int]], size: int, page: int = 4096) -> int:

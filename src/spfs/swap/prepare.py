@@ -7,8 +7,11 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
+import socket
 import stat
 import struct
+import time
 
 from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
@@ -82,6 +85,35 @@ class Prepared:
         self.donors: list[Donor] = []
         self.inotify_copies: dict[tuple[int, int], int] = {}
         self.donor_of: dict[int, int] = {}  # pid -> pid of its fd donor, as seen by that pid
+        # The decision pipe (tables.py): only we may hold its write end, so that our death
+        # is an end of file for the parked tasks.  The done socket gets a byte per finished task.
+        self.decision_read, self.decision_write = os.pipe2(os.O_CLOEXEC)
+        # Never block on our side; the tasks' read end must block (it is their wait).
+        os.set_blocking(self.decision_write, False)
+        # A socket, not a pipe: a task sending after our death gets EPIPE, not a SIGPIPE.
+        done = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self.done_read, self.done_write = done[0].detach(), done[1].detach()
+        self.fds += [self.decision_read, self.done_read, self.done_write]
+
+    def close_decision(self) -> None:
+        """End of file for every parked task: they undo their tables."""
+        if self.decision_write >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.decision_write)
+            self.decision_write = -1
+
+    def read_done(self, count: int, timeout: float) -> int:
+        """Bytes read from the done socket (one per task that finished its table), up to count."""
+        got, deadline = 0, time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.done_read, select.POLLIN)
+        while got < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                break
+            with contextlib.suppress(BlockingIOError):
+                got += len(os.read(self.done_read, count - got))
+        return got
 
     def donor_pid(self, pid: int) -> int:
         return self.donor_of.get(pid, os.getpid())
@@ -109,6 +141,7 @@ class Prepared:
         self.fifo_keepers.clear()
 
     def close(self) -> None:
+        self.close_decision()
         for donor in self.donors:
             donor.close()
         self.donors.clear()
@@ -165,13 +198,12 @@ def prepare(plan: SwapPlan) -> Prepared:
     except (OSError, RuntimeError) as exc:
         prepared.close()
         raise SwapError(f"cannot start an fd donor in a task's pid namespace: {exc}") from exc
-    if plan.cgroup:
-        # Started now so that its interpreter start-up is over before anything is frozen.
-        try:
-            prepared.watchdog = Watchdog(Freezer(plan.cgroup))
-        except (OSError, RuntimeError) as exc:
-            prepared.close()
-            raise SwapError(f"cannot supervise the freezer of {plan.cgroup}: {exc}") from exc
+    # Started now so that its interpreter start-up is over before anything is stopped.
+    try:
+        prepared.watchdog = Watchdog(Freezer(plan.cgroup) if plan.cgroup else None)
+    except (OSError, RuntimeError) as exc:
+        prepared.close()
+        raise SwapError(f"cannot start the swap watchdog (for {plan.cgroup or 'held signals'}): {exc}") from exc
     plan.advance(Phase.PREPARED)
     log.info("prepared %d descriptions on %s", len(plan.descriptions), plan.target)
     return prepared
@@ -186,7 +218,7 @@ def _start_donors(plan: SwapPlan, prepared: Prepared) -> None:
             continue
         ns = procfs.ns_inode(p.pid, "pid")
         if ns not in by_ns:
-            by_ns[ns] = Donor(p.pid)
+            by_ns[ns] = Donor(p.pid, close_in_child=(prepared.decision_write,))
             prepared.donors.append(by_ns[ns])
         prepared.donor_of[p.pid] = by_ns[ns].ns_pid
 

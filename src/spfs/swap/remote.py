@@ -15,11 +15,13 @@ import functools
 import logging
 import os
 import signal
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spfs.swap import blob, ptrace
 from spfs.swap.arch import Nr, UserRegs, as_resumed
-from spfs.swap.table import SyscallTable
+from spfs.swap.table import PARK_OK, SyscallTable
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,14 @@ class Tracee:
     tgid: int
     regs: UserRegs | None = None
     pending: list[ptrace.SigInfo] = field(default_factory=list)
+    # Told about every suppressed signal at once, so that one outlives a killed manager.
+    witness: Callable[[int, int, ptrace.SigInfo], None] | None = None
 
     def record_signal(self) -> None:
-        self.pending.append(ptrace.getsiginfo(self.tid))
+        info = ptrace.getsiginfo(self.tid)
+        self.pending.append(info)
+        if self.witness is not None:
+            self.witness(self.tgid, self.tid, info)
 
 
 @dataclass
@@ -76,6 +83,7 @@ class RunResult:
     ok: bool
     failed_index: int
     error: int  # -errno of the failed entry
+    parked: bool = False  # stopped at a park entry: finish() runs the rest of the table
 
 
 class Injector:
@@ -92,6 +100,7 @@ class Injector:
         self.code_page = 0  # set when the code had to go into a page of its own
         self.syscall_insn = 0
         self.mem = -1
+        self.parked = False  # stopped inside a table that has more to run (see finish)
         self.original = b""
         self.writable = list(writable)
         # The task names itself (tgkill) with its ids in its own pid namespace.
@@ -145,8 +154,14 @@ class Injector:
             ptrace.setregs(tid, self.tracee.regs)
 
     def uninstall(self) -> None:
-        """Put back the vdso bytes (zeros) and the task's registers; the task stays stopped."""
+        """Put back the vdso bytes (zeros) and the task's registers; the task stays stopped.
+        A parked task keeps both: after the detach it runs the rest of its table (as the
+        decision pipe says) and restores its registers itself."""
         if self.mem < 0:
+            return
+        if self.parked:
+            os.close(self.mem)
+            self.mem = -1
             return
         try:
             # Registers first: a task parked in the blob must never see the blob erased.
@@ -182,7 +197,8 @@ class Injector:
                 raise InjectionError(f"task {tid} exited during injection (status {stop.status:#x})")
             if stop.is_signal_delivery:
                 regs = ptrace.getregs(tid)
-                if stop.signal == self.marker_signal and regs.rip == self.base + blob.MARKER_END:
+                if stop.signal == self.marker_signal and regs.rip in (self.base + blob.MARKER_END,
+                                                                      self.base + blob.LOOP_SYSCALL_END):
                     return regs
                 if stop.signal == ptrace.SIGTRAP or stop.signal in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL):
                     raise InjectionError(f"task {tid}: injected code faulted with signal {stop.signal} "
@@ -218,23 +234,44 @@ class Injector:
     def run(self, table: SyscallTable) -> RunResult:
         if not table.entries:
             return RunResult(True, -1, 0)
-        base, unmap = self._place_on_stack(table), 0
+        late = {"tgid": self.ns_ids[0], "tid": self.ns_ids[1], "sig": self.marker_signal}
+        base, unmap = self._place_on_stack(table, late), 0
         if base is None:  # large table, or no stack below rsp: a scratch mapping (one more round trip)
             unmap = (table.size + PAGE - 1) // PAGE * PAGE
             base = self.syscall(Nr.mmap, 0, unmap, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
             if -4096 < base < 0:
                 raise InjectionError(f"task {self.tracee.tid}: mmap of {unmap} bytes failed: {os.strerror(-base)}")
-            os.pwrite(self.mem, table.serialize(base), base)
+            os.pwrite(self.mem, table.serialize(base, late), base)
         # rsp below the table: if we die and a signal handler runs in the task, its frame
         # must not land on the table the loop is still reading.
+        self.parked = True  # from here on the task is inside its table until it says otherwise
         regs = self._enter(blob.ENTRY_RUN, r12=base, r13=len(table.entries), r14=base, r15=unmap,
-                           rsp=base - 64)
+                           rsp=base - 64, rbp=0)
+        index = (regs.r12 - base) // blob.TABLE_ENTRY_SIZE
+        if regs.rip == self.base + blob.LOOP_SYSCALL_END:  # a park entry
+            if index == table.labels.get(PARK_OK):
+                return RunResult(True, -1, 0, parked=True)
+            raw = os.pread(self.mem, len(table.entries) * blob.TABLE_ENTRY_SIZE, base)
+            results = [struct.unpack_from("<q", raw, i * blob.TABLE_ENTRY_SIZE + 72)[0]
+                       for i in range(len(table.entries))]
+            failed = table.first_failure(results[:index])
+            failed = index if failed is None else failed
+            return RunResult(False, failed, results[failed], parked=True)
+        self.parked = False
         if regs.r13 == 0:
             return RunResult(True, -1, 0)
-        index = (regs.r12 - base) // blob.TABLE_ENTRY_SIZE
         return RunResult(False, index, ctypes.c_longlong(regs.rbx).value)
 
-    def _place_on_stack(self, table: SyscallTable) -> int | None:
+    def finish(self) -> None:
+        """Let a parked task read the decision and run the rest of its table, up to the
+        final marker (then uninstall() can restore it)."""
+        if not self.parked:
+            return
+        ptrace.cont(self.tracee.tid)
+        self._wait_marker()
+        self.parked = False
+
+    def _place_on_stack(self, table: SyscallTable, late: dict[str, int]) -> int | None:
         """Write the table below the thread's stack pointer (past the red zone), if mapped."""
         if table.size > STACK_TABLE_MAX:
             return None
@@ -244,7 +281,7 @@ class Injector:
         if not any(start <= base and rsp <= end for start, end in self.writable):
             return None
         try:
-            os.pwrite(self.mem, table.serialize(base), base)
+            os.pwrite(self.mem, table.serialize(base, late), base)
         except OSError:
             return None
         return base

@@ -1,21 +1,57 @@
-"""The per-process syscall tables that install B's descriptions (commit) or A's (revert)."""
+"""The per-process syscall table of a commit: install B, park, then commit or undo.
+
+One table per fd table / mm / fs struct, laid out as a small program (labels below):
+
+    forward     keep a reference to every A object in the task itself (dup of the fd,
+                A's file for a mapping or the exe, O_PATH of root and cwd), install B's
+    PARK_OK     tgkill(marker): the live manager sees the stop, the task is parked
+    CLEANUP_*   only after a failed forward step: close what it left open
+    PARK_FAILED tgkill(marker) after a failure
+    DECISION    read(decision pipe, 1 byte): a byte = commit; end of file = the manager
+                closed the pipe (abort) or died: undo
+    COMMIT      close the kept A references, send a byte to the done socket, end
+    UNDO        put every kept A reference back where the forward part had installed
+                B's (each part only if the forward part had done it), send the byte
+
+The decision is one write of one byte per parked task into a pipe whose write end only
+the manager holds: that write is the commit point.  A task parked before it reverts by
+itself, with or without a live manager; a task that has not run its forward part yet was
+never changed.  So a killed manager leaves every task on A, or (killed after the write)
+every task on B.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import struct
+from dataclasses import dataclass, field
 
 from spfs.swap.arch import Nr
-from spfs.swap.model import ProcessPlan
+from spfs.swap.model import MapRef, ProcessPlan
 from spfs.swap.procfs import Lock
-from spfs.swap.table import Addr, Entry, Load, Ref, SyscallTable
+from spfs.swap.table import END, PARK_FAILED, PARK_OK, Addr, Entry, Late, Load, Ref, SyscallTable
 
-__all__ = ["SyscallTable", "build", "flock_struct"]
+__all__ = ["Pipes", "SyscallTable", "build", "flock_struct"]
 
 EPOLL_CTL_ADD = 1
 F_SETLK = fcntl.F_SETLK
+F_DUPFD_CLOEXEC = 1030
+AT_FDCWD = -100
+MSG_NOSIGNAL = 0x4000  # the manager may be gone: EPIPE, no SIGPIPE
+O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 LOCK_TYPE = {"READ": fcntl.F_RDLCK, "WRITE": fcntl.F_WRLCK}
+CLEANUP_EXE, CLEANUP_SCRATCH, CLEANUP_TMP = "cleanup exe", "cleanup scratch", "cleanup tmp"
+DECISION, UNDO = "decision", "undo"
+
+
+@dataclass(frozen=True)
+class Pipes:
+    """The manager's (and donors') fd numbers of the decision pipe's read end and the done
+    socket's sending end: each task takes its own copy with pidfd_getfd."""
+
+    decision: int
+    done: int
 
 
 def flock_struct(lock: Lock) -> bytes:
@@ -23,93 +59,200 @@ def flock_struct(lock: Lock) -> bytes:
     return struct.pack("<hhxxxxqqixxxx", LOCK_TYPE[lock.access], os.SEEK_SET, lock.start, length, 0)
 
 
-def build(process: ProcessPlan, donor_pid: int, *, forward: bool, do_fds: bool, do_dirs: bool,
-          close_first: tuple[int, ...] = (), only: set[str] | None = None,
-          do_maps: bool = False, scratch: int = 0, fail_after: int | None = None) -> SyscallTable:
-    """Install, in `process`, the B descriptions (forward) or the A ones (revert).
+@dataclass
+class _Kept:
+    """Slots holding the task's own references to A, filled by the forward part."""
 
-    Marks name what each part changes ("fd N", "root", "cwd"); `only` restricts a revert
-    to the parts a failed commit had done.
+    fds: list[tuple[object, Ref]] = field(default_factory=list)  # (FdRef, keep slot)
+    maps: list[tuple[MapRef, Ref, Ref]] = field(default_factory=list)  # (mapping, A file, "remapped" slot)
+    exe: tuple[object, Ref, Ref] | None = None  # (prctl_mm_map for A, slot of A's file in it, "done" slot)
+    exe_new: Ref | None = None  # B's exe while the forward prctl runs
+    root: tuple[Ref, Ref] | None = None  # (O_PATH of the old root, "done" slot)
+    cwd: Ref | None = None
+
+    def all_slots(self) -> list[Ref]:
+        out = [keep for _, keep in self.fds] + [keep for _, keep, _ in self.maps]
+        if self.exe is not None:
+            out.append(self.exe[1])
+        if self.root is not None:
+            out.append(self.root[0])
+        if self.cwd is not None:
+            out.append(self.cwd)
+        return out
+
+
+def build(process: ProcessPlan, donor_pid: int, pipes: Pipes, *, do_fds: bool, do_dirs: bool,
+          do_maps: bool = False, scratch: int = 0, scratch_size: int = 0,
+          fail_after: int | None = None) -> SyscallTable:
+    """The commit table of `process` (see the module doc).  The park entries need the late
+    values "tgid", "tid" and "sig" (the marker) at serialization.
 
     POSIX locks belong to the process and are dropped by any close of the inode, so they
     are checked on B through the temporary fd first (the switch fails before touching A if
     B's lock is taken), then taken again on the final fd right after the install.
     """
-    table = SyscallTable()
-    for stray in close_first:  # fds a failed run left behind (its temporaries)
-        table.call(Nr.close, stray, allow_fail=True, what=f"close leftover fd {stray}")
-    pidfd = table.slot()
-    tmp = table.slot()
-    table.call(Nr.pidfd_open, donor_pid, 0, store=pidfd, what="pidfd_open(manager)")
-    relock: list[tuple[int, object]] = []
+    t = SyscallTable()
+    pidfd, tmp, decision, done = t.slot(), t.slot(), t.slot(), t.slot()
+    byte = t.blob(b"c" + bytes(7))
+    kept = _Kept()
+    t.call(Nr.pidfd_open, donor_pid, 0, store=pidfd, jump=PARK_FAILED, what="pidfd_open(manager)")
+    t.call(Nr.pidfd_getfd, Load(pidfd), pipes.decision, 0, store=decision, jump=PARK_FAILED,
+           what="pidfd_getfd for the decision pipe")
+    t.call(Nr.pidfd_getfd, Load(pidfd), pipes.done, 0, store=done, jump=PARK_FAILED,
+           what="pidfd_getfd for the done pipe")
     if do_fds:
-        for ref in process.fds:
-            if only is not None and f"fd {ref.fd}" not in only:
-                continue
-            source_fd = ref.desc.new_fd if forward else ref.desc.old_fd
-            table.call(Nr.pidfd_getfd, Load(pidfd), source_fd, 0, store=tmp, what=f"pidfd_getfd for fd {ref.fd}")
-            locks = [table.blob(flock_struct(lock)) for lock in ref.posix_locks]
-            if forward:
-                for lock in locks:
-                    table.call(Nr.fcntl, Load(tmp), F_SETLK, Addr(lock), what=f"lock check on B for fd {ref.fd}")
-            table.call(Nr.dup3, Load(tmp), ref.fd, os.O_CLOEXEC if ref.cloexec else 0, what=f"dup3 onto fd {ref.fd}")
-            table.mark(f"fd {ref.fd}")
-            table.call(Nr.close, Load(tmp), what="close temporary fd")
-            relock.extend((ref.fd, lock) for lock in locks)
-        # Any close of an fd on an inode drops the process's POSIX locks on it (the temporary
-        # fds above), so they are taken for good only after every install.
-        for fd, lock in relock:
-            table.call(Nr.fcntl, fd, F_SETLK, Addr(lock), allow_fail=not forward, what=f"POSIX lock on fd {fd}")
-        for reg in process.epoll:
-            if only is not None and f"fd {reg.target.tfd}" not in only:
-                continue
-            event = table.blob(struct.pack("<IQ", reg.target.events, reg.target.data))
-            # On revert the A registration is still alive (we hold A's description): EEXIST is fine.
-            table.call(Nr.epoll_ctl, reg.epfd, EPOLL_CTL_ADD, reg.target.tfd, Addr(event), allow_fail=not forward,
-                       what=f"epoll_ctl ADD fd {reg.target.tfd} to epoll fd {reg.epfd}")
+        _forward_fds(t, process, pidfd, tmp, kept)
     if do_maps:
         for m in process.maps:
-            if only is not None and f"scratch {m.vma.start:#x}" in only and f"scratch freed {m.vma.start:#x}" not in only:
-                table.call(Nr.munmap, scratch, sum(n for _, n in m.dirty), allow_fail=True,
-                           what="drop scratch left by the failed step")
-            if only is None or f"map {m.vma.start:#x}" in only:
-                _add_mapping(table, pidfd, tmp, m, forward, scratch, process.nspid)
-        if process.exe is not None and (only is None or "exe" in only):
-            _add_exe(table, pidfd, process.exe, forward)
+            _forward_mapping(t, pidfd, tmp, m, scratch, process.nspid, kept)
+        if process.exe is not None:
+            _forward_exe(t, pidfd, process.exe, kept)
     if do_dirs:
-        root = next((d for d in process.dirs if d.kind == "root"), None)
-        if root is not None and (only is None or "root" in only):
-            table.call(Nr.pidfd_getfd, Load(pidfd), root.new_fd if forward else root.old_fd, 0, store=tmp,
-                       what="pidfd_getfd for root")
-            table.call(Nr.fchdir, Load(tmp), what="fchdir to new root")
-            table.call(Nr.chroot, Addr(table.blob(b".\0")), what="chroot")
-            table.mark("root")
-            table.call(Nr.close, Load(tmp), what="close temporary fd")
-        for d in process.dirs:
-            if d.kind in ("cwd", "cwd-kept") and (only is None or "cwd" in only or "root" in only):
-                table.call(Nr.pidfd_getfd, Load(pidfd), d.new_fd if forward else d.old_fd, 0, store=tmp,
-                           what="pidfd_getfd for cwd")
-                table.call(Nr.fchdir, Load(tmp), what="fchdir to new cwd")
-                table.mark("cwd")
-                table.call(Nr.close, Load(tmp), what="close temporary fd")
+        _forward_dirs(t, process, pidfd, tmp, kept)
+    t.boundaries.append(len(t.entries))
     if fail_after is not None:
-        # Test hook: an entry that fails, placed like a real failure could happen: never
-        # inside a part whose entries are all allow-fail.
-        at = min(fail_after, len(table.entries))
-        for lo, hi in table.critical:
-            if lo <= at < hi:
-                at = hi
-        for name, index in table.marks.items():
-            if index >= at:
-                table.marks[name] = index + 1
-        table.entries.insert(at, Entry(Nr.close, (-1,), None, False, "injected failure (test)"))
-    table.call(Nr.close, Load(pidfd), what="close pidfd")
-    return table
+        _insert_test_failure(t, fail_after)
+
+    t.label(PARK_OK)
+    t.call(Nr.tgkill, Late("tgid"), Late("tid"), Late("sig"), what="park (forward part done)")
+    t.skip_to(DECISION, "go to the decision")
+    t.label(CLEANUP_EXE)
+    if kept.exe is not None:
+        t.call(Nr.close, Load(kept.exe_new), allow_fail=True, what="close B's exe after a failure")
+        t.skip_to(PARK_FAILED, "go to the failed park")
+    t.label(CLEANUP_SCRATCH)
+    if scratch and scratch_size:
+        t.call(Nr.munmap, scratch, scratch_size, allow_fail=True, what="drop scratch after a failure")
+    t.label(CLEANUP_TMP)
+    t.call(Nr.close, Load(tmp), allow_fail=True, what="close the temporary fd after a failure")
+    t.label(PARK_FAILED)
+    t.call(Nr.tgkill, Late("tgid"), Late("tid"), Late("sig"), what="park (forward part failed)")
+
+    t.label(DECISION)
+    t.call(Nr.read, Load(decision), Addr(byte), 1, zero_fails=True, jump=UNDO, what="read the decision")
+    for slot in kept.all_slots():
+        t.call(Nr.close, Load(slot), allow_fail=True, what="close a kept A reference (commit)")
+    _finish(t, byte, pidfd, decision, done)
+    t.skip_to(END, "committed: skip the undo part")
+
+    t.label(UNDO)
+    _undo(t, process, kept, scratch, process.nspid)
+    _finish(t, byte, pidfd, decision, done)
+    return t
+
+
+def _finish(t: SyscallTable, byte: Ref, pidfd: Ref, decision: Ref, done: Ref) -> None:
+    """Tell the manager this task no longer holds anything of the switch, close the rest."""
+    t.call(Nr.sendto, Load(done), Addr(byte), 1, MSG_NOSIGNAL, 0, 0, allow_fail=True, what="a byte to the done socket")
+    for slot in (done, decision, pidfd):
+        t.call(Nr.close, Load(slot), allow_fail=True, what="close a pipe or the pidfd")
+
+
+def _forward_fds(t: SyscallTable, process: ProcessPlan, pidfd: Ref, tmp: Ref, kept: _Kept) -> None:
+    relock: list[tuple[int, Ref]] = []
+    for ref in process.fds:
+        t.boundaries.append(len(t.entries))
+        keep = t.slot()
+        kept.fds.append((ref, keep))
+        t.call(Nr.fcntl, ref.fd, F_DUPFD_CLOEXEC, 0, store=keep, jump=PARK_FAILED, what=f"keep fd {ref.fd} (A)")
+        t.call(Nr.pidfd_getfd, Load(pidfd), ref.desc.new_fd, 0, store=tmp, jump=PARK_FAILED,
+               what=f"pidfd_getfd for fd {ref.fd}")
+        locks = [t.blob(flock_struct(lock)) for lock in ref.posix_locks]
+        for lock in locks:
+            t.call(Nr.fcntl, Load(tmp), F_SETLK, Addr(lock), jump=CLEANUP_TMP, what=f"lock check on B for fd {ref.fd}")
+        t.call(Nr.dup3, Load(tmp), ref.fd, os.O_CLOEXEC if ref.cloexec else 0, jump=CLEANUP_TMP,
+               what=f"dup3 onto fd {ref.fd}")
+        t.call(Nr.close, Load(tmp), jump=PARK_FAILED, what="close temporary fd")
+        relock.extend((ref.fd, lock) for lock in locks)
+    t.boundaries.append(len(t.entries))
+    # Any close of an fd on an inode drops the process's POSIX locks on it (the temporary
+    # fds above), so they are taken for good only after every install.
+    for fd, lock in relock:
+        t.call(Nr.fcntl, fd, F_SETLK, Addr(lock), jump=PARK_FAILED, what=f"POSIX lock on fd {fd}")
+    for reg in process.epoll:
+        event = t.blob(struct.pack("<IQ", reg.target.events, reg.target.data))
+        t.call(Nr.epoll_ctl, reg.epfd, EPOLL_CTL_ADD, reg.target.tfd, Addr(event), jump=PARK_FAILED,
+               what=f"epoll_ctl ADD fd {reg.target.tfd} to epoll fd {reg.epfd}")
+
+
+def _forward_dirs(t: SyscallTable, process: ProcessPlan, pidfd: Ref, tmp: Ref, kept: _Kept) -> None:
+    t.boundaries.append(len(t.entries))
+    kept.cwd = t.slot()
+    t.call(Nr.openat, AT_FDCWD, Addr(t.blob(b".\0")), O_PATH_DIR, store=kept.cwd, jump=PARK_FAILED, what="keep cwd")
+    root = next((d for d in process.dirs if d.kind == "root"), None)
+    if root is not None:
+        kept.root = (t.slot(), t.slot())
+        t.call(Nr.openat, AT_FDCWD, Addr(t.blob(b"/\0")), O_PATH_DIR, store=kept.root[0], jump=PARK_FAILED,
+               what="keep root")
+        t.call(Nr.pidfd_getfd, Load(pidfd), root.new_fd, 0, store=tmp, jump=PARK_FAILED, what="pidfd_getfd for root")
+        t.call(Nr.fchdir, Load(tmp), jump=CLEANUP_TMP, what="fchdir to new root")
+        t.call(Nr.chroot, Addr(t.blob(b".\0")), store=kept.root[1], jump=CLEANUP_TMP, what="chroot")
+        t.call(Nr.close, Load(tmp), jump=PARK_FAILED, what="close temporary fd")
+    for d in process.dirs:
+        if d.kind in ("cwd", "cwd-kept"):
+            t.call(Nr.pidfd_getfd, Load(pidfd), d.new_fd, 0, store=tmp, jump=PARK_FAILED, what="pidfd_getfd for cwd")
+            t.call(Nr.fchdir, Load(tmp), jump=CLEANUP_TMP, what="fchdir to new cwd")
+            t.call(Nr.close, Load(tmp), jump=PARK_FAILED, what="close temporary fd")
+
+
+def _undo(t: SyscallTable, process: ProcessPlan, kept: _Kept, scratch: int, self_pid: int) -> None:
+    """Everything allow-fail: a slot the forward part never filled holds -1 (EBADF)."""
+    for ref, keep in kept.fds:
+        t.call(Nr.dup3, Load(keep), ref.fd, os.O_CLOEXEC if ref.cloexec else 0, allow_fail=True,
+               what=f"undo: A back onto fd {ref.fd}")
+        t.call(Nr.close, Load(keep), allow_fail=True, what="close kept fd")
+    for ref, _ in kept.fds:
+        for lock in ref.posix_locks:
+            t.call(Nr.fcntl, ref.fd, F_SETLK, Addr(t.blob(flock_struct(lock))), allow_fail=True,
+                   what=f"undo: POSIX lock on fd {ref.fd}")
+    if kept.fds:
+        for reg in process.epoll:
+            # A's registration is still there (the kept reference held A's description): EEXIST.
+            event = t.blob(struct.pack("<IQ", reg.target.events, reg.target.data))
+            t.call(Nr.epoll_ctl, reg.epfd, EPOLL_CTL_ADD, reg.target.tfd, Addr(event), allow_fail=True,
+                   what=f"undo: epoll_ctl ADD fd {reg.target.tfd}")
+    for index, (m, keep, remapped) in enumerate(kept.maps):
+        after = f"undo map {index} done"
+        _if_done(t, remapped, after)
+        _remap(t, Load(keep), m, scratch, self_pid, on_fail=after, on_fail_scratch=after)
+        t.label(after)
+        t.call(Nr.close, Load(keep), allow_fail=True, what="close kept mapping file")
+    if kept.exe is not None:
+        mm_map, exe_fd, exe_done = kept.exe
+        _if_done(t, exe_done, "undo exe done")
+        t.call(Nr.brk, 0, store=Ref(mm_map.offset + 40), allow_fail=True, what="undo: brk(0)")
+        t.call(Nr.prctl, PR_SET_MM, PR_SET_MM_MAP, Addr(mm_map), 104, 0, allow_fail=True, what="undo: exe")
+        t.label("undo exe done")
+        t.call(Nr.close, Load(exe_fd), allow_fail=True, what="close kept exe")
+    if kept.root is not None:
+        keep_root, root_done = kept.root
+        _if_done(t, root_done, "undo root done")
+        t.call(Nr.fchdir, Load(keep_root), jump="undo root done", what="undo: fchdir to the old root")
+        t.call(Nr.chroot, Addr(t.blob(b".\0")), allow_fail=True, what="undo: chroot")
+        t.label("undo root done")
+        t.call(Nr.close, Load(keep_root), allow_fail=True, what="close kept root")
+    if kept.cwd is not None:
+        t.call(Nr.fchdir, Load(kept.cwd), allow_fail=True, what="undo: fchdir to the old cwd")
+        t.call(Nr.close, Load(kept.cwd), allow_fail=True, what="close kept cwd")
+
+
+def _if_done(t: SyscallTable, slot: Ref, otherwise: str) -> None:
+    """Continue only if the forward step stored a result (0 or an address) in `slot`; still
+    -1 means it never ran: skip to `otherwise`.  msync(x, 0, MS_ASYNC) succeeds for any
+    page-aligned x and fails for -1: a test without side effects."""
+    t.call(Nr.msync, Load(slot), 0, MS_ASYNC, jump=otherwise, what="was this step done?")
+
+
+def _insert_test_failure(t: SyscallTable, fail_after: int) -> None:
+    """Test hook: an entry that fails, placed where a real failure could happen: at a step
+    boundary (no temporary fd open, never inside a remap that must run to its end)."""
+    at = next((b for b in sorted(t.boundaries) if b >= fail_after), len(t.entries))
+    t.entries.insert(at, Entry(Nr.close, (-1,), None, False, "injected failure (test)", jump=PARK_FAILED))
 
 
 PROT = {"r": 1, "w": 2, "x": 4}
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x1, 0x2, 0x10, 0x20, 0x100000
-MS_SYNC = 4
+MS_ASYNC, MS_SYNC = 1, 4
 IOV_MAX = 1024
 # smaps VmFlags that a remap loses, and how to set them again.
 ADVICE = {"rr": 1, "sr": 2, "dc": 10, "hg": 14, "nh": 15, "dd": 16, "wf": 18}
@@ -121,73 +264,84 @@ def _iovecs(table: SyscallTable, pairs: list[tuple[int, int]]) -> object:
 
 
 def _copy_within(table: SyscallTable, pid: int, dst: list[tuple[int, int]], src: list[tuple[int, int]], what: str,
-                 allow_fail: bool = False) -> None:
+                 allow_fail: bool = False, jump: str | None = None) -> None:
     """The task copies its own memory (process_vm_readv on itself): no pointer into the
     table's data is needed, both sides are fixed addresses."""
     for i in range(0, len(dst), IOV_MAX):
         local, remote = dst[i:i + IOV_MAX], src[i:i + IOV_MAX]
         table.call(Nr.process_vm_readv, pid, Addr(_iovecs(table, local)), len(local),
-                   Addr(_iovecs(table, remote)), len(remote), 0, allow_fail=allow_fail, what=what)
+                   Addr(_iovecs(table, remote)), len(remote), 0, allow_fail=allow_fail, jump=jump, what=what)
 
 
-def _add_mapping(table: SyscallTable, pidfd, tmp, m, forward: bool, scratch: int, self_pid: int) -> None:
-    """Replace one VMA by the same range of the other file, keeping private COW pages.
+def _forward_mapping(t: SyscallTable, pidfd: Ref, tmp: Ref, m: MapRef, scratch: int, self_pid: int,
+                     kept: _Kept) -> None:
+    t.boundaries.append(len(t.entries))
+    keep, remapped = t.slot(), t.slot()
+    kept.maps.append((m, keep, remapped))
+    t.call(Nr.pidfd_getfd, Load(pidfd), m.old_fd, 0, store=keep, jump=PARK_FAILED,
+           what=f"keep A's file of mapping {m.vma.start:#x}")
+    t.call(Nr.pidfd_getfd, Load(pidfd), m.new_fd, 0, store=tmp, jump=PARK_FAILED,
+           what=f"pidfd_getfd for mapping {m.vma.start:#x}")
+    _remap(t, Load(tmp), m, scratch, self_pid, on_fail=CLEANUP_TMP, on_fail_scratch=CLEANUP_SCRATCH, store=remapped)
+    t.call(Nr.close, Load(tmp), allow_fail=True, what="close temporary fd")
 
-    All inside the task's table, so a tracer killed half-way never leaves a mapping without
-    its data: (1) copy the private pages to a scratch area, (2) MAP_FIXED the new file over
-    the range (writable while refilling), (3) copy the pages back, restore protections and
-    the flags madvise/mlock can set."""
+
+def _remap(t: SyscallTable, file: Load, m: MapRef, scratch: int, self_pid: int, *, on_fail: str,
+           on_fail_scratch: str, store: Ref | None = None) -> None:
+    """Replace one VMA by the same range of `file`, keeping private COW pages:
+    (1) copy the private pages to a scratch area, (2) MAP_FIXED the file over the range
+    (writable while refilling), (3) copy the pages back, restore protections and the flags
+    madvise/mlock can set.  From (2) on nothing may stop half-way: all allow-fail."""
     vma = m.vma
     start, length = vma.start, vma.end - vma.start
     prot = sum(bit for ch, bit in PROT.items() if ch in vma.perms[:3])
     kind = MAP_SHARED if vma.shared else MAP_PRIVATE
-    table.call(Nr.pidfd_getfd, Load(pidfd), m.new_fd if forward else m.old_fd, 0, store=tmp,
-               what=f"pidfd_getfd for mapping {start:#x}")
     if vma.shared:
-        table.call(Nr.msync, start, length, MS_SYNC, allow_fail=True, what=f"msync {start:#x}")
+        t.call(Nr.msync, start, length, MS_SYNC, allow_fail=True, what=f"msync {start:#x}")
     dirty = m.dirty if not vma.shared else []
     saved = []
     if dirty:
         total = sum(n for _, n in dirty)
-        table.call(Nr.mmap, scratch, total, PROT["r"] | PROT["w"], MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-                   -1, 0, what="scratch for private pages")
-        table.mark(f"scratch {start:#x}")
+        t.call(Nr.mmap, scratch, total, PROT["r"] | PROT["w"], MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+               -1, 0, jump=on_fail, what="scratch for private pages")
         offset = 0
         for off, n in dirty:
             saved.append((scratch + offset, n))
             offset += n
-        _copy_within(table, self_pid, saved, [(start + off, n) for off, n in dirty], "save private pages")
-    table.call(Nr.mmap, start, length, prot | (PROT["w"] if dirty else 0), kind | MAP_FIXED, Load(tmp),
-               vma.offset, what=f"mmap over {start:#x}-{vma.end:#x}")
-    table.mark(f"map {start:#x}")
-    # From here on nothing may stop the step half-way: failures are tolerated (and rare).
-    critical_from = len(table.entries)
+        _copy_within(t, self_pid, saved, [(start + off, n) for off, n in dirty], "save private pages",
+                     jump=on_fail_scratch)
+    t.call(Nr.mmap, start, length, prot | (PROT["w"] if dirty else 0), kind | MAP_FIXED, file,
+           vma.offset, store=store, jump=on_fail_scratch if dirty else on_fail,
+           what=f"mmap over {start:#x}-{vma.end:#x}")
     if dirty:
-        _copy_within(table, self_pid, [(start + off, n) for off, n in dirty], saved, "restore private pages",
+        _copy_within(t, self_pid, [(start + off, n) for off, n in dirty], saved, "restore private pages",
                      allow_fail=True)
         if not prot & PROT["w"]:
-            table.call(Nr.mprotect, start, length, prot, allow_fail=True, what=f"mprotect {start:#x}")
-        table.call(Nr.munmap, scratch, sum(n for _, n in dirty), allow_fail=True, what="drop scratch")
-        table.mark(f"scratch freed {start:#x}")
+            t.call(Nr.mprotect, start, length, prot, allow_fail=True, what=f"mprotect {start:#x}")
+        t.call(Nr.munmap, scratch, sum(n for _, n in dirty), allow_fail=True, what="drop scratch")
     for flag in m.vm_flags:
         if flag in ADVICE:
-            table.call(Nr.madvise, start, length, ADVICE[flag], allow_fail=True, what=f"madvise {flag}")
+            t.call(Nr.madvise, start, length, ADVICE[flag], allow_fail=True, what=f"madvise {flag}")
         elif flag == "lo":
-            table.call(Nr.mlock, start, length, allow_fail=True, what="mlock")
-    table.call(Nr.close, Load(tmp), allow_fail=True, what="close temporary fd")
-    table.critical.append((critical_from, len(table.entries)))
+            t.call(Nr.mlock, start, length, allow_fail=True, what="mlock")
 
 
-def _add_exe(table: SyscallTable, pidfd, exe, forward: bool) -> None:
+def _mm_map(t: SyscallTable, exe) -> Ref:
+    fields = list(exe.mm_fields)
+    return t.blob(struct.pack("<11QQII", *fields, 0, 0, 0xFFFFFFFF) + bytes(8))
+
+
+def _forward_exe(t: SyscallTable, pidfd: Ref, exe, kept: _Kept) -> None:
     """/proc/PID/exe via PR_SET_MM_MAP (needs CAP_CHECKPOINT_RESTORE in the task; the old
     executable must not be mapped any more, so this comes after the mappings)."""
-    fields = list(exe.mm_fields)
-    mm_map = table.blob(struct.pack("<11QQII", *fields, 0, 0, 0xFFFFFFFF) + bytes(8))
-    brk = Ref(mm_map.offset + 40)
-    exe_fd = Ref(mm_map.offset + 100)  # the 8-byte store spills into the 8 spare bytes
-    table.call(Nr.brk, 0, store=brk, what="brk(0)")
-    table.call(Nr.pidfd_getfd, Load(pidfd), exe.new_fd if forward else exe.old_fd, 0, store=exe_fd,
-               what="pidfd_getfd for exe")
-    table.call(Nr.prctl, PR_SET_MM, PR_SET_MM_MAP, Addr(mm_map), 104, 0, what="prctl(PR_SET_MM_MAP) exe")
-    table.mark("exe")
-    table.call(Nr.close, Load(exe_fd), what="close temporary fd")
+    t.boundaries.append(len(t.entries))
+    forward_map, undo_map, done = _mm_map(t, exe), _mm_map(t, exe), t.slot()
+    new_fd = Ref(forward_map.offset + 100)  # the 8-byte store spills into the 8 spare bytes
+    old_fd = Ref(undo_map.offset + 100)
+    kept.exe, kept.exe_new = (undo_map, old_fd, done), new_fd
+    t.call(Nr.pidfd_getfd, Load(pidfd), exe.old_fd, 0, store=old_fd, jump=PARK_FAILED, what="keep A's exe")
+    t.call(Nr.brk, 0, store=Ref(forward_map.offset + 40), jump=PARK_FAILED, what="brk(0)")
+    t.call(Nr.pidfd_getfd, Load(pidfd), exe.new_fd, 0, store=new_fd, jump=PARK_FAILED, what="pidfd_getfd for exe")
+    t.call(Nr.prctl, PR_SET_MM, PR_SET_MM_MAP, Addr(forward_map), 104, 0, store=done, jump=CLEANUP_EXE,
+           what="prctl(PR_SET_MM_MAP) exe")
+    t.call(Nr.close, Load(new_fd), allow_fail=True, what="close temporary fd")

@@ -1,35 +1,65 @@
-"""Watchdog process (see cgroup.Watchdog): restores a freezer state when the manager dies."""
+"""Watchdog process (see cgroup.Watchdog): what a killed manager cannot do any more.
+
+When its stdin closes while a switch is under way, it waits until the manager has fully
+exited (the kernel then has detached every task, and each parked task has read the
+decision pipe's end of file), re-sends the signals the engine had held back, and
+restores the cgroup's freezer state.
+"""
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 
+from spfs.swap import ptrace
 from spfs.swap.cgroup import Freezer
+
+MANAGER_EXIT_WAIT_S = 30.0  # only a manager stuck in its exit (D state) takes longer
 
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    manager, cgroup = int(argv[0]), argv[1]
+    try:
+        manager_fd = os.pidfd_open(manager)
+    except ProcessLookupError:
+        manager_fd = -1
     armed: str | None = None
+    held: list[tuple[int, int, bytes]] = []
     print("ready", flush=True)
     for line in sys.stdin:
         words = line.split()
         if words[:1] == ["arm"]:
             armed = words[1]
         elif words[:1] == ["disarm"]:
-            armed = None
-    if armed is not None and os.path.isdir(argv[0]):
-        freezer = Freezer(argv[0])
-        frozen = armed == "frozen"
+            armed, held = None, []
+        elif words[:1] == ["signal"]:
+            held.append((int(words[1]), int(words[2]), bytes.fromhex(words[3])))
+        elif words[:1] == ["delivered"]:
+            held = []
+    if armed is None and not held:
+        return 0
+    if manager_fd >= 0:
+        select.select([manager_fd], [], [], MANAGER_EXIT_WAIT_S)  # readable once it has exited
+    status = 0
+    for tgid, tid, raw in held:
         try:
-            freezer.freeze(10) if frozen else freezer.thaw(10)
+            ptrace.requeue_signal(tgid, tid, ptrace.SigInfo.from_buffer_copy(raw))
+        except OSError as exc:
+            print(f"spfs swap watchdog: could not re-send signal to {tid}: {exc}", file=sys.stderr)
+            status = 1
+    if armed is not None and cgroup != "-" and os.path.isdir(cgroup):
+        freezer = Freezer(cgroup)
+        try:
+            freezer.freeze(10) if armed == "frozen" else freezer.thaw(10)
         except Exception as exc:  # noqa: BLE001 - last resort, report and exit
             print(f"spfs swap watchdog: could not restore {freezer.path}: {exc}", file=sys.stderr)
             return 1
         print(f"spfs swap watchdog: manager gone, {freezer.path} {armed}", file=sys.stderr)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

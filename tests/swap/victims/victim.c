@@ -73,6 +73,25 @@ static void check_maps(long n) {
         }
 }
 
+/* Its own view of the no-mix property: cwd and every file fd on the same filesystem,
+ * checked each iteration (so a switch half done while this code runs is seen).  A switch
+ * may land between two of these calls: then cwd differs before and after, and it checks again. */
+static long mixed;
+static void check_one_side(void) {
+    int fds[] = {fd_log, fd_sh, fd_sh2, fd_nb, fd_ro, fd_fifo, fd_fifo2, fd_lock, fd_flock, fd_ofd};
+    for (int attempt = 0; attempt < 3; attempt++) {
+        struct stat st, after;
+        int bad = stat(".", &st) != 0;
+        dev_t dev = st.st_dev;
+        for (unsigned i = 0; !bad && i < sizeof fds / sizeof fds[0]; i++)
+            if (fstat(fds[i], &st) || st.st_dev != dev) bad = 1;
+        if (stat(".", &after) == 0 && after.st_dev != dev) continue;
+        if (bad) mixed++;
+        return;
+    }
+    mixed++;
+}
+
 static int stop_requested(void) {
     char p[4200];
     snprintf(p, sizeof p, "%s/stop", ctrl);
@@ -181,6 +200,7 @@ int main(int argc, char **argv) {
 
     long n = 0;
     while (!stop_requested()) {
+        check_one_side();
         char buf[32];
         int len = snprintf(buf, sizeof buf, "%ld\n", n);
         if (write(fd_log, buf, len) != len) errors_fifo += 1000;
@@ -245,6 +265,7 @@ int main(int argc, char **argv) {
     fprintf(f, "errors_read=%ld\nerrors_fifo=%ld\nepoll_miss=%ld\nepoll_eintr=%ld\nthread_eintr=%ld\n",
             errors_read, errors_fifo, epoll_miss, epoll_eintr, thread_eintr);
     fprintf(f, "preload=%s\n", got_pre == 7 ? pre : "MISSING");
+    fprintf(f, "mixed=%ld\n", mixed);
     fprintf(f, "cwd=%s\ncwd_dev=%lu\nlog_dev=%lu\n", cwd, (unsigned long)st_cwd.st_dev, (unsigned long)st_log.st_dev);
     fclose(f);
     return 0;
