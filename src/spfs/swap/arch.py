@@ -52,7 +52,6 @@ class Nr:
 
     read = 0
     write = 1
-    sendto = 44
     openat = 257
     close = 3
     lseek = 8

@@ -72,7 +72,7 @@ class Engine:
         self.units = [p for p in self.stop_set if self._does_fds(p) or self._does_dirs(p) or self._does_maps(p)]
         self.tracees: dict[int, Tracee] = {}
         self.injectors: dict[int, Injector] = {}
-        self.pipes = tables.Pipes(prepared.decision_read, prepared.done_write)
+        self.pipes = tables.Pipes(prepared.decision_read, prepared.done)
         self.vdso_of = {p.pid: p.vdso for p in self.stop_set}
         self.window = Window()
         self.we_froze = False
@@ -453,7 +453,7 @@ class Engine:
 
     def _wait_done(self, count: int) -> None:
         """Tasks detached while parked finish their table on their own: wait for their byte
-        in the done pipe, so that no kept A reference is left when we return (umount A)."""
+        in the done counter, so that no kept A reference is left when we return (umount A)."""
         if self.caller_froze:
             return  # frozen again: they finish when the caller thaws them
         got = self.prepared.read_done(count, self.timeout)

@@ -8,7 +8,6 @@ import fcntl
 import logging
 import os
 import select
-import socket
 import stat
 import struct
 import time
@@ -86,14 +85,14 @@ class Prepared:
         self.inotify_copies: dict[tuple[int, int], int] = {}
         self.donor_of: dict[int, int] = {}  # pid -> pid of its fd donor, as seen by that pid
         # The decision pipe (tables.py): only we may hold its write end, so that our death
-        # is an end of file for the parked tasks.  The done socket gets a byte per finished task.
+        # is an end of file for the parked tasks.  The done counter gets 1 per finished task.
         self.decision_read, self.decision_write = os.pipe2(os.O_CLOEXEC)
         # Never block on our side; the tasks' read end must block (it is their wait).
         os.set_blocking(self.decision_write, False)
-        # A socket, not a pipe: a task sending after our death gets EPIPE, not a SIGPIPE.
-        done = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        self.done_read, self.done_write = done[0].detach(), done[1].detach()
-        self.fds += [self.decision_read, self.done_read, self.done_write]
+        # A counter, not a pipe or socket: no SIGPIPE for a task adding to it after our
+        # death, no buffer a thousand tasks could fill.
+        self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.fds += [self.decision_read, self.done]
 
     def close_decision(self) -> None:
         """End of file for every parked task: they undo their tables."""
@@ -103,16 +102,16 @@ class Prepared:
             self.decision_write = -1
 
     def read_done(self, count: int, timeout: float) -> int:
-        """Bytes read from the done socket (one per task that finished its table), up to count."""
+        """How many tasks reported that they finished their table (waits for count at most)."""
         got, deadline = 0, time.monotonic() + timeout
         poller = select.poll()
-        poller.register(self.done_read, select.POLLIN)
+        poller.register(self.done, select.POLLIN)
         while got < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not poller.poll(remaining * 1000):
                 break
             with contextlib.suppress(BlockingIOError):
-                got += len(os.read(self.done_read, count - got))
+                got += os.eventfd_read(self.done)
         return got
 
     def donor_pid(self, pid: int) -> int:

@@ -9,9 +9,9 @@ One table per fd table / mm / fs struct, laid out as a small program (labels bel
     PARK_FAILED tgkill(marker) after a failure
     DECISION    read(decision pipe, 1 byte): a byte = commit; end of file = the manager
                 closed the pipe (abort) or died: undo
-    COMMIT      close the kept A references, send a byte to the done socket, end
+    COMMIT      close the kept A references, add 1 to the done counter (an eventfd), end
     UNDO        put every kept A reference back where the forward part had installed
-                B's (each part only if the forward part had done it), send the byte
+                B's (each part only if the forward part had done it), add the 1
 
 The decision is one write of one byte per parked task into a pipe whose write end only
 the manager holds: that write is the commit point.  A task parked before it reverts by
@@ -38,7 +38,6 @@ EPOLL_CTL_ADD = 1
 F_SETLK = fcntl.F_SETLK
 F_DUPFD_CLOEXEC = 1030
 AT_FDCWD = -100
-MSG_NOSIGNAL = 0x4000  # the manager may be gone: EPIPE, no SIGPIPE
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 LOCK_TYPE = {"READ": fcntl.F_RDLCK, "WRITE": fcntl.F_WRLCK}
 CLEANUP_EXE, CLEANUP_SCRATCH, CLEANUP_TMP = "cleanup exe", "cleanup scratch", "cleanup tmp"
@@ -48,7 +47,7 @@ DECISION, UNDO = "decision", "undo"
 @dataclass(frozen=True)
 class Pipes:
     """The manager's (and donors') fd numbers of the decision pipe's read end and the done
-    socket's sending end: each task takes its own copy with pidfd_getfd."""
+    eventfd: each task takes its own copy with pidfd_getfd."""
 
     decision: int
     done: int
@@ -93,13 +92,13 @@ def build(process: ProcessPlan, donor_pid: int, pipes: Pipes, *, do_fds: bool, d
     """
     t = SyscallTable()
     pidfd, tmp, decision, done = t.slot(), t.slot(), t.slot(), t.slot()
-    byte = t.blob(b"c" + bytes(7))
+    byte, one = t.slot(), t.blob(struct.pack("<Q", 1))  # the decision read into; what the done counter gets
     kept = _Kept()
     t.call(Nr.pidfd_open, donor_pid, 0, store=pidfd, jump=PARK_FAILED, what="pidfd_open(manager)")
     t.call(Nr.pidfd_getfd, Load(pidfd), pipes.decision, 0, store=decision, jump=PARK_FAILED,
            what="pidfd_getfd for the decision pipe")
     t.call(Nr.pidfd_getfd, Load(pidfd), pipes.done, 0, store=done, jump=PARK_FAILED,
-           what="pidfd_getfd for the done pipe")
+           what="pidfd_getfd for the done counter")
     if do_fds:
         _forward_fds(t, process, pidfd, tmp, kept)
     if do_maps:
@@ -132,18 +131,18 @@ def build(process: ProcessPlan, donor_pid: int, pipes: Pipes, *, do_fds: bool, d
     t.call(Nr.read, Load(decision), Addr(byte), 1, zero_fails=True, jump=UNDO, what="read the decision")
     for slot in kept.all_slots():
         t.call(Nr.close, Load(slot), allow_fail=True, what="close a kept A reference (commit)")
-    _finish(t, byte, pidfd, decision, done)
+    _finish(t, one, pidfd, decision, done)
     t.skip_to(END, "committed: skip the undo part")
 
     t.label(UNDO)
     _undo(t, process, kept, scratch, process.nspid)
-    _finish(t, byte, pidfd, decision, done)
+    _finish(t, one, pidfd, decision, done)
     return t
 
 
-def _finish(t: SyscallTable, byte: Ref, pidfd: Ref, decision: Ref, done: Ref) -> None:
+def _finish(t: SyscallTable, one: Ref, pidfd: Ref, decision: Ref, done: Ref) -> None:
     """Tell the manager this task no longer holds anything of the switch, close the rest."""
-    t.call(Nr.sendto, Load(done), Addr(byte), 1, MSG_NOSIGNAL, 0, 0, allow_fail=True, what="a byte to the done socket")
+    t.call(Nr.write, Load(done), Addr(one), 8, allow_fail=True, what="add 1 to the done counter")
     for slot in (done, decision, pidfd):
         t.call(Nr.close, Load(slot), allow_fail=True, what="close a pipe or the pidfd")
 
