@@ -41,12 +41,14 @@ def _on(path_prefix: Path, pid: int) -> bool:
 def _settled_side(pids: list[int], a: Path, b: Path, fds: dict[int, int] | None = None,
                   timeout: float = 30.0) -> str:
     """The one side every victim is on, once each has finished its table: a task parked
-    when the manager died holds its kept references (more fds than `fds` says) until it
-    undoes its table, which takes as long as the scheduler makes it wait."""
+    when the manager died holds its kept references (more fds than `fds`, counted before
+    any switch) until it undoes its table, which takes as long as the scheduler makes it wait."""
     deadline = time.monotonic() + timeout
     while True:
         sides = {pid: _side(pid, a, b) for pid in pids}
-        busy = [pid for pid in pids if fds and len(os.listdir(f"/proc/{pid}/fd")) != fds[pid]]
+        # +3: a parked task holds at least its pidfd, the decision pipe, the done counter
+        # (and a kept reference per moved fd); a victim thread opens one fd of its own now and then.
+        busy = [pid for pid in pids if fds and len(os.listdir(f"/proc/{pid}/fd")) >= fds[pid] + 3]
         if not busy and not any(side.startswith("mixed") for side in sides.values()):
             break
         assert time.monotonic() < deadline, f"victims did not settle: {sides}, still in a table: {busy}"
