@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 TIMELINE_NAME = "criu-spfs-restore.json"
 RESTORE_TIMEOUT = 600.0
 DONE_PHASES = ("done", "failed", "rolled_back")
+EXIT_TIMEOUT = 60.0  # after the replace: SPFS exits once unused, the manager after it
 
 
 class RestoreError(RuntimeError):
@@ -125,6 +126,10 @@ class Restore:
             raise RestoreError(f"work directory {self.work} exists: another restore?")
         self.work.mkdir(mode=0o700, parents=True)
         self.owns_work = True
+        # A private mount of its own: SPFS mounted below must not propagate into peer
+        # namespaces (each copy would pin SPFS alive after the replace)
+        _run(["mount", "--bind", str(self.work), str(self.work)])
+        _run(["mount", "--make-private", str(self.work)])
         self.manager.start(self.config.mount_deadline, self.config.verbose)
         for s in self.shares:
             d = self.work / s.id
@@ -162,6 +167,9 @@ class Restore:
             self._queue_replaces(pid)
             self.manager.request(cmd="mode", all=True, mode="stub")
             self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
+            # CRIU has bound every SPFS into the container: the staging mounts go now, before
+            # anything (an action script after ours) copies our mount namespace with them
+            self.detach_staging()
         elif stage == "post-resume":
             self.manager.request(cmd="replace", all=True, mode="release")
             self.tl.note("processes resumed; replace released")
@@ -184,8 +192,7 @@ class Restore:
         """The container has its own binds of each SPFS; the host's staging mounts go."""
         for s in self.shares:
             if s.staging is not None and os.path.ismount(s.staging):
-                subprocess.run(["umount", "-l", str(s.staging)], capture_output=True,
-                               timeout=30)
+                _run(["umount", "-l", str(s.staging)], check=False)
 
     # -- 4
     def follow(self) -> bool:
@@ -232,6 +239,7 @@ class Restore:
         return True
 
     def _wait_exit(self, spfs_pids: list[int], deadline: float) -> None:
+        deadline = min(deadline, time.monotonic() + EXIT_TIMEOUT)
         while any(pid_alive(p) for p in spfs_pids) or self.manager.alive():
             if time.monotonic() > deadline:
                 raise RestoreError("spfs or spfs-manager still running after the replace")
@@ -264,12 +272,20 @@ class Restore:
             if s.staging is not None and os.path.ismount(s.staging):
                 log.warning("%s still mounted: leaving %s", s.staging, self.work)
                 return
+        if os.path.ismount(self.work):
+            _run(["umount", "-l", str(self.work)], check=False)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def save_timeline(self, **extra: object) -> Path:
         path = self.images / TIMELINE_NAME
         self.tl.save(path, init_pid=self.init_pid, frozen_window_ms=self.frozen_ms, **extra)
         return path
+
+
+def _run(argv: list[str], check: bool = True) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise RestoreError(f"{' '.join(argv)}: {proc.stderr.strip()}")
 
 
 def restore(config: RestoreConfig, timeline: Timeline | None = None) -> Restore:
