@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,7 @@ class Restore:
         self.config = config
         self.images = Path(config.images).resolve()
         self.tl = timeline or Timeline()
-        self.work = Path(config.work_dir or f"/run/criu-spfs/restore-{os.getpid()}")
+        self.work = Path(config.work_dir) if config.work_dir else WORK_ROOT / "not-yet"
         self.manager = ManagerLink(self.work / "manager", self.images / "spfs-manager")
         self.shares: list[ShareRestore] = []
         self.init_pid = 0
@@ -122,9 +123,13 @@ class Restore:
         self.shares = plan_shares(self.images)
         self.tl.note(f"images checked: {len(self.shares)} NFS share(s), "
                      f"{sum(len(s.manifest.entries) for s in self.shares)} stub entries")
-        if self.work.exists():
+        if self.config.work_dir is None:
+            self.work = _fresh_work_dir()
+            self.manager.work_dir = self.work / "manager"
+        elif self.work.exists():
             raise RestoreError(f"work directory {self.work} exists: another restore?")
-        self.work.mkdir(mode=0o700, parents=True)
+        else:
+            self.work.mkdir(mode=0o700, parents=True)
         self.owns_work = True
         # A private mount of its own: SPFS mounted below must not propagate into peer
         # namespaces (each copy would pin SPFS alive after the replace)
@@ -274,12 +279,21 @@ class Restore:
                 return
         if os.path.ismount(self.work):
             _run(["umount", "-l", str(self.work)], check=False)
-        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.work, onerror=lambda _f, path, exc: log.warning(
+            "cleaning %s: %s", path, exc[1]))
 
     def save_timeline(self, **extra: object) -> Path:
         path = self.images / TIMELINE_NAME
         self.tl.save(path, init_pid=self.init_pid, frozen_window_ms=self.frozen_ms, **extra)
         return path
+
+
+WORK_ROOT = Path("/run/criu-spfs")
+
+
+def _fresh_work_dir() -> Path:
+    WORK_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="restore-", dir=WORK_ROOT))
 
 
 def _run(argv: list[str], check: bool = True) -> None:
