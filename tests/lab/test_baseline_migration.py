@@ -39,7 +39,7 @@ def test_v1_freezer_container_suspend_resume(make_ct, tmp_path) -> None:
     w = workload.start(ct.name, "append", "/mnt/nfs/v1.log")
     try:
         workload.wait_running([w])
-        checkpoint.suspend(ct, tmp_path / "img")  # default: the baseline until criu-spfs
+        checkpoint.suspend(ct, tmp_path / "img")  # criu-spfs (the default)
         checkpoint.resume(CtState.load(ct.name), tmp_path / "img")
         restored = CtState.load(ct.name)
         procs = (restored.cgroup_dir() / "cgroup.procs").read_text().split()

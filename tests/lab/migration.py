@@ -1,0 +1,43 @@
+"""What every migration test of the seed plan does: suspend with criu-spfs, resume with
+--wait (until the shares are real NFS again and spfs and spfs-manager have exited), then
+check the mounts, the helpers and the workloads' own verdicts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from spfs.lab.ct import checkpoint, workload
+from spfs.lab.ct.container import alive
+from spfs.lab.ct.inspect import fstypes_at, spfs_helpers_running
+from spfs.lab.ct.spec import CtState
+
+
+def migrate(ct: CtState, images: Path) -> dict:
+    """One suspend/resume cycle; returns the restore timeline (criu-spfs-restore.json)."""
+    before = fstypes_at(ct)
+    nfs_points = {p: t for p, (t, _) in before.items() if t in ("nfs", "nfs4")}
+    checkpoint.suspend(ct, images)
+    assert not alive(CtState.load(ct.name))
+    checkpoint.resume(CtState.load(ct.name), images)
+    restored = CtState.load(ct.name)
+    assert alive(restored)
+    assert spfs_helpers_running() == [], "spfs or spfs-manager still running after --wait"
+    after = fstypes_at(restored)
+    for point, fstype in nfs_points.items():
+        assert after[point][0] == fstype, f"{point} is {after[point][0]} after resume"
+    assert not any(t == "fuse.spfs" for t, _ in after.values())
+    assert not os.listdir("/run/criu-spfs") if os.path.isdir("/run/criu-spfs") else True
+    timeline = json.loads((images / "criu-spfs-restore.json").read_text())
+    assert timeline["ok"] is True, timeline
+    return timeline
+
+
+def verdicts(loads: list[workload.Workload]) -> dict[str, str]:
+    return {f"{w.kind} {w.path}": w.stop() for w in loads}
+
+
+def assert_all_pass(results: dict[str, str]) -> None:
+    failed = {k: v for k, v in results.items() if not v.startswith("PASS")}
+    assert not failed, failed

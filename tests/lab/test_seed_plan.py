@@ -1,0 +1,165 @@
+"""The seed's test plan (seed-trd-nfs-migration.txt, 4.1-4.8) with criu-spfs in the lab:
+real kernel NFS, real CRIU, SPFS standing in at restore, the manager putting NFS back.
+Each test waits for spfs and spfs-manager to exit (resume --wait) and then checks the result
+the way the plan says; the workloads verify their own data (zdtm style)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from spfs.lab.ct import workload
+from spfs.lab.ct.inspect import fstypes_at
+from spfs.lab.ct.spec import CtState
+from tests.lab.migration import assert_all_pass, migrate, verdicts
+
+ALL_VERSIONS = ["3", "4.0", "4.1", "4.2"]
+
+
+def _mkdirs(ct: CtState, *dirs: str) -> None:
+    assert workload.exec_in(ct.name, ["mkdir", "-p", *dirs], timeout=30).returncode == 0
+
+
+def test_4_1_basic(make_ct, images) -> None:
+    """A container with one NFS share and a process writing to it survives suspend/resume."""
+    ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
+    loads = [workload.start(ct.name, "append", "/mnt/nfs/basic.log")]
+    try:
+        workload.wait_running(loads)
+        timeline = migrate(ct, images)
+        steps = [s["what"] for s in timeline["steps"]]
+        assert any("stub mode" in s for s in steps) and any("replaced by" in s for s in steps)
+        workload.wait_progress(loads)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
+
+
+@pytest.mark.parametrize("vers", ["4.1", "3"])
+def test_4_2_program_using_nfs_files(make_ct, images, vers: str) -> None:
+    """Open files, a shared mapping and a cwd on NFS keep working, data intact."""
+    ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
+    _mkdirs(ct, "/mnt/nfs/p2/sub")
+    loads = [workload.start(ct.name, "append", "/mnt/nfs/p2/w.log"),
+             workload.start(ct.name, "mmap", "/mnt/nfs/p2/m.dat"),
+             workload.start(ct.name, "cwd", "/mnt/nfs/p2/sub")]
+    try:
+        workload.wait_running(loads)
+        migrate(ct, images)
+        workload.wait_progress(loads)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
+
+
+def test_4_3_five_cycles(make_ct, images) -> None:
+    ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
+    loads = [workload.start(ct.name, "append", "/mnt/nfs/cycles.log"),
+             workload.start(ct.name, "posix", "/mnt/nfs/cycles.lock")]
+    try:
+        workload.wait_running(loads)
+        for cycle in range(5):
+            migrate(CtState.load(ct.name), images.with_name(f"{images.name}-{cycle}"))
+            assert workload.lock_held_by_other(ct.name, "posix", "/mnt/nfs/cycles.lock"), \
+                f"lock lost after cycle {cycle + 1}"
+            workload.wait_progress(loads, settle=0.5)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
+
+
+def test_4_4_two_shares(make_ct, images) -> None:
+    """Two different shares (and NFS versions) in one container."""
+    ct = make_ct(nfs=["3:a:/mnt/a", "4.1:b:/mnt/b"])
+    loads = [workload.start(ct.name, "append", "/mnt/a/two.log"),
+             workload.start(ct.name, "mmap", "/mnt/b/two.dat")]
+    try:
+        workload.wait_running(loads)
+        timeline = migrate(ct, images)
+        assert sum("replaced by" in s["what"] for s in timeline["steps"]) == 2
+        workload.wait_progress(loads)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
+    mounts = fstypes_at(CtState.load(ct.name))
+    assert mounts["/mnt/a"][0] == "nfs" and mounts["/mnt/b"][0] == "nfs4"
+    assert mounts["/mnt/a"][1] != mounts["/mnt/b"][1]
+
+
+def test_4_5_share_and_its_bind_mount(make_ct, images) -> None:
+    """A share and a bind of a sub-directory of it: after resume both are the same NFS
+    superblock (equal st_dev), as before the migration."""
+    ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
+    _mkdirs(ct, "/mnt/nfs/b5", "/srv/b5")
+    ct = make_ct_bind(ct, "/mnt/nfs/b5", "/srv/b5")
+    loads = [workload.start(ct.name, "append", "/mnt/nfs/b5/main.log"),
+             workload.start(ct.name, "append", "/srv/b5/bind.log")]
+    try:
+        workload.wait_running(loads)
+        dev = _st_dev(ct, "/mnt/nfs/b5"), _st_dev(ct, "/srv/b5")
+        assert dev[0] == dev[1]
+        migrate(ct, images)
+        restored = CtState.load(ct.name)
+        after = _st_dev(restored, "/mnt/nfs/b5"), _st_dev(restored, "/srv/b5")
+        assert after[0] == after[1], f"bind and share differ after resume: {after}"
+        assert fstypes_at(restored)["/srv/b5"][0] == "nfs4"
+        # the same file through both paths
+        proc = workload.exec_in(ct.name, ["cat", "/srv/b5/main.log"], capture=True, timeout=30)
+        assert proc.returncode == 0 and proc.stdout.startswith("0000000001\n")
+        workload.wait_progress(loads)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
+
+
+def make_ct_bind(ct: CtState, source: str, target: str) -> CtState:
+    """Bind a directory of the share elsewhere inside the running container."""
+    proc = workload.exec_in(ct.name, ["mount", "--bind", source, target], capture=True,
+                            timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return CtState.load(ct.name)
+
+
+def _st_dev(ct: CtState, path: str) -> int:
+    return os.stat(f"/proc/{ct.init_pid}/root{path}").st_dev
+
+
+@pytest.mark.parametrize("vers", ALL_VERSIONS)
+def test_4_7_versions_without_locks(make_ct, images, vers: str) -> None:
+    ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
+    _mkdirs(ct, f"/mnt/nfs/v{vers}")
+    base = f"/mnt/nfs/v{vers}"
+    loads = [workload.start(ct.name, "append", f"{base}/w.log"),
+             workload.start(ct.name, "mmap", f"{base}/m.dat"),
+             workload.start(ct.name, "cwd", base)]
+    try:
+        workload.wait_running(loads)
+        migrate(ct, images)
+        workload.wait_progress(loads)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
+
+
+@pytest.mark.parametrize("vers", ALL_VERSIONS)
+def test_4_8_versions_with_locks(make_ct, images, vers: str) -> None:
+    """POSIX, flock and OFD locks are still held after resume: another process of the
+    container cannot take them."""
+    ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
+    base = f"/mnt/nfs/l{vers}"
+    _mkdirs(ct, base)
+    kinds = ("posix", "flock", "ofd")
+    loads = [workload.start(ct.name, k, f"{base}/{k}.lock") for k in kinds]
+    try:
+        workload.wait_running(loads)
+        for k in kinds:
+            assert workload.lock_held_by_other(ct.name, k, f"{base}/{k}.lock")
+        migrate(ct, images)
+        for k in kinds:
+            assert workload.lock_held_by_other(ct.name, k, f"{base}/{k}.lock"), \
+                f"{k} lock not held after resume"
+        workload.wait_progress(loads)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
