@@ -19,7 +19,9 @@ HARNESS = Path(__file__).with_name("kill_harness.py")
 
 
 def _side(pid: int, a: Path, b: Path) -> str:
-    """"A", "B" or "mixed ...": where the victim's fds 3-12, cwd, exe and file mappings are."""
+    """"A", "B" or "mixed ...": where the victim's fds 3-12, cwd, exe and file mappings are.
+    (Not its inotify watches: a switch aborted by SIGTERM was seen leaving one on the
+    target, with or without the watchdog: not resolved yet, see docs/swap.md.)"""
     links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in range(3, 13)]
     links.append(os.readlink(f"/proc/{pid}/cwd"))
     links.append(os.readlink(f"/proc/{pid}/exe"))
@@ -139,7 +141,7 @@ def test_manager_killed_at_random_points(mounts, victim_bin, cgroup, how):
         binary, extra = victim_bin, ()
         if i < 2:  # two with file mappings on the mount, one of them running from it
             mounts.add_mapped_files(workdir)
-            extra = ("maps",)
+            extra = ("maps", "inotify")
             if i == 0:
                 binary = mounts.install_binary(victim_bin, workdir)
         procs.append(mounts.spawn(binary, "threads", "2", *extra, cgroup=cgroup, workdir=workdir))

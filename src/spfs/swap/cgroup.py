@@ -82,15 +82,19 @@ class Watchdog:
 
     Protocol on its stdin (see watchdog.py): "arm <state>" = on EOF write <state>;
     "disarm"; "signal TGID TID HEX" = a held-back signal; "delivered" = we re-sent them
-    ourselves; EOF = wait for our exit, then act, then exit.
+    ourselves; "inotify FD WD MASK HEXPATH" = a watch moved to B; EOF = wait for our exit,
+    then act, then exit.
     """
 
-    def __init__(self, freezer: Freezer | None):
+    def __init__(self, freezer: Freezer | None, decision_read: int, inotify_fds: tuple[int, ...] = ()):
+        """decision_read: the decision pipe's read end (bytes left in it after our death =
+        the commit point was passed); inotify_fds: our copies of the tasks' inotify fds, to
+        put watches back on A if we die before the commit point."""
         self.freezer = freezer
         self.proc = subprocess.Popen([sys.executable, "-m", "spfs.swap.watchdog", str(os.getpid()),
-                                      str(freezer.path) if freezer else "-"],
+                                      str(freezer.path) if freezer else "-", str(decision_read)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-                                     start_new_session=True)
+                                     pass_fds=(decision_read, *inotify_fds), start_new_session=True)
         self.ready = False
 
     def wait_ready(self, timeout: float) -> bool:
@@ -125,6 +129,10 @@ class Watchdog:
 
     def signals_delivered(self) -> None:
         self._send("delivered")
+
+    def watch_moved(self, inotify_fd: int, new_wd: int, mask: int, source_path: str) -> None:
+        """Undo this if we die before the commit point: add it on A again, drop B's wd."""
+        self._send(f"inotify {inotify_fd} {new_wd} {mask} {source_path.encode().hex()}")
 
     def _send(self, line: str) -> None:
         assert self.proc.stdin is not None

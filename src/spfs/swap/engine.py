@@ -347,6 +347,12 @@ class Engine:
     def _move_manager_side_state(self) -> None:
         handover.move_description_state(self.plan, self.prepared.fifo_keepers)
         handover.move_inotify_watches(self.plan, self.stop_set, forward=True)
+        if self.prepared.watchdog is not None:
+            source = os.path.realpath(self.plan.source.path)
+            for p in self.stop_set:
+                for reg in p.inotify:
+                    self.prepared.watchdog.watch_moved(reg.copy_fd, reg.new_wd, reg.watch.mask,
+                                                       os.path.join(source, reg.rel))
         self.window.marks["descriptions"] = time.perf_counter()
 
     # -- injection ----------------------------------------------------------------------
@@ -390,9 +396,9 @@ class Engine:
     def _commit_point(self) -> None:
         """One byte per parked task into the decision pipe: from this write on, every task
         ends on B whatever happens to us."""
-        parked = sum(1 for injector in self.injectors.values() if injector.parked)
-        decision = self.prepared.decision_write
-        if parked and os.write(decision, b"c" * parked) != parked:
+        # One more byte than readers: the watchdog tells "committed" by a byte left over.
+        count = 1 + sum(1 for injector in self.injectors.values() if injector.parked)
+        if os.write(self.prepared.decision_write, b"c" * count) != count:
             raise SwapError("short write into the decision pipe")
         self.window.marks["committed"] = time.perf_counter()
 

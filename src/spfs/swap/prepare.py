@@ -199,7 +199,8 @@ def prepare(plan: SwapPlan) -> Prepared:
         raise SwapError(f"cannot start an fd donor in a task's pid namespace: {exc}") from exc
     # Started now so that its interpreter start-up is over before anything is stopped.
     try:
-        prepared.watchdog = Watchdog(Freezer(plan.cgroup) if plan.cgroup else None)
+        prepared.watchdog = Watchdog(Freezer(plan.cgroup) if plan.cgroup else None, prepared.decision_read,
+                                     tuple(prepared.inotify_copies.values()))
     except (OSError, RuntimeError) as exc:
         prepared.close()
         raise SwapError(f"cannot start the swap watchdog (for {plan.cgroup or 'held signals'}): {exc}") from exc

@@ -2,18 +2,22 @@
 
 When its stdin closes while a switch is under way, it waits until the manager has fully
 exited (the kernel then has detached every task, and each parked task has read the
-decision pipe's end of file), re-sends the signals the engine had held back, and
-restores the cgroup's freezer state.
+decision pipe's end of file), puts inotify watches moved to B back on A unless the commit
+point was passed, re-sends the signals the engine had held back, and restores the
+cgroup's freezer state.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
+import struct
 import sys
+import termios
 
-from spfs.swap import ptrace
+from spfs.swap import inotify, ptrace
 from spfs.swap.cgroup import Freezer
 
 MANAGER_EXIT_WAIT_S = 30.0  # only a manager stuck in its exit (D state) takes longer
@@ -22,29 +26,41 @@ MANAGER_EXIT_WAIT_S = 30.0  # only a manager stuck in its exit (D state) takes l
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    manager, cgroup = int(argv[0]), argv[1]
+    manager, cgroup, decision = int(argv[0]), argv[1], int(argv[2])
     try:
         manager_fd = os.pidfd_open(manager)
     except ProcessLookupError:
         manager_fd = -1
     armed: str | None = None
     held: list[tuple[int, int, bytes]] = []
+    watches: list[tuple[int, int, int, str]] = []
     print("ready", flush=True)
     for line in sys.stdin:
         words = line.split()
         if words[:1] == ["arm"]:
             armed = words[1]
         elif words[:1] == ["disarm"]:
-            armed, held = None, []
+            armed, held, watches = None, [], []
+        elif words[:1] == ["inotify"]:
+            watches.append((int(words[1]), int(words[2]), int(words[3]), bytes.fromhex(words[4]).decode()))
         elif words[:1] == ["signal"]:
             held.append((int(words[1]), int(words[2]), bytes.fromhex(words[3])))
         elif words[:1] == ["delivered"]:
             held = []
-    if armed is None and not held:
+    if armed is None and not held and not watches:
         return 0
     if manager_fd >= 0:
         select.select([manager_fd], [], [], MANAGER_EXIT_WAIT_S)  # readable once it has exited
     status = 0
+    if watches and not _committed(decision):
+        for ifd, new_wd, mask, source_path in watches:  # the tasks undo their tables: watches too
+            try:
+                inotify.add_watch(ifd, source_path, mask)
+                inotify.remove_watch(ifd, new_wd)
+            except OSError as exc:
+                print(f"spfs swap watchdog: could not put inotify watch back on {source_path}: {exc}",
+                      file=sys.stderr)
+                status = 1
     for tgid, tid, raw in held:
         try:
             ptrace.requeue_signal(tgid, tid, ptrace.SigInfo.from_buffer_copy(raw))
@@ -60,6 +76,13 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"spfs swap watchdog: manager gone, {freezer.path} {armed}", file=sys.stderr)
     return status
+
+
+def _committed(decision_read: int) -> bool:
+    """The manager writes one byte more than there are tasks to read one: a byte left means
+    it passed the commit point."""
+    raw = fcntl.ioctl(decision_read, termios.FIONREAD, struct.pack("i", 0))
+    return struct.unpack("i", raw)[0] > 0
 
 
 if __name__ == "__main__":
