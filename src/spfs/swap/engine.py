@@ -387,7 +387,7 @@ class Engine:
             table, signature = self.prebuilt.get(p.pid, (None, None))
             if table is None or fail_after is not None or signature != self._table_signature(p):
                 table = self._build_table(p, fail_after)
-            result = self._injector(p).run(table)
+            result = self._injector(p).run(table, below=self.scratch.get(p.pid, 0))
             if not result.ok:
                 what = table.entries[result.failed_index].what
                 raise UnitFailed(f"process {p.pid}: {what} failed: {os.strerror(-result.error)}")

@@ -231,14 +231,17 @@ class Injector:
         regs = self._enter(blob.ENTRY_SINGLE, rax=nr, **dict(zip(names, args)))
         return ctypes.c_longlong(regs.rbx).value
 
-    def run(self, table: SyscallTable) -> RunResult:
+    def run(self, table: SyscallTable, below: int = 0) -> RunResult:
+        """`below`: an address range the table must not take (the table's own scratch for
+        private pages starts there): a mapped table goes below it."""
         if not table.entries:
             return RunResult(True, -1, 0)
         late = {"tgid": self.ns_ids[0], "tid": self.ns_ids[1], "sig": self.marker_signal}
         base, unmap = self._place_on_stack(table, late), 0
         if base is None:  # large table, or no stack below rsp: a scratch mapping (one more round trip)
             unmap = (table.size + PAGE - 1) // PAGE * PAGE
-            base = self.syscall(Nr.mmap, 0, unmap, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
+            hint = max(below - unmap - 16 * PAGE, 0) if below else 0  # only a hint: never MAP_FIXED
+            base = self.syscall(Nr.mmap, hint, unmap, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
             if -4096 < base < 0:
                 raise InjectionError(f"task {self.tracee.tid}: mmap of {unmap} bytes failed: {os.strerror(-base)}")
             os.pwrite(self.mem, table.serialize(base, late), base)
