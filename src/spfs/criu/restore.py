@@ -277,8 +277,8 @@ class Restore:
             if s.staging is not None and os.path.ismount(s.staging):
                 log.warning("%s still mounted: leaving %s", s.staging, self.work)
                 return
-        if os.path.ismount(self.work):
-            _run(["umount", "-l", str(self.work)], check=False)
+        # (a bind of a directory onto itself: os.path.ismount cannot tell)
+        _run(["umount", "-l", str(self.work)], check=False)
         shutil.rmtree(self.work, onerror=lambda _f, path, exc: log.warning(
             "cleaning %s: %s", path, exc[1]))
 

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
 
 from spfs.swap import procfs
 
@@ -57,11 +58,20 @@ class Donor:
             os.close(read_end)
         self.ns_pid = procfs.status(self.pid).nspid[-1]
 
-    def close(self) -> None:
+    def close(self, grace: float = 1.0) -> None:
+        """EOF on its pipe ends it; but another child forked meanwhile (a second donor of a
+        concurrent switch, a manager's helper) may hold a copy of our write end, so after a
+        short grace it is killed: it has nothing left to do."""
         with contextlib.suppress(OSError):
             os.close(self.write_end)
+        deadline = time.monotonic() + grace
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+            while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.005)
 
 
 def same_pid_namespace(pid: int) -> bool:
