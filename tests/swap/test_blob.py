@@ -47,3 +47,4 @@ def test_table_serialization_resolves_slots_and_indirect_arguments():
     assert entries[1][7] == blob.FLAG_ALLOW_FAIL | blob.flag_indirect(0)
     assert entries[2][1] == data_start + path.offset and entries[2][7] == 0
     assert data[3 * blob.TABLE_ENTRY_SIZE + path.offset:][:2] == b".\0"
+

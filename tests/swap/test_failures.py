@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,11 +19,22 @@ from spfs import swap
 HARNESS = Path(__file__).with_name("kill_harness.py")
 
 
+def _kernel_dev(path: Path) -> int:
+    st = os.stat(path)
+    return os.major(st.st_dev) << 20 | os.minor(st.st_dev)  # as fdinfo prints it (sdev)
+
+
 def _side(pid: int, a: Path, b: Path) -> str:
-    """"A", "B" or "mixed ...": where the victim's fds 3-12, cwd, exe and file mappings are.
-    (Not its inotify watches: a switch aborted by SIGTERM was seen leaving one on the
-    target, with or without the watchdog: not resolved yet, see docs/swap.md.)"""
+    """"A", "B" or "mixed ...": where the victim's fds 3-12, cwd, exe, file mappings and
+    inotify watches are."""
     links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in range(3, 13)]
+    devs = {_kernel_dev(a): str(a), _kernel_dev(b): str(b)}
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+                if line.startswith("inotify wd:"):
+                    sdev = int(line.split("sdev:")[1].split()[0], 16)
+                    links.append(devs.get(sdev, f"watch on device {sdev:#x}"))
     links.append(os.readlink(f"/proc/{pid}/cwd"))
     links.append(os.readlink(f"/proc/{pid}/exe"))
     links += [line.split(None, 5)[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()

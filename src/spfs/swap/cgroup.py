@@ -82,7 +82,7 @@ class Watchdog:
 
     Protocol on its stdin (see watchdog.py): "arm <state>" = on EOF write <state>;
     "disarm"; "signal TGID TID HEX" = a held-back signal; "delivered" = we re-sent them
-    ourselves; "inotify FD WD MASK HEXPATH" = a watch moved to B; EOF = wait for our exit,
+    ourselves; "inotify FD MASK HEXPATH DEV WDS" = a watch about to move; EOF = wait for our exit,
     then act, then exit.
     """
 
@@ -130,9 +130,11 @@ class Watchdog:
     def signals_delivered(self) -> None:
         self._send("delivered")
 
-    def watch_moved(self, inotify_fd: int, new_wd: int, mask: int, source_path: str) -> None:
-        """Undo this if we die before the commit point: add it on A again, drop B's wd."""
-        self._send(f"inotify {inotify_fd} {new_wd} {mask} {source_path.encode().hex()}")
+    def watch_moving(self, inotify_fd: int, mask: int, source_path: str, target_dev: int, present: list[int]) -> None:
+        """Told before a watch moves; undone if we die before the commit point: watch the
+        source path again, drop any new watch on the target's device (not in `present`)."""
+        present_list = ",".join(map(str, present)) or "-"
+        self._send(f"inotify {inotify_fd} {mask} {source_path.encode().hex()} {target_dev} {present_list}")
 
     def _send(self, line: str) -> None:
         assert self.proc.stdin is not None

@@ -346,13 +346,16 @@ class Engine:
 
     def _move_manager_side_state(self) -> None:
         handover.move_description_state(self.plan, self.prepared.fifo_keepers)
-        handover.move_inotify_watches(self.plan, self.stop_set, forward=True)
-        if self.prepared.watchdog is not None:
-            source = os.path.realpath(self.plan.source.path)
-            for p in self.stop_set:
-                for reg in p.inotify:
-                    self.prepared.watchdog.watch_moved(reg.copy_fd, reg.new_wd, reg.watch.mask,
-                                                       os.path.join(source, reg.rel))
+        watchdog = self.prepared.watchdog
+        source = os.path.realpath(self.plan.source.path)
+        target_dev = os.stat(self.plan.target).st_dev
+
+        def tell_watchdog(reg) -> None:
+            present = [w.wd for w in procfs.fdinfo(os.getpid(), reg.copy_fd).inotify]
+            watchdog.watch_moving(reg.copy_fd, reg.watch.mask, os.path.join(source, reg.rel), target_dev, present)
+
+        handover.move_inotify_watches(self.plan, self.stop_set, forward=True,
+                                      before_move=tell_watchdog if watchdog is not None else None)
         self.window.marks["descriptions"] = time.perf_counter()
 
     # -- injection ----------------------------------------------------------------------

@@ -13,9 +13,10 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Callable
 
 from spfs.swap import inotify, procfs, tables, unixsock
-from spfs.swap.model import Description, ProcessPlan, SwapError, SwapPlan
+from spfs.swap.model import Description, InotifyReg, ProcessPlan, SwapError, SwapPlan
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,17 @@ def move_description_state(plan: SwapPlan, fifo_keepers: dict[str, int]) -> None
                 _copy_pipe_content(desc.old_fd, fifo_keepers[path])
 
 
-def move_inotify_watches(plan: SwapPlan, processes: list[ProcessPlan], forward: bool) -> None:
+def move_inotify_watches(plan: SwapPlan, processes: list[ProcessPlan], forward: bool,
+                         before_move: Callable[[InotifyReg], None] | None = None) -> None:
     """Watches on A are re-added on B through our copy of the inotify fd (see inotify.py);
-    backwards for a revert."""
+    backwards for a revert.  before_move(reg) runs before each forward move (the watchdog
+    learns how to undo it)."""
     source = os.path.realpath(plan.source.path)
     for p in processes:
         for reg in p.inotify:
             if forward:
+                if before_move is not None:
+                    before_move(reg)
                 reg.new_wd = inotify.add_watch(reg.copy_fd, os.path.join(plan.target, reg.rel), reg.watch.mask)
                 inotify.remove_watch(reg.copy_fd, reg.watch.wd)
             elif reg.new_wd >= 0:

@@ -75,7 +75,8 @@ class FdInfo:
 
 _LOCK = re.compile(r"lock:\s+\d+:\s+(?:->\s+)?(\S+)\s+(\S+)\s+(\S+)\s+(-?\d+)\s+\S+\s+(\d+)\s+(\S+)")
 _TFD = re.compile(r"tfd:\s+(\d+)\s+events:\s+([0-9a-f]+)\s+data:\s+([0-9a-f]+)\s+pos:\d+\s+ino:([0-9a-f]+)\s+sdev:([0-9a-f]+)")
-_INOTIFY = re.compile(r"inotify wd:(\d+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+)"
+# The kernel prints every field of an inotify line in hex, wd included.
+_INOTIFY = re.compile(r"inotify wd:([0-9a-f]+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+)"
                       r"(?: ignored_mask:[0-9a-f]+ fhandle-bytes:[0-9a-f]+ fhandle-type:([0-9a-f]+) f_handle:([0-9a-f]+))?")
 
 
@@ -100,7 +101,7 @@ def parse_fdinfo(text: str) -> FdInfo:
         info.epoll.append(EpollTarget(int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16),
                                       int(m.group(4), 16), int(m.group(5), 16)))
     for m in _INOTIFY.finditer(text):
-        info.inotify.append(InotifyWatch(int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16),
+        info.inotify.append(InotifyWatch(int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16),
                                          int(m.group(4), 16), int(m.group(5) or "0", 16),
                                          bytes.fromhex(m.group(6) or "")))
     return info

@@ -17,7 +17,7 @@ import struct
 import sys
 import termios
 
-from spfs.swap import inotify, ptrace
+from spfs.swap import inotify, procfs, ptrace
 from spfs.swap.cgroup import Freezer
 
 MANAGER_EXIT_WAIT_S = 30.0  # only a manager stuck in its exit (D state) takes longer
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         manager_fd = -1
     armed: str | None = None
     held: list[tuple[int, int, bytes]] = []
-    watches: list[tuple[int, int, int, str]] = []
+    watches: list[tuple[int, int, str, int, set[int]]] = []
     print("ready", flush=True)
     for line in sys.stdin:
         words = line.split()
@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
         elif words[:1] == ["disarm"]:
             armed, held, watches = None, [], []
         elif words[:1] == ["inotify"]:
-            watches.append((int(words[1]), int(words[2]), int(words[3]), bytes.fromhex(words[4]).decode()))
+            present = set() if words[5] == "-" else {int(wd) for wd in words[5].split(",")}
+            watches.append((int(words[1]), int(words[2]), bytes.fromhex(words[3]).decode(), int(words[4]), present))
         elif words[:1] == ["signal"]:
             held.append((int(words[1]), int(words[2]), bytes.fromhex(words[3])))
         elif words[:1] == ["delivered"]:
@@ -53,10 +54,12 @@ def main(argv: list[str]) -> int:
         select.select([manager_fd], [], [], MANAGER_EXIT_WAIT_S)  # readable once it has exited
     status = 0
     if watches and not _committed(decision):
-        for ifd, new_wd, mask, source_path in watches:  # the tasks undo their tables: watches too
+        for ifd, mask, source_path, target_dev, present in watches:  # the tasks undo their tables: watches too
             try:
-                inotify.add_watch(ifd, source_path, mask)
-                inotify.remove_watch(ifd, new_wd)
+                inotify.add_watch(ifd, source_path, mask)  # the same wd if it was still there
+                for watch in procfs.fdinfo("self", ifd).inotify:
+                    if watch.wd not in present and os.makedev(watch.sdev >> 20, watch.sdev & 0xFFFFF) == target_dev:
+                        inotify.remove_watch(ifd, watch.wd)
             except OSError as exc:
                 print(f"spfs swap watchdog: could not put inotify watch back on {source_path}: {exc}",
                       file=sys.stderr)
