@@ -167,14 +167,16 @@ class Restore:
         if stage == "post-restore":
             self.init_pid = pid
             self.tl.note(f"criu: processes restored (init pid {pid})")
+            # CRIU has bound every SPFS into the container: the staging mounts go now,
+            # before anything copies our mount namespace with them (a copy would keep SPFS
+            # alive after the replace). CRIU runs the last --action-script first, so
+            # scripts given after ours may already run at this stage, but not at later ones.
+            self.detach_staging()
         elif stage == "pre-resume":
             self.init_pid = pid
             self._queue_replaces(pid)
             self.manager.request(cmd="mode", all=True, mode="stub")
             self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
-            # CRIU has bound every SPFS into the container: the staging mounts go now, before
-            # anything (an action script after ours) copies our mount namespace with them
-            self.detach_staging()
         elif stage == "post-resume":
             self.manager.request(cmd="replace", all=True, mode="release")
             self.tl.note("processes resumed; replace released")
