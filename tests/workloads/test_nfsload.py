@@ -126,6 +126,13 @@ def overwrite_with_zeros(load: Workload) -> None:
         f.write(bytes(size))
 
 
+def overwrite_after_counter(load: Workload) -> None:
+    """The mmap workload's file is shared with its mapping: bytes 8.. must stay its own."""
+    with open(load.path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x01")
+
+
 def overwrite_second_page(load: Workload) -> None:
     """Page 1 of the mmap-private workload is a clean (never written) MAP_PRIVATE page."""
     with open(load.path, "r+b") as f:
@@ -191,6 +198,7 @@ def corrupt_own_text(load: Workload) -> None:
 
 SABOTAGE: dict[str, tuple[Callable[[Workload], None], str]] = {
     "append": (truncate_file, r"line 1 holds"),
+    "mmap": (overwrite_after_counter, r"mapping byte 100 changed"),
     "rw": (truncate_file, r"record \d+|file size"),
     "read": (overwrite_with_zeros, r"byte at \d+ is"),
     "odirect": (overwrite_with_zeros, r"O_DIRECT block \d+"),

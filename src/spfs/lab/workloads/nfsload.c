@@ -710,6 +710,38 @@ static int run_exe(const char *path)
 #define FIFO_REC 16
 #define FIFO_BACKLOG 16
 
+/* Numbered records that must always sit unread in a queue (a pipe, a socket), so some of
+ * them are in flight whenever the migration happens: none may be lost, doubled or moved. */
+struct backlog {
+    int (*put)(const struct backlog *q, unsigned long n);
+    int (*take)(const struct backlog *q, unsigned long n);
+    int in_fd, out_fd;             /* records are written to out_fd, read from in_fd */
+    const struct sockaddr_un *to;  /* destination of datagrams */
+    unsigned long depth;
+};
+
+static int run_backlog(const struct backlog *q)
+{
+    unsigned long next_in = 1, next_out = 1;
+    if (has_data(q->in_fd))
+        return report("FAIL: the queue already holds data");
+    while (next_in <= q->depth)
+        if (q->put(q, next_in++))
+            return 1;
+    while (!stop) {
+        if (q->put(q, next_in++) || q->take(q, next_out++))
+            return 1;
+        iterations++;
+        nap(20);
+    }
+    while (next_out < next_in)
+        if (q->take(q, next_out++))
+            return 1;
+    if (has_data(q->in_fd))
+        return report("FAIL: extra data in the queue after record %lu", next_in - 1);
+    return report("PASS");
+}
+
 static int open_fifo(const char *path, int flags)
 {
     struct stat st;
@@ -723,22 +755,22 @@ static int open_fifo(const char *path, int flags)
     return fd;
 }
 
-static int fifo_put(int fd, unsigned long n)
+static int fifo_put(const struct backlog *q, unsigned long n)
 {
     char rec[FIFO_REC + 1];
     snprintf(rec, sizeof(rec), "%015lu\n", n);
-    if (write_all(fd, rec, FIFO_REC))
+    if (write_all(q->out_fd, rec, FIFO_REC))
         return report("FAIL: write record %lu: %s", n, err_text());
     return 0;
 }
 
-static int fifo_take(int fd, unsigned long n)
+static int fifo_take(const struct backlog *q, unsigned long n)
 {
     char rec[FIFO_REC + 1] = "", want[FIFO_REC + 1];
     snprintf(want, sizeof(want), "%015lu\n", n);
-    if (wait_for_fd(fd, POLLIN))
+    if (wait_for_fd(q->in_fd, POLLIN))
         return report("FAIL: waiting for record %lu: %s", n, strerror(errno));
-    ssize_t r = read(fd, rec, FIFO_REC);
+    ssize_t r = read(q->in_fd, rec, FIFO_REC);
     if (r != FIFO_REC || memcmp(rec, want, FIFO_REC))
         return report("FAIL: record %lu reads \"%.*s\"", n, (int)(r > 0 ? r - 1 : 0), rec);
     return 0;
@@ -749,24 +781,8 @@ static int run_fifo(const char *path)
     int fd = open_fifo(path, 0);
     if (fd < 0)
         return 1;
-    if (has_data(fd))
-        return report("FAIL: %s already holds data", path);
-    unsigned long next_in = 1, next_out = 1;
-    while (next_in <= FIFO_BACKLOG)
-        if (fifo_put(fd, next_in++))
-            return 1;
-    while (!stop) {
-        if (fifo_put(fd, next_in++) || fifo_take(fd, next_out++))
-            return 1;
-        iterations++;
-        nap(20);
-    }
-    while (next_out < next_in)
-        if (fifo_take(fd, next_out++))
-            return 1;
-    if (has_data(fd))
-        return report("FAIL: extra data in the FIFO after record %lu", next_in - 1);
-    return report("PASS");
+    struct backlog q = { fifo_put, fifo_take, fd, fd, NULL, FIFO_BACKLOG };
+    return run_backlog(&q);
 }
 
 #define EPOLL_MAGIC 0x6e66736c6f616421ULL
@@ -896,20 +912,21 @@ static int run_unix_listen(const char *path)
 
 #define DGRAM_BACKLOG 8 /* below net.unix.max_dgram_qlen (10 by default) */
 
-static int dgram_put(int s, const struct sockaddr_un *sa, unsigned long n)
+static int dgram_put(const struct backlog *q, unsigned long n)
 {
     char msg[32];
     int len = snprintf(msg, sizeof(msg), "datagram %lu", n);
-    if (sendto(s, msg, len, MSG_DONTWAIT, (const struct sockaddr *)sa, sizeof(*sa)) != len)
-        return report("FAIL: sendto %s: %s", sa->sun_path, err_text());
+    if (sendto(q->out_fd, msg, len, MSG_DONTWAIT, (const struct sockaddr *)q->to,
+               sizeof(*q->to)) != len)
+        return report("FAIL: sendto %s: %s", q->to->sun_path, err_text());
     return 0;
 }
 
-static int dgram_take(int s, unsigned long n)
+static int dgram_take(const struct backlog *q, unsigned long n)
 {
     char want[32], got[64];
     snprintf(want, sizeof(want), "datagram %lu", n);
-    if (recv_msg(s, got, sizeof(got), want))
+    if (recv_msg(q->in_fd, got, sizeof(got), want))
         return 1;
     if (strcmp(got, want))
         return report("FAIL: got \"%s\", want \"%s\"", got, want);
@@ -925,22 +942,8 @@ static int run_unix_dgram(const char *path)
     int sender = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (sender < 0)
         return report("FAIL: socket: %s", strerror(errno));
-    unsigned long next_in = 1, next_out = 1;
-    while (next_in <= DGRAM_BACKLOG)
-        if (dgram_put(sender, &sa, next_in++))
-            return 1;
-    while (!stop) {
-        if (dgram_put(sender, &sa, next_in++) || dgram_take(s, next_out++))
-            return 1;
-        iterations++;
-        nap(20);
-    }
-    while (next_out < next_in)
-        if (dgram_take(s, next_out++))
-            return 1;
-    if (has_data(s))
-        return report("FAIL: extra datagram after %lu", next_in - 1);
-    return report("PASS");
+    struct backlog q = { dgram_put, dgram_take, s, sender, &sa, DGRAM_BACKLOG };
+    return run_backlog(&q);
 }
 
 static int lockcheck(const char *kind, const char *path)
