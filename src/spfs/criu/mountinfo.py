@@ -4,7 +4,7 @@ its superblock (device), bind sub-root, mount flags, propagation and superblock 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 NFS_TYPES = ("nfs", "nfs4")
@@ -82,6 +82,21 @@ class NfsSuperblock:
                 "mounts": [asdict(m) | {"flags": m.flags} for m in self.mounts]}
 
 
+def _nfs_sub_roots(sb: NfsSuperblock) -> None:
+    """NFS shows every bind with root "/" and the bound directory in its source
+    (server:/export/sub): the sub-root is what the source adds to the share's own source
+    (the shortest one among its mounts)."""
+    base = min((m.source for m in sb.mounts), key=len)
+    sb.source = base
+    fixed = []
+    for m in sb.mounts:
+        extra = m.source[len(base):] if m.source.startswith(base) else ""
+        if m.root == "/" and extra.startswith("/"):
+            m = replace(m, root=extra)
+        fixed.append(m)
+    sb.mounts = fixed
+
+
 def nfs_superblocks(pid: int) -> list[NfsSuperblock]:
     text = Path(f"/proc/{pid}/mountinfo").read_text()
     by_dev: dict[str, NfsSuperblock] = {}
@@ -90,6 +105,8 @@ def nfs_superblocks(pid: int) -> list[NfsSuperblock]:
             continue
         sb = by_dev.setdefault(m.dev, NfsSuperblock(m.dev, m.fstype, m.source, m.super_options))
         sb.mounts.append(m)
+    for sb in by_dev.values():
+        _nfs_sub_roots(sb)
     return list(by_dev.values())
 
 

@@ -17,6 +17,7 @@ for each NFS share until spfs-manager has put the real NFS back, live.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -82,6 +83,12 @@ def plan_shares(images: Path) -> list[ShareRestore]:
         image_set = load_images(images)
         shares = []
         for share in recorded:
+            for m in share.mounts:
+                # CRIU took a bind's sub-root from mountinfo, where NFS shows "/" for every
+                # bind; the dump record has the real one (from the bind's source)
+                dumped = image_set.mounts.get(m.mnt_id)
+                if dumped is not None and dumped.root != m.root:
+                    image_set.mounts[m.mnt_id] = dataclasses.replace(dumped, root=m.root)
             share.primary  # a share with only sub-directory binds cannot be replaced
             dumped = image_set.mounts.get(share.mounts[0].mnt_id)
             if dumped is None:

@@ -294,7 +294,7 @@ def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[
     me = os.getpid()
     if me in all_pids:
         raise ValueError("the manager itself is inside the set of processes to switch")
-    scanner = _Scanner(location, path_map, unixsock.bound_on(location.dev))
+    scanner = _Scanner(location, path_map, unixsock.bound_on(location.dev, all_pids))
     processes: list[ProcessPlan] = []
     found: list[_FoundFd] = []
     anon: dict[int, list[tuple[int, procfs.FdInfo]]] = {}

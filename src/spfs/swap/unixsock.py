@@ -11,16 +11,24 @@ listener on A (they keep A busy until they close), SCM payloads.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import select
 import socket
 import stat
+import threading
 from dataclasses import dataclass
+from typing import Callable, Iterable, TypeVar
 
 from pyroute2 import DiagSocket
 from pyroute2.netlink.diag import UDIAG_SHOW_NAME, UDIAG_SHOW_RQLEN, UDIAG_SHOW_VFS
 
+T = TypeVar("T")
 SO_PEEK_OFF = 42
+SIOCGSKNS = 0x894C  # a socket's network namespace, as an fd
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 TCP_LISTEN = 10
 TCP_CLOSE = 7
 COPIED_OPTIONS = (socket.SO_PASSCRED, socket.SO_RCVBUF, socket.SO_SNDBUF)
@@ -35,8 +43,52 @@ class BoundSocket:
     backlog: int
 
 
-def bound_on(dev: int) -> dict[int, BoundSocket]:
-    """Unix sockets of this network namespace whose socket file is on device `dev`."""
+def in_netns(ns_fd: int | None, work: Callable[[], T]) -> T:
+    """Run `work` in a thread that joined the network namespace `ns_fd` (sockets are made in
+    their creator's netns, and sock_diag sees only its own); our other threads stay put."""
+    if ns_fd is None:
+        return work()
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns(net)")
+            box["value"] = work()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="netns-worker")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def bound_on(dev: int, pids: Iterable[int] = ()) -> dict[int, BoundSocket]:
+    """Unix sockets whose socket file is on device `dev`, in our network namespace and in
+    that of each of `pids` (a container's)."""
+    out: dict[int, BoundSocket] = {}
+    seen = {os.stat("/proc/self/ns/net").st_ino}
+    out.update(_bound_here(dev))
+    for pid in pids:
+        try:
+            ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+            if ino in seen:
+                continue
+            seen.add(ino)
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone, or not ours to look at
+        try:
+            out.update(in_netns(fd, lambda: _bound_here(dev)))
+        finally:
+            os.close(fd)
+    return out
+
+
+def _bound_here(dev: int) -> dict[int, BoundSocket]:
     out: dict[int, BoundSocket] = {}
     with DiagSocket() as diag:
         diag.bind()
@@ -62,7 +114,15 @@ def recreate(sock: BoundSocket, path: str, old_fd: int, flags: int) -> int:
     """A socket like the old one, bound at `path` (a stale socket file there is replaced)."""
     with socket.socket(fileno=os.dup(old_fd)) as old:
         options = {opt: old.getsockopt(socket.SOL_SOCKET, opt) for opt in COPIED_OPTIONS}
-    new = socket.socket(socket.AF_UNIX, sock.type | socket.SOCK_CLOEXEC)
+    try:  # the new socket lives where the old one does (CRIU dumps a netns's sockets)
+        ns_fd: int | None = fcntl.ioctl(old_fd, SIOCGSKNS)
+    except OSError:
+        ns_fd = None
+    try:
+        new = in_netns(ns_fd, lambda: socket.socket(socket.AF_UNIX, sock.type | socket.SOCK_CLOEXEC))
+    finally:
+        if ns_fd is not None:
+            os.close(ns_fd)
     try:
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
