@@ -163,3 +163,36 @@ def test_4_8_versions_with_locks(make_ct, images, vers: str) -> None:
     finally:
         results = verdicts(loads)
     assert_all_pass(results)
+
+
+EVERY_KIND = {  # kind -> path below the test's directory on the share
+    "append": "append.log", "rw": "rw.dat", "read": "read.dat", "odirect": "odirect.dat",
+    "dirfd": "dirfd", "mmap": "shared.map", "mmap-private": "private.map", "cwd": "cwd",
+    "chroot": "chroot", "fifo": "data.fifo", "epoll": "epoll.fifo",
+    "unix-listen": "listen.sock", "unix-dgram": "dgram.sock", "unlinked": "unlinked.dat",
+}
+
+
+@pytest.mark.parametrize("vers", ["4.1", "3"])
+def test_4_6_every_kind_of_program(make_ct, images, vers: str) -> None:
+    """Regular fds (read, write, append, O_DIRECT), directory fds, shared and private
+    mappings, cwd, chroot on NFS, an executable on NFS, a FIFO with data in the pipe, epoll
+    on it, listening and datagram unix sockets bound on NFS, an unlinked open file."""
+    ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
+    base = f"/mnt/nfs/k6-{vers}"
+    _mkdirs(ct, base, f"{base}/cwd", f"{base}/chroot", f"{base}/bin")
+    copy = workload.exec_in(ct.name, ["sh", "-c", f"cp $(which nfsload) {base}/bin/nfsload"],
+                            capture=True, timeout=60)
+    assert copy.returncode == 0, copy.stderr
+    loads = [workload.start(ct.name, kind, f"{base}/{path}") for kind, path in EVERY_KIND.items()]
+    loads.append(workload.start(ct.name, "exe", f"{base}/exe.log", binary=f"{base}/bin/nfsload"))
+    try:
+        workload.wait_running(loads, settle=2.0)
+        migrate(ct, images)
+        workload.wait_progress(loads, settle=2.0)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
+    # the unlinked file's link_remap.N (made on the export by CRIU's dump) is gone again
+    export = f"/srv/nfs4/a/k6-{vers}"
+    assert not [n for n in os.listdir(export) if n.startswith("link_remap.")]

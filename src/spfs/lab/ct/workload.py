@@ -10,7 +10,9 @@ from spfs.lab.ct.container import exec_in
 from spfs.lab.ct.spec import CtState
 from spfs.lab.ct.util import CtError, wait_for
 
-KINDS = ("append", "mmap", "posix", "flock", "ofd", "cwd")
+KINDS = ("append", "mmap", "posix", "flock", "ofd", "cwd", "rw", "read", "odirect", "dirfd",
+         "mmap-private", "chroot", "exe", "fifo", "epoll", "unix-listen", "unix-dgram",
+         "unlinked")
 LOCK_KINDS = ("posix", "flock", "ofd")
 _seq = itertools.count(1)
 
@@ -38,11 +40,12 @@ class Workload:
         return out.read_text().strip()
 
 
-def start(ct: str, kind: str, path: str) -> Workload:
+def start(ct: str, kind: str, path: str, binary: str = "nfsload") -> Workload:
+    """`binary`: the program to run (the `exe` kind runs a copy of nfsload kept on NFS)."""
     if kind not in KINDS:
         raise ValueError(f"unknown workload {kind}")
     result = f"/tmp/nfsload-{kind}-{next(_seq)}.result"
-    proc = exec_in(ct, ["nfsload", kind, path, result], detach=True, timeout=30)
+    proc = exec_in(ct, [binary, kind, path, result], detach=True, timeout=30)
     if proc.returncode != 0 or not proc.stdout.strip().isdigit():
         raise CtError(f"starting {kind} workload in {ct}: {proc.stdout} {proc.stderr}")
     return Workload(ct, kind, path, result, int(proc.stdout.strip()))
