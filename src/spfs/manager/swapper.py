@@ -27,6 +27,7 @@ def _engine() -> ModuleType:
                                     "yet") from None
 
 
+PREPARE_ATTEMPTS = 3
 # a Python process start; seconds on a loaded machine
 WATCHDOG_START_TIMEOUT = 30.0
 
@@ -66,12 +67,21 @@ class SwapEngineAdapter:
         except OSError as exc:
             log.warning("%s", exc)
 
-    def prepare(self, job: SwapJob) -> Any:
+    def prepare(self, job: SwapJob, attempts: int = PREPARE_ATTEMPTS) -> Any:
+        """The plan, made while the tasks run.  A task may close an fd between discovery
+        and prepare (short-lived files on the mount): then look again, and if the tasks keep
+        changing, leave it to swap(), inside the freeze, where nothing moves (None)."""
         engine = _engine()
         source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
-        return self._prepare_plan(engine, engine.discover(source, job.real_root,
-                                                          cgroup=job.cgroup,
-                                                          path_map=dict(job.path_map)))
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._prepare_plan(engine, engine.discover(
+                    source, job.real_root, cgroup=job.cgroup, path_map=dict(job.path_map)))
+            except OSError as exc:
+                log.info("preparing the swap, attempt %d: %s", attempt, exc)
+        log.warning("the tasks keep changing their references: the swap is planned inside "
+                    "the freeze")
+        return None
 
     def _prepare_plan(self, engine: ModuleType, plan: Any) -> Any:
         try:
@@ -98,7 +108,9 @@ class SwapEngineAdapter:
             try:
                 now = engine.discover(source, job.real_root, cgroup=job.cgroup,
                                       path_map=dict(job.path_map))
-                if not _coverage(now) <= _coverage(prepared):
+                if prepared is None:
+                    prepared = self._prepare_plan(engine, now)
+                elif not _coverage(now) <= _coverage(prepared):
                     log.info("references appeared since the swap was prepared: preparing "
                              "again")
                     engine.abandon(prepared)
@@ -120,7 +132,8 @@ class SwapEngineAdapter:
         return report.as_dict()
 
     def abandon(self, prepared: Any) -> None:
-        _engine().abandon(prepared)
+        if prepared is not None:
+            _engine().abandon(prepared)
 
     def switch(self, source: str | None, device: int | None, target: str, cgroup: str,
                ns_pid: int | None) -> dict[str, Any]:
