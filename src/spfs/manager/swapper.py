@@ -49,7 +49,7 @@ def _coverage(plan: Any) -> set[tuple[str, int, object]]:
         known |= {("dir", p.pid, d.kind) for d in p.dirs}
         known |= {("map", p.pid, m.vma.start) for m in p.maps}
         if p.exe:
-            known.add(("exe", p.pid, p.exe))
+            known.add(("exe", p.pid, p.exe.rel))
     known |= {("unmovable", u.pid, u.what) for u in plan.unmovable}
     return known
 
