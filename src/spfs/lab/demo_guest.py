@@ -1,6 +1,7 @@
 """The lab demo, guest side: a container with two NFS shares (v3 and v4.1, each mounted from
-inside the container's netns), a bind mount of one, self-checking workloads, a suspend and
-a resume, and every workload's own verdict. Run by `spfs-lab demo` in a fresh guest."""
+inside the container's netns), a bind mount of one, self-checking workloads of every kind, a
+suspend and a resume with criu-spfs (SPFS, then the real NFS back), proof that spfs and the
+manager exited, and every workload's own verdict. Run by `spfs-lab demo` in a fresh guest."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ import tempfile
 from pathlib import Path
 
 from spfs.lab.ct import checkpoint, container, workload
+from spfs.lab.ct.inspect import fstypes_at, spfs_helpers_running
 from spfs.lab.ct.spec import BindMount, CtState, NfsMount
 from spfs.timeline import Timeline
+
+DEMO_LOADS = (  # kind, path (v4.1 share a at /mnt/a and through its bind /srv, v3 share b)
+    ("append", "/mnt/a/log"), ("rw", "/mnt/a/rw.dat"), ("mmap", "/srv/mapped.dat"),
+    ("mmap-private", "/mnt/a/private.dat"), ("dirfd", "/mnt/a/dir"), ("chroot", "/mnt/a/jail"),
+    ("fifo", "/mnt/a/data.fifo"), ("epoll", "/srv/epoll.fifo"), ("read", "/mnt/b/read.dat"),
+    ("odirect", "/mnt/b/direct.dat"), ("posix", "/mnt/b/posix.lock"),
+    ("flock", "/mnt/a/flock.lock"), ("ofd", "/mnt/a/ofd.lock"), ("cwd", "/mnt/b/sub"),
+)
 
 
 def main() -> int:
@@ -27,30 +37,41 @@ def main() -> int:
     ok = False
     loads: list[workload.Workload] = []
     try:
-        container.exec_in(name, ["mkdir", "-p", "/mnt/b/sub"], timeout=30)
-        loads = [workload.start(name, "append", "/mnt/a/log"),
-                 workload.start(name, "mmap", "/srv/mapped.dat"),
-                 workload.start(name, "posix", "/mnt/b/locked.dat"),
-                 workload.start(name, "cwd", "/mnt/b/sub")]
-        workload.wait_running(loads)
-        tl.note("workloads running: append log on v4.1, shared mmap through the bind, POSIX "
-                "lock on v3, cwd on v3")
-        with tl.step("suspend: criu dump (NFS mounts external; network locked except the "
-                     "container's NFS traffic)"):
-            checkpoint.suspend(ct, images, plain=True)
+        container.exec_in(name, ["mkdir", "-p", "/mnt/b/sub", "/mnt/a/dir", "/mnt/a/jail",
+                                 "/mnt/a/bin"], timeout=30)
+        container.exec_in(name, ["sh", "-c", "cp $(which nfsload) /mnt/a/bin/nfsload"],
+                          timeout=60)
+        loads = [workload.start(name, kind, path) for kind, path in DEMO_LOADS]
+        loads.append(workload.start(name, "exe", "/mnt/a/exe.log", binary="/mnt/a/bin/nfsload"))
+        workload.wait_running(loads, settle=2.0)
+        tl.note(f"{len(loads)} workloads running: " + ", ".join(w.kind for w in loads))
+        with tl.step("suspend: criu-spfs dump (NFS mounts recorded and external; network "
+                     "locked except the container's NFS traffic)"):
+            checkpoint.suspend(ct, images)
         tl.note(f"container stopped; {len(list(images.iterdir()))} image files in {images}")
-        with tl.step("resume: criu restore (baseline: shares mapped to mounts in the guest's "
-                     "root netns; SPFS takes this place in issue 6)"):
-            checkpoint.resume(CtState.load(name), images, plain=True)
-        held = workload.lock_held_by_other(name, "posix", "/mnt/b/locked.dat")
-        tl.note(f"POSIX lock {'still held' if held else 'LOST'} after resume "
-                "(checked from another process)")
-        workload.wait_progress(loads)
-        verdicts = {w.kind: w.stop() for w in loads}
+        with tl.step("resume: criu-spfs restore --wait (SPFS in place of each share, then "
+                     "the real NFS back inside the container)"):
+            checkpoint.resume(CtState.load(name), images, timeline=tl)
+        restored = CtState.load(name)
+        mounts = fstypes_at(restored)
+        tl.note("mounts in the container now: " + ", ".join(
+            f"{p} {mounts[p][0]} ({mounts[p][1]})" for p in ("/mnt/a", "/srv", "/mnt/b")))
+        leftovers = spfs_helpers_running()
+        tl.note("spfs and spfs-manager: " + ("all exited" if not leftovers else
+                                             f"STILL RUNNING: {leftovers}"))
+        held = {k: workload.lock_held_by_other(name, k, p) for k, p in DEMO_LOADS
+                if k in workload.LOCK_KINDS}
+        tl.note("locks after resume (checked from another process): " + ", ".join(
+            f"{k} {'held' if v else 'LOST'}" for k, v in held.items()))
+        workload.wait_progress(loads, settle=2.0)
+        verdicts = {f"{w.kind} {w.path}": w.stop() for w in loads}
         loads = []
-        for kind, verdict in verdicts.items():
-            tl.note(f"workload {kind:7s}: {verdict}")
-        ok = held and all(v.startswith("PASS") for v in verdicts.values())
+        for what, verdict in verdicts.items():
+            tl.note(f"workload {what}: {verdict}")
+        ok = (all(held.values()) and not leftovers and
+              all(v.startswith("PASS") for v in verdicts.values()) and
+              mounts["/mnt/a"][0] == "nfs4" and mounts["/mnt/b"][0] == "nfs" and
+              mounts["/srv"][1] == mounts["/mnt/a"][1])
     finally:
         for w in loads:
             try:
