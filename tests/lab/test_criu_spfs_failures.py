@@ -1,0 +1,117 @@
+"""criu-spfs restore when things go wrong (issue 6 item 7): a hostile image dir is refused
+before anything is mounted; a `criu restore` failing midway leaves no SPFS mount, daemon or
+staging dir; an NFS server unreachable at restore makes the processes wait, and they go on
+once it is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pycriu
+import pytest
+
+from spfs.lab.ct import checkpoint, workload
+from spfs.lab.ct.container import alive
+from spfs.lab.ct.inspect import spfs_helpers_running
+from spfs.lab.ct.spec import CtState
+from spfs.lab.ct.util import CtError
+from tests.lab.migration import assert_all_pass, migrate, verdicts
+
+
+def _nothing_left() -> None:
+    assert spfs_helpers_running() == []
+    assert "fuse.spfs" not in Path("/proc/self/mountinfo").read_text()
+    assert not os.path.isdir("/run/criu-spfs") or os.listdir("/run/criu-spfs") == []
+
+
+def _suspended(make_ct, images: Path) -> CtState:
+    ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
+    w = workload.start(ct.name, "append", "/mnt/nfs/fail.log")
+    workload.wait_running([w])
+    checkpoint.suspend(ct, images)
+    return CtState.load(ct.name)
+
+
+def test_hostile_image_dir_is_refused_before_anything_is_mounted(make_ct, images) -> None:
+    ct = _suspended(make_ct, images)
+    files = images / "files.img"
+    with open(files, "rb") as f:
+        doc = pycriu.images.load(f)
+    hostile = [e for e in doc["entries"] if e.get("type") == "REG"
+               and e["reg"]["name"].startswith("/mnt/nfs/")]
+    assert hostile
+    hostile[0]["reg"]["name"] = "/mnt/nfs/../../etc/passwd"
+    with open(files, "wb") as f:
+        pycriu.images.dump(doc, f)
+    with pytest.raises(CtError, match="refusing the image directory"):
+        checkpoint.resume(ct, images)
+    _nothing_left()
+    assert not alive(CtState.load(ct.name))
+
+
+def test_absurd_size_in_images_is_refused(make_ct, images) -> None:
+    ct = _suspended(make_ct, images)
+    files = images / "files.img"
+    with open(files, "rb") as f:
+        doc = pycriu.images.load(f)
+    regs = [e for e in doc["entries"] if e.get("type") == "REG"
+            and e["reg"]["name"].startswith("/mnt/nfs/")]
+    for e in regs:
+        e["reg"]["size"] = 1 << 62
+    with open(files, "wb") as f:
+        pycriu.images.dump(doc, f)
+    with pytest.raises(CtError, match="refusing the image directory"):
+        checkpoint.resume(ct, images)
+    _nothing_left()
+
+
+def test_criu_restore_failing_midway_leaves_nothing_behind(make_ct, images) -> None:
+    ct = _suspended(make_ct, images)
+    for pages in images.glob("pages-*.img"):
+        pages.write_bytes(b"\0" * 64)  # the memory of the tasks is gone: restore fails late
+    with pytest.raises(CtError):
+        checkpoint.resume(ct, images)
+    time.sleep(1)
+    _nothing_left()
+    assert not alive(CtState.load(ct.name))
+    timeline = json.loads((images / "criu-spfs-restore.json").read_text())
+    assert timeline["ok"] is False and "criu restore failed" in timeline["error"]
+
+
+def _nfs_drop(ct: CtState, on: bool) -> None:
+    rule = ["INPUT", "-s", ct.ct_addr, "-p", "tcp", "--dport", "2049", "-j", "DROP"]
+    subprocess.run(["iptables", "-w", "-I" if on else "-D", *rule], check=True, timeout=30)
+
+
+def test_nfs_server_unreachable_at_restore(make_ct, images) -> None:
+    """Processes block on SPFS while the server is away and continue once it is back."""
+    ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
+    loads = [workload.start(ct.name, "append", "/mnt/nfs/away.log"),
+             workload.start(ct.name, "mmap", "/mnt/nfs/away.dat")]
+    away = 20.0
+    try:
+        workload.wait_running(loads)
+        checkpoint.suspend(ct, images)
+        _nfs_drop(ct, True)
+        back = threading.Timer(away, _nfs_drop, (ct, False))
+        back.start()
+        try:
+            checkpoint.resume(CtState.load(ct.name), images)
+        finally:
+            back.join()
+        timeline = json.loads((images / "criu-spfs-restore.json").read_text())
+        at = {s["what"].split(":", 1)[-1].strip(): s["at"] for s in timeline["steps"]}
+        resumed = next(v for k, v in at.items() if k.startswith("replace released")
+                       or "replace released" in k)
+        mounted = next(v for k, v in at.items() if k.startswith("NFS mounted"))
+        assert mounted - resumed >= away * 0.5, timeline["steps"]
+        assert spfs_helpers_running() == []
+        workload.wait_progress(loads)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
