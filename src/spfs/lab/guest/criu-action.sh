@@ -29,6 +29,13 @@ s.sendall(b'probe'); sys.exit(0)" 2>/dev/null; then
     fi
 }
 
+# For failure tests: SPFS_LAB_FAIL_AT=STAGE makes this stage fail (CRIU aborts a restore
+# whose pre-restore or post-restore script fails).
+if [ -n "${SPFS_LAB_FAIL_AT:-}" ] && [ "$SPFS_LAB_FAIL_AT" = "${CRTOOLS_SCRIPT_ACTION:-}" ]; then
+    echo "spfs-lab action: failing $SPFS_LAB_FAIL_AT on request" >&2
+    exit 1
+fi
+
 case "${CRTOOLS_SCRIPT_ACTION:-}" in
     post-dump)
         [ -n "${SPFS_LAB_NETLOCK_PROBE:-}" ] && probe
