@@ -1,0 +1,101 @@
+"""Migration benchmark (issue 6 item 8), run inside the lab guest:
+
+    .venv/bin/spfs-lab run --timeout 900 -- .venv/bin/python bench/migration.py [--rounds N]
+
+One container (NFS v4.1 share a, workloads append + mmap), suspended and resumed alternately
+in the two ways, N rounds:
+  best case  `criu restore` with the share already mounted (the lab's --plain baseline:
+             CRIU binds a mount of the share made beforehand in the guest)
+  criu-spfs  SPFS in place of the share, the real NFS mounted in the container afterwards
+Printed, with ratios: restore time (until the processes run) for both; the stall the
+applications see after resume (processes resumed -> NFS mounted and SPFS proxying) next to
+the time of one NFS mount made the same way (fsopen in the container's netns, measured here);
+the frozen window of the replace. Goals: restore <= 1.15x best case, stall <= 1.2x one mount.
+TCG emulation: absolute numbers are slow, the ratios are what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from spfs.lab.ct import checkpoint, container, workload
+from spfs.lab.ct.spec import CtState, NfsMount
+from spfs.lab.env import lab_env
+
+
+def _at(steps: list[dict], prefix: str) -> float:
+    return next(s["at"] for s in steps if prefix in s["what"])
+
+
+def one_mount_seconds(state: CtState, spec: NfsMount) -> float:
+    """One NFS mount of the same share, from inside the container's netns."""
+    server = state.host_addr
+    target = tempfile.mkdtemp(prefix="bench-mnt-")
+    t0 = time.monotonic()
+    subprocess.run(["nsenter", "-t", str(state.init_pid), "-n", "mount", "-t", "nfs", "-o",
+                    spec.mount_options(server), spec.source(server), target],
+                   check=True, timeout=120, capture_output=True)
+    seconds = time.monotonic() - t0
+    subprocess.run(["umount", target], check=True, timeout=60)
+    return seconds
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    lab_env()
+    spec = NfsMount.parse("4.1:a:/mnt/nfs")
+    ct = container.create("bench", [spec], [], "v2")
+    loads = [workload.start("bench", "append", "/mnt/nfs/bench.log"),
+             workload.start("bench", "mmap", "/mnt/nfs/bench.dat")]
+    plain, spfs, stall, frozen, mounts = [], [], [], [], []
+    try:
+        workload.wait_running(loads)
+        for r in range(args.rounds):
+            img = Path(tempfile.mkdtemp(prefix=f"bench-plain-{r}-"))
+            checkpoint.suspend(CtState.load("bench"), img, plain=True)
+            plain.append(checkpoint.resume(CtState.load("bench"), img, plain=True).seconds)
+            mounts.append(one_mount_seconds(CtState.load("bench"), spec))
+            img = Path(tempfile.mkdtemp(prefix=f"bench-spfs-{r}-"))
+            checkpoint.suspend(CtState.load("bench"), img)
+            checkpoint.resume(CtState.load("bench"), img)
+            doc = json.loads((img / "criu-spfs-restore.json").read_text())
+            steps = doc["steps"]
+            spfs.append(_at(steps, "criu restore done"))
+            stall.append(_at(steps, "NFS mounted in the container") -
+                         _at(steps, "replace released"))
+            frozen.append(doc["frozen_window_ms"] / 1000)
+            print(f"round {r + 1}: best case {plain[-1]:.2f} s, criu-spfs {spfs[-1]:.2f} s, "
+                  f"stall {stall[-1]:.2f} s, one mount {mounts[-1]:.2f} s, frozen "
+                  f"{frozen[-1] * 1000:.0f} ms", flush=True)
+        workload.wait_progress(loads)
+        verdicts = {w.kind: w.stop() for w in loads}
+        loads = []
+    finally:
+        for w in loads:
+            try:
+                w.stop()
+            except Exception:  # noqa: BLE001 - best effort on the error path
+                pass
+        container.destroy("bench", missing_ok=True)
+    med = statistics.median
+    print("\n| measure | median | baseline | ratio | goal |\n|---|---|---|---|---|")
+    print(f"| restore until processes run | {med(spfs):.2f} s (criu-spfs) | {med(plain):.2f} s "
+          f"(criu, share pre-mounted) | {med(spfs) / med(plain):.2f}x | <= 1.15x |")
+    print(f"| stall after resume | {med(stall):.2f} s | {med(mounts):.2f} s (one NFS mount) | "
+          f"{med(stall) / med(mounts):.2f}x | <= 1.2x |")
+    print(f"| frozen window of the replace | {med(frozen) * 1000:.0f} ms | - | - | - |")
+    print(f"workloads: {verdicts}")
+    return 0 if all(v.startswith("PASS") for v in verdicts.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
