@@ -80,11 +80,7 @@ def main() -> int:
         verdicts = {w.kind: w.stop() for w in loads}
         loads = []
     finally:
-        for w in loads:
-            try:
-                w.stop()
-            except Exception:  # noqa: BLE001 - best effort on the error path
-                pass
+        workload.stop_quietly(loads)
         container.destroy("bench", missing_ok=True)
     med = statistics.median
     print("\n| measure | median | baseline | ratio | goal |\n|---|---|---|---|---|")

@@ -41,3 +41,16 @@ def verdicts(loads: list[workload.Workload]) -> dict[str, str]:
 def assert_all_pass(results: dict[str, str]) -> None:
     failed = {k: v for k, v in results.items() if not v.startswith("PASS")}
     assert not failed, failed
+
+
+def migrate_with(ct: CtState, images: Path, loads: list[workload.Workload],
+                 settle: float = 1.0) -> dict:
+    """Workloads running -> one migration -> they keep running -> all their verdicts PASS."""
+    try:
+        workload.wait_running(loads, settle=settle)
+        timeline = migrate(ct, images)
+        workload.wait_progress(loads, settle=max(settle, 1.5))
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)
+    return timeline

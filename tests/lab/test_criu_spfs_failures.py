@@ -37,17 +37,24 @@ def _suspended(make_ct, images: Path) -> CtState:
     return CtState.load(ct.name)
 
 
+def _edit_nfs_files(images: Path, edit) -> None:
+    """Rewrite files.img with `edit` applied to its entries of files on the share."""
+    path = images / "files.img"
+    with open(path, "rb") as f:
+        doc = pycriu.images.load(f)
+    regs = [e["reg"] for e in doc["entries"] if e.get("type") == "REG"
+            and e["reg"]["name"].startswith("/mnt/nfs/")]
+    assert regs, "no file on the share in files.img"
+    edit(regs)
+    with open(path, "wb") as f:
+        pycriu.images.dump(doc, f)
+
+
 def test_hostile_image_dir_is_refused_before_anything_is_mounted(make_ct, images) -> None:
     ct = _suspended(make_ct, images)
-    files = images / "files.img"
-    with open(files, "rb") as f:
-        doc = pycriu.images.load(f)
-    hostile = [e for e in doc["entries"] if e.get("type") == "REG"
-               and e["reg"]["name"].startswith("/mnt/nfs/")]
-    assert hostile
-    hostile[0]["reg"]["name"] = "/mnt/nfs/../../etc/passwd"
-    with open(files, "wb") as f:
-        pycriu.images.dump(doc, f)
+    def escape(regs: list[dict]) -> None:
+        regs[0]["name"] = "/mnt/nfs/../../etc/passwd"
+    _edit_nfs_files(images, escape)
     with pytest.raises(CtError, match="refusing the image directory"):
         checkpoint.resume(ct, images)
     _nothing_left()
@@ -56,15 +63,10 @@ def test_hostile_image_dir_is_refused_before_anything_is_mounted(make_ct, images
 
 def test_absurd_size_in_images_is_refused(make_ct, images) -> None:
     ct = _suspended(make_ct, images)
-    files = images / "files.img"
-    with open(files, "rb") as f:
-        doc = pycriu.images.load(f)
-    regs = [e for e in doc["entries"] if e.get("type") == "REG"
-            and e["reg"]["name"].startswith("/mnt/nfs/")]
-    for e in regs:
-        e["reg"]["size"] = 1 << 62
-    with open(files, "wb") as f:
-        pycriu.images.dump(doc, f)
+    def huge(regs: list[dict]) -> None:
+        for reg in regs:
+            reg["size"] = 1 << 62
+    _edit_nfs_files(images, huge)
     with pytest.raises(CtError, match="refusing the image directory"):
         checkpoint.resume(ct, images)
     _nothing_left()

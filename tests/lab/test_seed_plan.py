@@ -12,7 +12,7 @@ import pytest
 from spfs.lab.ct import workload
 from spfs.lab.ct.inspect import fstypes_at
 from spfs.lab.ct.spec import CtState
-from tests.lab.migration import assert_all_pass, migrate, verdicts
+from tests.lab.migration import assert_all_pass, migrate, migrate_with, verdicts
 
 ALL_VERSIONS = ["3", "4.0", "4.1", "4.2"]
 
@@ -41,16 +41,9 @@ def test_4_2_program_using_nfs_files(make_ct, images, vers: str) -> None:
     """Open files, a shared mapping and a cwd on NFS keep working, data intact."""
     ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
     _mkdirs(ct, "/mnt/nfs/p2/sub")
-    loads = [workload.start(ct.name, "append", "/mnt/nfs/p2/w.log"),
-             workload.start(ct.name, "mmap", "/mnt/nfs/p2/m.dat"),
-             workload.start(ct.name, "cwd", "/mnt/nfs/p2/sub")]
-    try:
-        workload.wait_running(loads)
-        migrate(ct, images)
-        workload.wait_progress(loads)
-    finally:
-        results = verdicts(loads)
-    assert_all_pass(results)
+    migrate_with(ct, images, [workload.start(ct.name, "append", "/mnt/nfs/p2/w.log"),
+                              workload.start(ct.name, "mmap", "/mnt/nfs/p2/m.dat"),
+                              workload.start(ct.name, "cwd", "/mnt/nfs/p2/sub")])
 
 
 def test_4_3_five_cycles(make_ct, images) -> None:
@@ -130,16 +123,10 @@ def test_4_7_versions_without_locks(make_ct, images, vers: str) -> None:
     ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
     _mkdirs(ct, f"/mnt/nfs/v{vers}")
     base = f"/mnt/nfs/v{vers}"
-    loads = [workload.start(ct.name, "append", f"{base}/w.log"),
-             workload.start(ct.name, "mmap", f"{base}/m.dat"),
-             workload.start(ct.name, "cwd", base)]
-    try:
-        workload.wait_running(loads)
-        migrate(ct, images)
-        workload.wait_progress(loads)
-    finally:
-        results = verdicts(loads)
-    assert_all_pass(results)
+    migrate_with(ct, images, [workload.start(ct.name, "append", f"{base}/w.log"),
+                              workload.start(ct.name, "mmap-private", f"{base}/p.dat"),
+                              workload.start(ct.name, "rw", f"{base}/rw.dat"),
+                              workload.start(ct.name, "cwd", base)])
 
 
 V3_OFD = pytest.mark.xfail(reason="NFSv3 (NLM): the OFD lock moved by the swap is refused "
@@ -192,13 +179,7 @@ def test_4_6_every_kind_of_program(make_ct, images, vers: str) -> None:
     assert copy.returncode == 0, copy.stderr
     loads = [workload.start(ct.name, kind, f"{base}/{path}") for kind, path in EVERY_KIND.items()]
     loads.append(workload.start(ct.name, "exe", f"{base}/exe.log", binary=f"{base}/bin/nfsload"))
-    try:
-        workload.wait_running(loads, settle=2.0)
-        migrate(ct, images)
-        workload.wait_progress(loads, settle=2.0)
-    finally:
-        results = verdicts(loads)
-    assert_all_pass(results)
+    migrate_with(ct, images, loads, settle=2.0)
 
 
 @pytest.mark.xfail(reason="unix sockets bound on NFS are refused (ECONNREFUSED) and an "
@@ -211,12 +192,6 @@ def test_4_6_unix_sockets_and_unlinked_files(make_ct, images) -> None:
     ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
     base = "/mnt/nfs/k6s"
     _mkdirs(ct, base)
-    loads = [workload.start(ct.name, kind, f"{base}/{path}") for kind, path in NOT_YET.items()]
-    try:
-        workload.wait_running(loads, settle=2.0)
-        migrate(ct, images)
-        workload.wait_progress(loads, settle=2.0)
-    finally:
-        results = verdicts(loads)
-    assert_all_pass(results)
+    migrate_with(ct, images, [workload.start(ct.name, kind, f"{base}/{path}")
+                              for kind, path in NOT_YET.items()], settle=2.0)
     assert not [n for n in os.listdir("/srv/nfs4/a/k6s") if n.startswith("link_remap.")]

@@ -73,11 +73,7 @@ def main() -> int:
               mounts["/mnt/a"][0] == "nfs4" and mounts["/mnt/b"][0] == "nfs" and
               mounts["/srv"][1] == mounts["/mnt/a"][1])
     finally:
-        for w in loads:
-            try:
-                w.stop()
-            except Exception:  # noqa: BLE001 - best effort on the error path
-                pass
+        workload.stop_quietly(loads)
         container.destroy(name, missing_ok=True)
     results = os.environ.get("SPFS_LAB_RESULTS")
     if results:

@@ -80,3 +80,12 @@ def wait_running(loads: list[Workload], settle: float = 1.0) -> None:
 def wait_progress(loads: list[Workload], settle: float = 1.5) -> None:
     """After a resume: let them run on the restored references for a while, still alive."""
     wait_running(loads, settle)
+
+
+def stop_quietly(loads: list[Workload]) -> None:
+    """Best effort, for error paths: stop whatever is still running, ignore failures."""
+    for w in loads:
+        try:
+            w.stop()
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
