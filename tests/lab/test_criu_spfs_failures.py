@@ -97,7 +97,7 @@ def test_nfs_server_unreachable_at_restore(make_ct, images) -> None:
     ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
     loads = [workload.start(ct.name, "append", "/mnt/nfs/away.log"),
              workload.start(ct.name, "mmap", "/mnt/nfs/away.dat")]
-    away = 20.0
+    away = 60.0  # issue 5: the server away for a minute
     try:
         workload.wait_running(loads)
         checkpoint.suspend(ct, images)
