@@ -2,8 +2,9 @@
 
     .venv/bin/spfs-lab run --timeout 900 -- .venv/bin/python bench/migration.py [--rounds N]
 
-One container (NFS v4.1 share a, workloads append + mmap), suspended and resumed alternately
-in the two ways, N rounds:
+Two like containers (NFS v4.1 share a, workloads append + mmap), one migrated each way,
+alternately, N rounds (one container cannot do both: after a plain restore its share is the
+guest's mount bound in, not its own):
   best case  `criu restore` with the share already mounted (the lab's --plain baseline:
              CRIU binds a mount of the share made beforehand in the guest)
   criu-spfs  SPFS in place of the share, the real NFS mounted in the container afterwards
@@ -53,20 +54,23 @@ def main() -> int:
     args = p.parse_args()
     lab_env()
     spec = NfsMount.parse("4.1:a:/mnt/nfs")
-    ct = container.create("bench", [spec], [], "v2")
-    loads = [workload.start("bench", "append", "/mnt/nfs/bench.log"),
-             workload.start("bench", "mmap", "/mnt/nfs/bench.dat")]
+    names = ("bench-plain", "bench-spfs")
+    loads: list[workload.Workload] = []
     plain, spfs, stall, frozen, mounts = [], [], [], [], []
     try:
+        for name in names:
+            container.create(name, [spec], [], "v2")
+            loads += [workload.start(name, "append", "/mnt/nfs/bench.log"),
+                      workload.start(name, "mmap", f"/mnt/nfs/{name}.dat")]
         workload.wait_running(loads)
         for r in range(args.rounds):
             img = Path(tempfile.mkdtemp(prefix=f"bench-plain-{r}-"))
-            checkpoint.suspend(CtState.load("bench"), img, plain=True)
-            plain.append(checkpoint.resume(CtState.load("bench"), img, plain=True).seconds)
-            mounts.append(one_mount_seconds(CtState.load("bench"), spec))
+            checkpoint.suspend(CtState.load(names[0]), img, plain=True)
+            plain.append(checkpoint.resume(CtState.load(names[0]), img, plain=True).seconds)
+            mounts.append(one_mount_seconds(CtState.load(names[1]), spec))
             img = Path(tempfile.mkdtemp(prefix=f"bench-spfs-{r}-"))
-            checkpoint.suspend(CtState.load("bench"), img)
-            checkpoint.resume(CtState.load("bench"), img)
+            checkpoint.suspend(CtState.load(names[1]), img)
+            checkpoint.resume(CtState.load(names[1]), img)
             doc = json.loads((img / "criu-spfs-restore.json").read_text())
             steps = doc["steps"]
             spfs.append(_at(steps, "criu restore done"))
@@ -77,11 +81,12 @@ def main() -> int:
                   f"stall {stall[-1]:.2f} s, one mount {mounts[-1]:.2f} s, frozen "
                   f"{frozen[-1] * 1000:.0f} ms", flush=True)
         workload.wait_progress(loads)
-        verdicts = {w.kind: w.stop() for w in loads}
+        verdicts = {f"{w.ct} {w.kind}": w.stop() for w in loads}
         loads = []
     finally:
         workload.stop_quietly(loads)
-        container.destroy("bench", missing_ok=True)
+        for name in names:
+            container.destroy(name, missing_ok=True)
     med = statistics.median
     print("\n| measure | median | baseline | ratio | goal |\n|---|---|---|---|---|")
     print(f"| restore until processes run | {med(spfs):.2f} s (criu-spfs) | {med(plain):.2f} s "
