@@ -60,7 +60,7 @@ def main() -> int:
     try:
         for name in names:
             container.create(name, [spec], [], "v2")
-            loads += [workload.start(name, "append", "/mnt/nfs/bench.log"),
+            loads += [workload.start(name, "append", f"/mnt/nfs/{name}.log"),
                       workload.start(name, "mmap", f"/mnt/nfs/{name}.dat")]
         workload.wait_running(loads)
         for r in range(args.rounds):
