@@ -73,10 +73,13 @@ class ManagerLink:
         self.pid = int((self.work_dir / "spfs-manager.pid").read_text())
         log.info("spfs-manager %d listening on %s", self.pid, self.socket_path)
 
-    def request(self, **fields: Any) -> dict[str, Any]:
+    def _send(self, fields: dict[str, Any]) -> dict[str, Any]:
         packet = json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
+        return json.loads(send_request(self.socket_path, packet, REQUEST_TIMEOUT))
+
+    def request(self, **fields: Any) -> dict[str, Any]:
         try:
-            reply = json.loads(send_request(self.socket_path, packet, REQUEST_TIMEOUT))
+            reply = self._send(fields)
         except (OSError, ValueError) as e:
             raise ManagerError(f"spfs-manager {fields.get('cmd')}: {e}") from None
         if reply.get("code") != 0:
@@ -88,8 +91,7 @@ class ManagerLink:
     def status(self) -> list[dict[str, Any]]:
         """The manager's status (failures included: the code of a failed replace is not an
         error of the request)."""
-        packet = json.dumps({"cmd": "status"}).encode()
-        reply = json.loads(send_request(self.socket_path, packet, REQUEST_TIMEOUT))
+        reply = self._send({"cmd": "status"})
         return list((reply.get("data") or {}).get("mounts") or [])
 
     def alive(self) -> bool:

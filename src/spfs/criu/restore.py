@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -44,6 +45,11 @@ TIMELINE_NAME = "criu-spfs-restore.json"
 RESTORE_TIMEOUT = 600.0
 DONE_PHASES = ("done", "failed", "rolled_back")
 EXIT_TIMEOUT = 60.0  # after the replace: SPFS exits once unused, the manager after it
+PHASE_NOTES = {  # replace phases worth a line of the timeline when they are reached
+    "proxy": "NFS mounted in the container; SPFS proxies to it",
+    "frozen": "container frozen",
+    "thawed": "references and mounts moved; container thawed",
+}
 
 
 class RestoreError(RuntimeError):
@@ -108,7 +114,7 @@ def criu_restore_argv(criu: str, images: Path, shares: list[ShareRestore],
     for s in shares:
         assert s.staging is not None
         for m in s.share.mounts:
-            host = s.staging / m.root.lstrip("/") if m.root != "/" else s.staging
+            host = s.staging / m.root.lstrip("/")  # the share's root: the staging dir itself
             argv += ["--external", f"mnt[{m.external_key}]:{host}"]
     return argv + extra
 
@@ -212,7 +218,7 @@ class Restore:
     def follow(self) -> bool:
         """Until every share is real NFS again and spfs and the manager have exited."""
         deadline = time.monotonic() + self.config.wait_timeout
-        seen: dict[str, set[str]] = {s.id: set() for s in self.shares}
+        seen: dict[str, set[str]] = {}
         final: dict[str, dict] = {}
         ok = True
         while len(final) < len(self.shares):
@@ -232,13 +238,10 @@ class Restore:
     def _note_progress(self, m: dict, seen: set[str], final: dict[str, dict]) -> bool:
         replace = m.get("replace") or {}
         phase = replace.get("phase")
-        labels = {"proxy": "NFS mounted in the container; SPFS proxies to it",
-                  "frozen": "container frozen", "thawed": "references and mounts moved; "
-                  "container thawed"}
         for done in [t["phase"] for t in replace.get("timings_ms") or []] + [phase]:
-            if done in labels and done not in seen:
+            if done in PHASE_NOTES and done not in seen:
                 seen.add(done)
-                self.tl.note(f"{m['id']}: {labels[done]}")
+                self.tl.note(f"{m['id']}: {PHASE_NOTES[done]}")
         if phase in DONE_PHASES and m["id"] not in final:
             final[m["id"]] = m
             timings = {t["phase"]: t["ms"] for t in replace.get("timings_ms") or []}
@@ -276,7 +279,7 @@ class Restore:
             while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if pid_alive(pid):
-                os.kill(pid, 15)
+                os.kill(pid, signal.SIGTERM)
         self.cleanup_work()
 
     def cleanup_work(self) -> None:
