@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import socket
 import stat
 from pathlib import Path
 from typing import Callable
@@ -155,3 +156,86 @@ def test_restore_straight_to_proxy_and_missing_target_files(restore: SpfsMount, 
     finally:
         for fd in (present, missing, cwd):
             os.close(fd)
+
+
+def _leave_socket_file(path: Path, kind: int) -> None:
+    """What a process bound on the real share leaves there once CRIU's dump killed it."""
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(str(path))
+    s.close()
+
+
+def test_unix_sockets_bound_in_restore_mode_answer_in_proxy_mode(
+        restore: SpfsMount, tmp: Path) -> None:
+    """CRIU binds restored unix sockets on SPFS; the kernel finds a bound socket by its
+    inode, so the name must keep leading to that very FUSE inode after the switch, also
+    once the swap engine has bound the process's new socket on the target."""
+    m, target = restore.mountpoint, tmp / "target"
+    (target / "dir").mkdir()
+    _leave_socket_file(target / "dir" / "listen.sock", socket.SOCK_STREAM)
+    _leave_socket_file(target / "dir" / "dgram.sock", socket.SOCK_DGRAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(str(m / "dir" / "listen.sock"))
+        listener.listen(4)
+        receiver.bind(str(m / "dir" / "dgram.sock"))
+        restore.set_mode("stub")
+        restore.set_mode("proxy", target)
+        for name in ("listen.sock", "dgram.sock"):  # what the swap engine's prepare does
+            (target / "dir" / name).unlink()
+        replacement = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        replacement.bind(str(target / "dir" / "listen.sock"))
+        replacement.listen(1)
+        _leave_socket_file(target / "dir" / "dgram.sock", socket.SOCK_DGRAM)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(str(m / "dir" / "listen.sock"))
+            accepted, _ = listener.accept()
+            client.sendall(b"ping")
+            assert accepted.recv(4) == b"ping"
+            accepted.close()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"datagram", str(m / "dir" / "dgram.sock"))
+            receiver.settimeout(5)
+            assert receiver.recv(16) == b"datagram"
+        assert stat.S_ISSOCK(os.lstat(m / "dir" / "listen.sock").st_mode)
+        os.unlink(m / "dir" / "dgram.sock")  # unlinked through SPFS: the name is the target's
+        _leave_socket_file(target / "dir" / "dgram.sock", socket.SOCK_DGRAM)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            with pytest.raises(ConnectionRefusedError):
+                sender.sendto(b"gone", str(m / "dir" / "dgram.sock"))
+        replacement.close()
+    finally:
+        listener.close()
+        receiver.close()
+
+
+def test_unlinked_open_file_reaches_its_link_remap_in_proxy_mode(
+        spfs_factory: Callable[..., SpfsMount], tmp: Path) -> None:
+    """CRIU's restore of a silly-renamed file: link link_remap.N to the silly name, open it,
+    unlink both. In proxy mode the open file is link_remap.N of the target (still there
+    until the manager removes it after the swap), and it still looks unlinked."""
+    manifest = write_manifest(tmp / "m.json", [
+        {"path": "dir", "type": "dir", "mode": 0o755},
+        {"path": "dir/link_remap.3", "type": "file", "mode": 0o600, "size": len(TARGET_BYTES)},
+    ])
+    restore = spfs_factory("restore", "--manifest", str(manifest))
+    m, target = restore.mountpoint, tmp / "target"
+    (target / "dir").mkdir()
+    (target / "dir" / "link_remap.3").write_bytes(TARGET_BYTES)
+    os.link(m / "dir" / "link_remap.3", m / "dir" / ".nfs0000000000000001")
+    fd = os.open(m / "dir" / ".nfs0000000000000001", os.O_RDWR)
+    try:
+        os.unlink(m / "dir" / ".nfs0000000000000001")
+        os.unlink(m / "dir" / "link_remap.3")
+        restore.set_mode("stub")
+        record = restore.set_mode("proxy", target)
+        assert (record["reopened"], record["broken"]) == (1, 0)
+        assert os.pread(fd, len(TARGET_BYTES), 0) == TARGET_BYTES
+        os.pwrite(fd, b"still open", 0)
+        assert (target / "dir" / "link_remap.3").read_bytes()[:10] == b"still open"
+        assert os.fstat(fd).st_nlink == 0
+        assert sorted(os.listdir(m / "dir")) == ["link_remap.3"]  # the target's, as it is
+    finally:
+        os.close(fd)

@@ -72,6 +72,14 @@ class Inode:
     proxy: ProxyObject | None = None
     stale: bool = False
     forget_asked: bool = False   # the kernel was asked to drop its entries (inode_budget.py)
+    # The manifest path a restore-mode inode was made from: where it is found on a target
+    # once CRIU has unlinked every name of it (link_remap.N of a silly-renamed open file).
+    origin: bytes | None = None
+    # Re-bound by its origin, with no name on SPFS: it reports no links, as it did.
+    orphan: bool = False
+    # A socket file made through SPFS by bind(): the kernel finds the bound socket by this
+    # very FUSE inode, so its name must keep leading here (see ProxyBackend._resolve).
+    bound_socket: bool = False
 
     @property
     def is_dir(self) -> bool:

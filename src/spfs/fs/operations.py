@@ -17,6 +17,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
@@ -245,7 +246,9 @@ class SpfsOperations(pyfuse3.Operations):
     @served
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(parent, name, self.backend.mknod(parent, name, mode, rdev, ctx))
+        found = self.backend.mknod(parent, name, mode, rdev, ctx)
+        found[0].bound_socket = stat.S_ISSOCK(mode)
+        return self._entry(parent, name, found)
 
     @served
     def mkdir(self, parent: int, name: bytes, mode: int,

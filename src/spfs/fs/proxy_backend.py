@@ -106,6 +106,8 @@ class ProxyBackend:
         except FileNotFoundError:
             return None
         known = self.table.find_backing(st)
+        if stat.S_ISSOCK(st.st_mode):
+            known = self._bound_socket(parent_ino, name) or known
         if known is not None and known.kind == stat.S_IFMT(st.st_mode):
             return known, attrs.from_stat(known.ino, st, self.timeouts)
         fd = syscalls.try_openat2(dirfd, name, _O_PATH_FLAGS, _LOOKUP_RESOLVE)
@@ -119,6 +121,20 @@ class ProxyBackend:
             os.close(fd)
             raise
         return self._bind(fd, st)
+
+    def _bound_socket(self, parent_ino: int, name: bytes) -> Inode | None:
+        """The inode a socket was bound on through SPFS under this name, if it still has it.
+
+        Connecting through SPFS reaches only sockets bound on SPFS inodes (the kernel looks
+        a socket up by its inode), never one bound on the target itself. So while a name
+        bound here has not been unlinked through SPFS, it keeps its inode even if the
+        target's socket file was replaced meanwhile (the swap engine binds the process's
+        new socket there, before the processes are switched over to it)."""
+        ino = self.table.entries.get((parent_ino, name))
+        inode = self.table.inodes.get(ino) if ino is not None else None
+        if inode is None or not inode.bound_socket or inode.stale:
+            return None
+        return inode
 
     def _created(self, parent_ino: int, name: bytes) -> Found:
         """The object this daemon has just created under *name*."""
@@ -136,7 +152,10 @@ class ProxyBackend:
         raise FUSEError(errno.ESTALE)
 
     def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        return attrs.from_stat(inode.ino, os.fstat(self._obj(inode).fd), self.timeouts)
+        attr = attrs.from_stat(inode.ino, os.fstat(self._obj(inode).fd), self.timeouts)
+        if inode.orphan:
+            attr.st_nlink = 0
+        return attr
 
     # -- operations ----------------------------------------------------------------------
     def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found | None:

@@ -8,6 +8,8 @@ Mapping:
 * Every other inode goes to the object at its relative path *at switch time* (its first
   known name, walked up to the root) in the new target, resolved with openat2
   RESOLVE_BENEATH and O_NOFOLLOW, if the file type matches; otherwise it is stale (ESTALE).
+  A file with no name left (CRIU unlinked a silly-renamed file it re-opened) goes to the
+  manifest path it was made from, link_remap.N, and keeps reporting no links.
 * Handles opened in restore mode, and open directory handles of re-bound directories, are
   re-opened on the inode's new object with their original flags (minus O_CREAT/O_EXCL/
   O_TRUNC); if that fails the handle is broken and answers EIO.
@@ -22,7 +24,7 @@ import os
 import stat
 
 from spfs.fs.handles import HandleTable, close_quietly
-from spfs.fs.inodes import ROOT_INODE, InodeTable, ProxyObject
+from spfs.fs.inodes import ROOT_INODE, Inode, InodeTable, ProxyObject
 from spfs.fs.proxy_backend import open_beneath, reopen
 from spfs.fs.target_dir import TargetDir
 
@@ -41,7 +43,7 @@ class RebindResult:
 
 def rebind_inodes(table: InodeTable, target: TargetDir) -> RebindResult:
     result = RebindResult()
-    paths = {ino: table.relative_path(ino) for ino in table.inodes if ino != ROOT_INODE}
+    paths = {ino: _path_for(table, table.inodes[ino]) for ino in table.inodes if ino != ROOT_INODE}
     table.by_backing.clear()
     root = table.inodes[ROOT_INODE]
     table.bind_proxy(root, ProxyObject(fd=os.dup(target.fd), dev=target.dev, ino=target.ino))
@@ -68,6 +70,7 @@ def rebind_inodes(table: InodeTable, target: TargetDir) -> RebindResult:
             fd, st = found
             table.bind_proxy(inode, ProxyObject(fd=fd, dev=st.st_dev, ino=st.st_ino))
             inode.stale = False
+            inode.orphan = not inode.names
             result.rebound += 1
             result.rebound_inodes.add(ino)
         else:
@@ -77,6 +80,13 @@ def rebind_inodes(table: InodeTable, target: TargetDir) -> RebindResult:
             inode.stale = True
             result.stale += 1
     return result
+
+
+def _path_for(table: InodeTable, inode: Inode) -> bytes | None:
+    path = table.relative_path(inode.ino)
+    if path is None and not inode.names and not inode.is_dir:
+        return inode.origin
+    return path
 
 
 def reopen_handles(table: InodeTable, handles: HandleTable, result: RebindResult) -> None:

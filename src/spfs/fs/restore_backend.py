@@ -92,7 +92,7 @@ class RestoreBackend:
             elif entry.type == "symlink":
                 assert entry.target is not None
                 node.target = os.fsencode(entry.target)
-            self._attach(parent, parts[-1], node)
+            self._attach(parent, parts[-1], node).origin = b"/".join(parts)
 
     def _attach(self, parent: Inode, name: bytes, node: RestoreNode) -> Inode:
         assert parent.restore is not None and parent.restore.children is not None

@@ -54,6 +54,10 @@ def _coverage(plan: Any) -> set[tuple[str, int, object]]:
     return known
 
 
+def _pids(plan: Any) -> set[int]:
+    return {p.pid for p in plan.processes}
+
+
 def host_view(target_pid: int | None, path: str) -> str:
     """A path of the container as the manager can open it."""
     return path if target_pid is None else f"/proc/{target_pid}/root{path}"
@@ -110,9 +114,9 @@ class SwapEngineAdapter:
                                       path_map=dict(job.path_map))
                 if prepared is None:
                     prepared = self._prepare_plan(engine, now)
-                elif not _coverage(now) <= _coverage(prepared):
-                    log.info("references appeared since the swap was prepared: preparing "
-                             "again")
+                elif not _coverage(now) <= _coverage(prepared) or _pids(prepared) - _pids(now):
+                    log.info("references appeared or processes left since the swap was "
+                             "prepared: preparing again")
                     engine.abandon(prepared)
                     prepared = None
                     prepared = self._prepare_plan(engine, now)

@@ -203,15 +203,24 @@ class Engine:
                     raise SwapError(f"process {pid} appeared after discovery and uses the source; run the switch again")
 
     def _seize_frozen_cgroup(self) -> None:
-        """One read of the cgroup's thread list instead of a /proc/PID/task scan per process."""
+        """One read of the cgroup's thread list instead of a /proc/PID/task scan per process.
+        A planned process that has exited is found before any seize: a task seized and
+        interrupted while frozen and then left would stop for good once thawed."""
         known = {tid: p.pid for p in self.stop_set for tid in p.tids}
         wanted = {p.pid for p in self.stop_set}
+        threads: list[tuple[int, int]] = []
         for tid in cgroup_tids(self.plan.cgroup):
             tgid = known.get(tid)
             if tgid is None:  # a thread born after discovery
                 with contextlib.suppress(FileNotFoundError):
                     tgid = procfs.status(tid).tgid
-            if tgid in wanted and tid not in self.tracees:
+            if tgid in wanted:
+                threads.append((tid, tgid))
+        gone = wanted - {tgid for _, tgid in threads}
+        if gone:
+            raise SwapError(f"process(es) {sorted(gone)} exited after discovery")
+        for tid, tgid in threads:
+            if tid not in self.tracees:
                 ptrace.seize(tid, SEIZE_OPTIONS)
                 self._tracee(tid, tgid)
                 ptrace.interrupt(tid)
