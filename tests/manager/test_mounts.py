@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from spfs.manager import mountapi as m
+from spfs.sys import mountapi as m
 from spfs.manager.mounts import (Placement, describe_placements, mounts_of_device, move_into_place,
                                  read_mountinfo, top_mount_at, with_mountpoint_flags)
 from spfs.manager.nsexec import Namespaces

@@ -4,6 +4,8 @@ sockets keep receiving (queued datagrams included)."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import socket
 import subprocess
 import sys
@@ -69,3 +71,27 @@ def test_listener_with_unaccepted_connections_is_not_switched(mounts):
     waiting.settimeout(5)
     assert waiting.recv(100) == b"ok:queued", "the queued connection was lost"
     assert _ask(mounts.a / "srv.sock", b"still") == b"ok:still"
+
+
+def test_moved_socket_keeps_its_address_when_the_target_replaces_the_source(mounts):
+    """The manager's case: B will be mounted where A is, so the new sockets are bound on B
+    under A's addresses (what getsockname, /proc/net/unix and CRIU's next dump read)."""
+    proc = _start(mounts)
+    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid])
+    plan.target_replaces_source = True
+    swap.prepare(plan)
+    report = swap.commit(plan)
+    assert report.ok, report.error
+    inodes = {}
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8:
+            inodes[fields[7]] = int(fields[6])
+    held = {int(os.readlink(f"/proc/{proc.pid}/fd/{fd}")[8:-1])
+            for fd in os.listdir(f"/proc/{proc.pid}/fd")
+            if os.readlink(f"/proc/{proc.pid}/fd/{fd}").startswith("socket:[")}
+    for name in ("srv.sock", "dgram.sock"):
+        assert inodes.get(str(mounts.a / name)) in held, f"{name}: address is not A's"
+        assert stat.S_ISSOCK(os.lstat(mounts.b / name).st_mode)
+    assert _ask(mounts.b / "srv.sock", b"via b") == b"ok:via b"  # the file on B reaches it
+    mounts.stop_victims()

@@ -15,8 +15,8 @@ import errno
 import os
 from dataclasses import dataclass
 
-from spfs.manager import mountapi as m
-from spfs.manager.mountapi import Propagation
+from spfs.sys import mountapi as m
+from spfs.sys.mountapi import Propagation
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
 
 

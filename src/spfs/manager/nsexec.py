@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from spfs.manager import mountapi
+from spfs.sys import mountapi
 
 NS_ORDER = (  # user first: it grants the capabilities needed to join the others
     ("user", mountapi.CLONE_NEWUSER),

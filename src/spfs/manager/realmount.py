@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from spfs.manager import mountapi as m
+from spfs.sys import mountapi as m
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from spfs.manager import mountapi as m
+from spfs.sys import mountapi as m
 from spfs.manager.interfaces import SpfsSpec
 from spfs.manager.mounts import read_mountinfo, top_mount_at
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces

@@ -88,6 +88,7 @@ class SwapEngineAdapter:
         return None
 
     def _prepare_plan(self, engine: ModuleType, plan: Any) -> Any:
+        plan.target_replaces_source = True  # the real mount goes where SPFS is
         try:
             engine.prepare(plan)
             _wait_for_watchdog(plan, WATCHDOG_START_TIMEOUT)

@@ -165,6 +165,9 @@ class SwapPlan:
     caller_froze: bool = False
     path_map: dict[str, str] = field(default_factory=dict)
     prepared: object | None = None  # prepare.Prepared once prepared
+    # The target will be mounted where the source is (the manager's replace): addresses
+    # the processes hold (bound unix sockets) keep naming the source's place.
+    target_replaces_source: bool = False
 
     def advance(self, phase: Phase) -> None:
         if phase not in ALLOWED[self.phase]:

@@ -36,7 +36,8 @@ def open_on_target(plan: SwapPlan, desc: Description, fifo_keepers: dict[str, in
     path = target_path(plan, desc.rel)
     flags = (desc.flags & ~REOPEN_DROP) | os.O_CLOEXEC
     if stat.S_ISSOCK(desc.mode):
-        fd = unixsock.recreate(desc.sock, path, desc.old_fd, desc.flags)
+        address = desc.sock.path if plan.target_replaces_source else None
+        fd = unixsock.recreate(desc.sock, path, desc.old_fd, desc.flags, address)
         with contextlib.suppress(OSError):
             unixsock.copy_file_attributes(os.path.join(plan.source.path, desc.rel), path)
         return fd

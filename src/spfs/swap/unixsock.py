@@ -24,6 +24,8 @@ from typing import Callable, Iterable, TypeVar
 from pyroute2 import DiagSocket
 from pyroute2.netlink.diag import UDIAG_SHOW_NAME, UDIAG_SHOW_RQLEN, UDIAG_SHOW_VFS
 
+from spfs.swap import sockname
+
 T = TypeVar("T")
 SO_PEEK_OFF = 42
 SIOCGSKNS = 0x894C  # a socket's network namespace, as an fd
@@ -110,8 +112,10 @@ def _bound_here(dev: int) -> dict[int, BoundSocket]:
     return out
 
 
-def recreate(sock: BoundSocket, path: str, old_fd: int, flags: int) -> int:
-    """A socket like the old one, bound at `path` (a stale socket file there is replaced)."""
+def recreate(sock: BoundSocket, path: str, old_fd: int, flags: int,
+             address: str | None = None) -> int:
+    """A socket like the old one, bound at `path` (a stale socket file there is replaced);
+    its address reads `address` if given (see sockname.py), else `path`."""
     with socket.socket(fileno=os.dup(old_fd)) as old:
         options = {opt: old.getsockopt(socket.SOL_SOCKET, opt) for opt in COPIED_OPTIONS}
     try:  # the new socket lives where the old one does (CRIU dumps a netns's sockets)
@@ -129,7 +133,10 @@ def recreate(sock: BoundSocket, path: str, old_fd: int, flags: int) -> int:
                 os.unlink(path)
         except FileNotFoundError:
             pass
-        new.bind(path)
+        if address is not None and address != path:
+            sockname.bind_named(new, address, os.path.dirname(path))
+        else:
+            new.bind(path)
         for opt, value in options.items():
             new.setsockopt(socket.SOL_SOCKET, opt, value)
         if sock.listening:

@@ -1,0 +1,96 @@
+"""Binding a socket in one directory under an address that names another place.
+
+A unix socket's address is the path string given to bind(); getsockname(), /proc/net/unix
+and CRIU's next dump all read that string. When the target will be mounted where the
+source is (the manager's replace), the process's new socket must be bound on the target yet
+keep its old address, e.g. /mnt/nfs/app.sock, which names SPFS until the mounts move.
+
+A forked child builds a private root where the address's directory is a magic link to the
+target directory (/proc/self/fd/N), chroots into it and binds there: the kernel creates the
+socket file in the target directory and records the address string as given. The child's
+mount namespace dies with it; the socket keeps only the target's directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import socket
+import time
+
+from spfs.sys import mountapi as m
+
+CLONE_NEWNS = 0x00020000
+_PRIVATE_ROOT = "/tmp"  # a tmpfs is mounted over it, in the child's namespace only
+_CHILD_TIMEOUT_S = 10.0
+
+
+def bind_named(sock: socket.socket, address: str, directory: str) -> None:
+    """Bind `sock` so its file is made in `directory` and its address reads `address`."""
+    parent, name = posixpath.split(address)
+    if not posixpath.isabs(address) or parent in ("", "/") or not name:
+        raise OSError(errno.EINVAL, f"cannot bind under the address {address!r}")
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (runs in the child)
+            os.close(read_end)
+            code = 0
+            try:
+                _bind_in_private_root(sock, address, parent, dir_fd)
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+            os.write(write_end, code.to_bytes(2, "little"))
+            os._exit(0)
+        os.close(write_end)
+        write_end = -1
+        answer = _read_answer(read_end, pid)
+    finally:
+        os.close(dir_fd)
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if answer:
+        raise OSError(answer, f"binding at {address!r} in {directory}: {os.strerror(answer)}")
+
+
+def _bind_in_private_root(sock: socket.socket, address: str, parent: str, dir_fd: int) -> None:
+    m.unshare(CLONE_NEWNS)
+    m.mount("none", "/", None, m.MS_REC | m.MS_PRIVATE, None)
+    m.mount("tmpfs", _PRIVATE_ROOT, "tmpfs", 0, "mode=0700")
+    os.mkdir(f"{_PRIVATE_ROOT}/proc")
+    m.mount("/proc", f"{_PRIVATE_ROOT}/proc", None, m.MS_BIND | m.MS_REC, None)
+    grandparent = posixpath.dirname(parent)
+    os.makedirs(_PRIVATE_ROOT + grandparent, exist_ok=True)
+    os.symlink(f"/proc/self/fd/{dir_fd}", _PRIVATE_ROOT + parent)
+    os.chroot(_PRIVATE_ROOT)
+    os.chdir("/")
+    sock.bind(address)
+
+
+def _read_answer(read_end: int, pid: int) -> int:
+    deadline = time.monotonic() + _CHILD_TIMEOUT_S
+    os.set_blocking(read_end, False)
+    data = b""
+    while True:
+        try:
+            data = os.read(read_end, 2)
+        except BlockingIOError:
+            pass
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done and not data:
+            try:  # it may have written between our read and its exit
+                data = os.read(read_end, 2)
+            except BlockingIOError:
+                pass
+        if data or done:
+            if not done:
+                os.waitpid(pid, 0)
+            return int.from_bytes(data, "little") if len(data) == 2 else errno.EIO
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return errno.ETIMEDOUT
+        time.sleep(0.005)
