@@ -77,6 +77,9 @@ def test_moved_socket_keeps_its_address_when_the_target_replaces_the_source(moun
     """The manager's case: B will be mounted where A is, so the new sockets are bound on B
     under A's addresses (what getsockname, /proc/net/unix and CRIU's next dump read)."""
     proc = _start(mounts)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        for i in range(2):
+            sender.sendto(f"queued{i}".encode(), str(mounts.a / "dgram.sock"))
     plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid])
     plan.target_replaces_source = True
     swap.prepare(plan)
@@ -94,4 +97,8 @@ def test_moved_socket_keeps_its_address_when_the_target_replaces_the_source(moun
         assert inodes.get(str(mounts.a / name)) in held, f"{name}: address is not A's"
         assert stat.S_ISSOCK(os.lstat(mounts.b / name).st_mode)
     assert _ask(mounts.b / "srv.sock", b"via b") == b"ok:via b"  # the file on B reaches it
+    (mounts.ctrl / "drain").touch()
+    time.sleep(0.3)
     mounts.stop_victims()
+    rep = json.loads(next(mounts.ctrl.glob("report.*")).read_text())
+    assert rep["datagrams"] == ["queued0", "queued1"]

@@ -72,7 +72,7 @@ def move_description_state(plan: SwapPlan, fifo_keepers: dict[str, int]) -> None
                 raise SwapError(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
                                 "moved to a new listener: run the switch again")
             if not desc.sock.listening:
-                unixsock.copy_datagrams(desc.old_fd, desc.new_fd)
+                unixsock.copy_datagrams(desc.old_fd, desc.new_fd, os.path.join(plan.target, desc.rel))
         if stat.S_ISFIFO(desc.mode):
             path = os.path.join(plan.target, desc.rel)
             if path not in copied_fifos:

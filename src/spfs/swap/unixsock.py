@@ -160,8 +160,9 @@ def has_queued_connections(listener_fd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def copy_datagrams(old_fd: int, new_fd: int) -> int:
-    """Queue on the new socket a copy of every datagram waiting on the old one (peeked)."""
+def copy_datagrams(old_fd: int, new_fd: int, new_path: str) -> int:
+    """Queue on the new socket, bound at `new_path` (its address may name another place,
+    see sockname.py), a copy of every datagram waiting on the old one (peeked)."""
     with socket.socket(fileno=os.dup(old_fd)) as old, socket.socket(fileno=os.dup(new_fd)) as new:
         previous = old.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
         old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -172,8 +173,8 @@ def copy_datagrams(old_fd: int, new_fd: int) -> int:
                     data = old.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     break
-                # A socketpair-free self-send: connect-less sendto the new socket's own path.
-                new.sendto(data, new.getsockname())
+                # A socketpair-free self-send: connect-less sendto the new socket's own file.
+                new.sendto(data, new_path)
                 copied += 1
         finally:
             old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, previous)
