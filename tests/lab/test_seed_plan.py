@@ -195,7 +195,7 @@ def test_4_6_unix_sockets_and_unlinked_files(make_ct, images, vers: str) -> None
     try:
         workload.wait_running(loads, settle=2.0)
         for _ in range(2):
-            migrate(ct, images)
+            migrate(CtState.load(ct.name), images)
             workload.wait_progress(loads, settle=2.0)
     finally:
         results = verdicts(loads)
