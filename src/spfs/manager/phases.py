@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class ReplaceProgress:
             self.timings.append(PhaseTiming(new, now, 0.0 if new.terminal else None))
         log.info("replace %s: %s took %.1f ms -> %s", self.mount_id, old.name,
                  current.seconds * 1000, new.name)
+        _test_pause(new)
 
     def fail(self, phase: ReplacePhase, code: int, message: str) -> None:
         """Record the first error; the phase it happened in is kept for status."""
@@ -126,3 +128,16 @@ class ReplaceProgress:
                     for t in self.timings
                 ],
             }
+
+
+# Test hook: "PHASE:SECONDS" makes a replace wait on entering PHASE, so a test can kill the
+# manager there (the frozen phases last milliseconds otherwise). Unset in production.
+TEST_PAUSE_ENV = "SPFS_MANAGER_TEST_PAUSE_AT"
+
+
+def _test_pause(phase: ReplacePhase) -> None:
+    name, _, seconds = os.environ.get(TEST_PAUSE_ENV, "").partition(":")
+    if name == phase.value:
+        log.warning("test hook %s: pausing %s s on entering %s", TEST_PAUSE_ENV,
+                    seconds or "30", phase.name)
+        time.sleep(float(seconds or 30))
