@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from spfs.lab.ct import checkpoint, workload
+from spfs.lab.ct.inspect import fstypes_at
 from spfs.lab.ct.spec import CtState
 from spfs.lab.ct.util import wait_for
 from tests.lab.migration import assert_all_pass, verdicts
@@ -38,35 +39,41 @@ def _frozen(cgroup: Path) -> bool:
     return (cgroup / "cgroup.freeze").read_text().strip() == "1"
 
 
-def test_manager_killed_while_proxying_leaves_the_container_working(make_ct, images) -> None:
+def _start_loads(make_ct) -> tuple[CtState, list[workload.Workload]]:
     ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
-    loads = [workload.start(ct.name, "append", "/mnt/nfs/kill.log"),
-             workload.start(ct.name, "posix", "/mnt/nfs/kill.lock")]
-    try:
-        workload.wait_running(loads)
-        checkpoint.suspend(ct, images)
-        checkpoint.resume(CtState.load(ct.name), images, wait=False)
-        killed: list[int] = []
+    return ct, [workload.start(ct.name, "append", "/mnt/nfs/kill.log"),
+                workload.start(ct.name, "posix", "/mnt/nfs/kill.lock")]
 
-        def proxying() -> bool:
-            found = _manager_status()
-            if found is None:
-                return False
-            pid, mounts = found
-            if any((m.get("replace") or {}).get("phase") == "proxy" for m in mounts):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return True
+
+def _migrate_and_kill_manager_in(ct: CtState, images: Path, loads: list[workload.Workload],
+                                 phase: str) -> None:
+    """Suspend, resume without waiting, SIGKILL the manager once a replace is in `phase`."""
+    workload.wait_running(loads)
+    checkpoint.suspend(ct, images)
+    checkpoint.resume(CtState.load(ct.name), images, wait=False)
+
+    def reached() -> bool:
+        found = _manager_status()
+        if found is None:
             return False
+        pid, mounts = found
+        if any((m.get("replace") or {}).get("phase") == phase for m in mounts):
+            os.kill(pid, signal.SIGKILL)
+            return True
+        return False
 
-        wait_for("the replace to reach the proxy phase", proxying, 120, step=0.05)
+    wait_for(f"the replace to reach {phase}", reached, 180, step=0.05)
+
+
+def test_manager_killed_while_proxying_leaves_the_container_working(make_ct, images) -> None:
+    ct, loads = _start_loads(make_ct)
+    try:
+        _migrate_and_kill_manager_in(ct, images, loads, "proxy")
         time.sleep(3)  # whatever the manager had started runs out
         restored = CtState.load(ct.name)
         assert not _frozen(restored.cgroup_dir()), "container left frozen"
-        fstype = {l.split(" - ")[1].split()[0] for l in
-                  Path(f"/proc/{restored.init_pid}/mountinfo").read_text().splitlines()
-                  if l.split()[4] == "/mnt/nfs"}
-        assert fstype == {"fuse.spfs"}  # no replace happened: SPFS stays, proxying
+        # no replace happened: SPFS stays, proxying
+        assert fstypes_at(restored)["/mnt/nfs"][0] == "fuse.spfs"
         assert workload.lock_held_by_other(ct.name, "posix", "/mnt/nfs/kill.lock")
         workload.wait_progress(loads)
         # the timeline says the replace did not complete
@@ -107,34 +114,15 @@ def test_manager_killed_while_the_container_is_frozen(make_ct, images, monkeypat
     pass; the mountpoint is SPFS (still proxying) or NFS, as far as the replace got."""
     from spfs.manager.phases import TEST_PAUSE_ENV
     monkeypatch.setenv(TEST_PAUSE_ENV, f"{phase}:120")
-    ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
-    loads = [workload.start(ct.name, "append", "/mnt/nfs/kill.log"),
-             workload.start(ct.name, "posix", "/mnt/nfs/kill.lock")]
+    ct, loads = _start_loads(make_ct)
     try:
-        workload.wait_running(loads)
-        checkpoint.suspend(ct, images)
-        checkpoint.resume(CtState.load(ct.name), images, wait=False)
-
-        def paused() -> bool:
-            found = _manager_status()
-            if found is None:
-                return False
-            pid, mounts = found
-            if any((m.get("replace") or {}).get("phase") == phase for m in mounts):
-                os.kill(pid, signal.SIGKILL)
-                return True
-            return False
-
-        wait_for(f"the replace to reach {phase}", paused, 180, step=0.1)
+        _migrate_and_kill_manager_in(ct, images, loads, phase)
         restored = CtState.load(ct.name)
         wait_for("the thaw guard to thaw the container",
                  lambda: not _frozen(restored.cgroup_dir()), 30)
         pids = [int(p) for p in (restored.cgroup_dir() / "cgroup.procs").read_text().split()]
         assert not _traced_or_stopped(pids)
-        mounted = {l.split(" - ")[1].split()[0] for l in
-                   Path(f"/proc/{restored.init_pid}/mountinfo").read_text().splitlines()
-                   if l.split()[4] == "/mnt/nfs"}
-        assert mounted == {fstype}
+        assert fstypes_at(restored)["/mnt/nfs"][0] == fstype
         assert workload.lock_held_by_other(ct.name, "posix", "/mnt/nfs/kill.lock")
         workload.wait_progress(loads)
     finally:
