@@ -129,16 +129,11 @@ def test_4_7_versions_without_locks(make_ct, images, vers: str) -> None:
                               workload.start(ct.name, "cwd", base)])
 
 
-V3_OFD = pytest.mark.xfail(reason="NFSv3 (NLM): the OFD lock moved by the swap is refused "
-                                  "(EAGAIN) when its own process takes it again after the "
-                                  "replace; posix and flock are fine (issue 6 open)",
-                           strict=False)
-
-
-@pytest.mark.parametrize("vers", [pytest.param("3", marks=V3_OFD), "4.0", "4.1", "4.2"])
+@pytest.mark.parametrize("vers", ALL_VERSIONS)
 def test_4_8_versions_with_locks(make_ct, images, vers: str) -> None:
     """POSIX, flock and OFD locks are still held after resume: another process of the
-    container cannot take them."""
+    container cannot take them, and each workload can take its own lock again (on NFSv3 an
+    OFD lock looks like a POSIX lock to CRIU; criu-spfs dump keeps it an OFD lock)."""
     ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
     base = f"/mnt/nfs/l{vers}"
     _mkdirs(ct, base)

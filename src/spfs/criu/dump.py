@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from spfs.criu import nlm_locks
 from spfs.criu.mountinfo import NfsSuperblock, nfs_superblocks
 from spfs.criu.runner import CriuError, run_criu
 
@@ -75,6 +76,7 @@ def dump(pid: int, images: Path, criu: str = "criu", extra: list[str] | None = N
     write_manifest(images, pid, superblocks)
     log.info("dumping %d: %d NFS superblock(s), %d mount(s)", pid, len(superblocks),
              sum(len(sb.mounts) for sb in superblocks))
+    ofd_locks = nlm_locks.find(pid, {sb.st_dev for sb in superblocks if sb.nlm})
     argv = criu_dump_argv(criu, pid, images, superblocks, extra or [])
     try:
         seconds = run_criu(argv, images / "dump.log", timeout,
@@ -82,4 +84,8 @@ def dump(pid: int, images: Path, criu: str = "criu", extra: list[str] | None = N
     except CriuError as e:
         raise DumpError(str(e)) from None
     log.info("criu dump done in %.2f s", seconds)
+    if ofd_locks:
+        marked = nlm_locks.mark_in_images(images, ofd_locks)
+        log.info("%d OFD lock(s) on NFSv3 kept as OFD locks in the images (CRIU saw POSIX)",
+                 marked)
     return DumpResult(images, superblocks, seconds)

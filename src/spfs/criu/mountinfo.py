@@ -76,6 +76,18 @@ class NfsSuperblock:
     def key(self) -> str:
         return "spfs-" + self.dev.replace(":", "-")
 
+    @property
+    def st_dev(self) -> int:
+        major, minor = self.dev.split(":")
+        return os.makedev(int(major), int(minor))
+
+    @property
+    def nlm(self) -> bool:
+        """Its fcntl locks go to the server's lock manager (NLM: NFSv2/v3)."""
+        options = self.super_options.split(",")
+        return (self.fstype == "nfs" and any(o in ("vers=2", "vers=3") for o in options)
+                and not {"local_lock=posix", "local_lock=all", "nolock"} & set(options))
+
     def to_json(self) -> dict:
         return {"dev": self.dev, "fstype": self.fstype, "source": self.source,
                 "super_options": self.super_options, "key": self.key,

@@ -1,0 +1,112 @@
+"""OFD locks on NFSv3, which CRIU would turn into POSIX locks.
+
+Linux's NLM client (NFSv3) records a granted OFD lock as a POSIX lock with the taker's pid
+in /proc/locks and fdinfo, while its owner stays the open file description. CRIU reads
+those files, so it dumps the lock as POSIX and restores it as one, owned by the process:
+afterwards the application's own OFD request on that file conflicts with it (EAGAIN).
+
+Before `criu dump` we ask the kernel whose lock it is: F_OFD_GETLK through a copy of the
+process's descriptor (pidfd_getfd; the same open file description) finds no conflict only
+if the lock belongs to that description. After the dump, those entries of filelocks.img
+are marked OFD, which CRIU restores with F_OFD_SETLK.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import pycriu
+
+from spfs.swap import procfs
+from spfs.sys import pidfd
+
+log = logging.getLogger(__name__)
+
+F_OFD_GETLK = 36
+FL_POSIX, FL_OFD = 1, 4
+_FLOCK = "hhqqi4x"  # struct flock on x86_64: type, whence, start, len, pid
+
+
+@dataclass(frozen=True)
+class OfdLock:
+    pid: int      # as the dump sees it (the host's pid namespace)
+    nspid: int    # in the container's pid namespace
+    fd: int
+
+
+def _tree(root: int) -> list[int]:
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        try:
+            todo.extend(procfs.children(pid))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _owned_by_description(pid: int, fd: int, lock: procfs.Lock) -> bool:
+    copy = pidfd.getfd(pid, fd)
+    try:
+        length = 0 if lock.end is None else lock.end - lock.start + 1
+        probe = struct.pack(_FLOCK, fcntl.F_WRLCK if lock.access == "WRITE" else fcntl.F_RDLCK,
+                            os.SEEK_SET, lock.start, length, 0)
+        answer = fcntl.fcntl(copy, F_OFD_GETLK, probe)
+        return struct.unpack(_FLOCK, answer)[0] == fcntl.F_UNLCK
+    finally:
+        os.close(copy)
+
+
+def find(root: int, devices: set[int]) -> list[OfdLock]:
+    """OFD locks shown as POSIX on files of `devices` (NFSv3 superblocks), held by `root`
+    or its descendants."""
+    found = []
+    for pid in _tree(root) if devices else []:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except (FileNotFoundError, PermissionError):
+            continue
+        for name in fds:
+            fd = int(name)
+            try:
+                if os.stat(f"/proc/{pid}/fd/{fd}").st_dev not in devices:
+                    continue
+                posix = [lk for lk in procfs.fdinfo(pid, fd).locks
+                         if lk.kind == "POSIX" and lk.pid == pid]
+                if posix and all(_owned_by_description(pid, fd, lk) for lk in posix):
+                    found.append(OfdLock(pid, procfs.status(pid).nspid[-1], fd))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            except OSError as exc:
+                log.warning("checking the locks of fd %d of %d: %s", fd, pid, exc)
+    return found
+
+
+def mark_in_images(images: Path, locks: list[OfdLock]) -> int:
+    """Turn the dumped POSIX entries of `locks` into OFD entries; returns how many."""
+    path = images / "filelocks.img"
+    if not locks:
+        return 0
+    if not path.exists():
+        log.warning("no %s: the OFD locks found before the dump were not dumped", path.name)
+        return 0
+    with path.open("rb") as f:
+        img = pycriu.images.load(f)
+    wanted = {(lk.pid, lk.fd) for lk in locks} | {(lk.nspid, lk.fd) for lk in locks}
+    marked = 0
+    for entry in img["entries"]:
+        if entry["flag"] == FL_POSIX and (entry["pid"], entry["fd"]) in wanted:
+            entry["flag"] = FL_OFD
+            marked += 1
+    if marked:
+        tmp = path.with_suffix(".new")
+        with tmp.open("wb") as f:
+            pycriu.images.dump(img, f)
+        tmp.replace(path)
+    return marked
