@@ -96,22 +96,15 @@ def _traced_or_stopped(pids: list[int]) -> list[str]:
     return found
 
 
-SWAPPED_NOT_MOVED = pytest.mark.xfail(
-    reason="killed after the swap, before the mounts move: the processes hold NFS, but the "
-           "mountpoint is still SPFS, whose locks are its own (pyfuse3 has no lock "
-           "forwarding), so a new process there does not see their NFS locks; the thaw guard "
-           "should finish the mount move (issue 5 open)", strict=False)
-
-
 @pytest.mark.parametrize("phase, fstype", [("swapping", "fuse.spfs"),
-                                           pytest.param("mounts_moved", "fuse.spfs",
-                                                        marks=SWAPPED_NOT_MOVED),
+                                           ("mounts_moved", "nfs4"),
                                            ("thawed", "nfs4")])
 def test_manager_killed_while_the_container_is_frozen(make_ct, images, monkeypatch,
                                                       phase: str, fstype: str) -> None:
     """Killed inside the freeze: before the swap, after it, after the mounts moved. The
     thaw guard thaws, no task is left traced or stopped, the lock is held, the workloads
-    pass; the mountpoint is SPFS (still proxying) or NFS, as far as the replace got."""
+    pass. Killed before the swap, SPFS stays (proxying); after it, the guard first puts NFS
+    in place (processes on NFS under an SPFS mountpoint would not share its locks)."""
     from spfs.manager.phases import TEST_PAUSE_ENV
     monkeypatch.setenv(TEST_PAUSE_ENV, f"{phase}:120")
     ct, loads = _start_loads(make_ct)

@@ -104,6 +104,35 @@ def test_guard_thaws_when_the_freezing_process_is_killed(cgroup, counter):
         kill_and_reap(freezer_proc)
 
 
+@pytest.mark.parametrize("armed", [True, False])
+def test_armed_guard_finishes_the_replace_before_thawing(cgroup, counter, tmp_path, armed):
+    """Killed between the swap and the mount move: an armed guard runs the rest (here: a
+    marker written while the cgroup is still frozen), then thaws; a disarmed one only thaws."""
+    _, out = counter
+    marker = tmp_path / "finished"
+    code = ("import pathlib, sys, threading, time\n"
+            "from spfs.manager.freezer import CgroupFreezer, frozen\n"
+            "freezer = CgroupFreezer(sys.argv[1])\n"
+            "def finish():\n"
+            "    pathlib.Path(sys.argv[2]).write_text(str(freezer.is_frozen()))\n"
+            "with frozen(freezer, threading.Lock(), finish=finish) as guard:\n"
+            "    guard.arm()\n"
+            "    if sys.argv[3] == 'no':\n"
+            "        guard.disarm()\n"
+            "    print('frozen', flush=True)\n"
+            "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cgroup.path), str(marker),
+                             "yes" if armed else "no"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "frozen"
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: not cgroup.frozen(), timeout=10, what="guard thaw")
+        assert advances(out)
+        assert (marker.read_text() == "True") if armed else not marker.exists()
+    finally:
+        kill_and_reap(proc)
+
+
 @pytest.fixture
 def blocked_task(cgroup, tmp_path):
     """A task of the cgroup sleeping in a FUSE request that is not answered (a task parked on

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -133,25 +133,38 @@ def evacuate(cgroup: str | Path, pids: list[int]) -> list[int]:
 
 
 class ThawGuard:
-    """A forked process that thaws the cgroup if we die while it is frozen."""
+    """A forked process that thaws the cgroup if we die while it is frozen.
 
-    def __init__(self, freezer: CgroupFreezer) -> None:
+    Armed (after the swap committed, before the mounts moved), it first runs `finish`, the
+    rest of the replace that the processes' new references need (the real mount put where
+    SPFS is), in a worker of its own with a deadline: a worker stuck on a lock the fork
+    copied is killed, and the thaw still comes."""
+
+    FINISH_TIMEOUT_S = 30.0
+
+    def __init__(self, freezer: CgroupFreezer, finish: Callable[[], None] | None = None,
+                 keep_fds: tuple[int, ...] = ()) -> None:
         read_end, self._write_end = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # child: only syscalls from here on, no locks
             code = 0
             try:
-                # Hold nothing but our pipe: a copy of another pipe's write end (the swap
-                # engine's fd donors wait for EOF on theirs) would keep its reader waiting
-                # for as long as we live.
-                os.closerange(3, read_end)
-                os.closerange(read_end + 1, _max_fd())
-                if os.read(read_end, 1) != b"k":
+                # Hold nothing but our pipe (and what `finish` needs): a copy of another
+                # pipe's write end (the swap engine's fd donors wait for EOF on theirs)
+                # would keep its reader waiting for as long as we live.
+                _close_all_but(read_end, *keep_fds)
+                if not _wait_for_dismissal(read_end, finish):
                     freezer._request(False)
                     code = 1
             finally:
                 os._exit(code)
         os.close(read_end)
+
+    def arm(self) -> None:
+        os.write(self._write_end, b"a")
+
+    def disarm(self) -> None:
+        os.write(self._write_end, b"d")
 
     def dismiss(self) -> None:
         """We thawed ourselves: tell the guard so and reap it."""
@@ -160,6 +173,47 @@ class ThawGuard:
         finally:
             os.close(self._write_end)
             _reap_bounded(self.pid, 2.0)
+
+
+def _close_all_but(*keep: int) -> None:
+    low = 3
+    for fd in sorted(set(keep)):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _max_fd())
+
+
+def _wait_for_dismissal(read_end: int, finish: Callable[[], None] | None) -> bool:
+    """True once dismissed; False when the manager died (after running `finish` if armed)."""
+    armed = False
+    while True:
+        byte = os.read(read_end, 1)
+        if byte == b"k":
+            return True
+        if byte in (b"a", b"d"):
+            armed = byte == b"a"
+            continue
+        if armed and finish is not None:
+            _run_bounded(finish, ThawGuard.FINISH_TIMEOUT_S)
+        return False
+
+
+def _run_bounded(work: Callable[[], None], timeout: float) -> None:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.01)
 
 
 def _max_fd() -> int:
@@ -217,17 +271,19 @@ def freeze_with_retries(freezer: CgroupFreezer, policy: FreezePolicy) -> None:
 
 @contextlib.contextmanager
 def frozen(freezer: CgroupFreezer, lock: threading.Lock,
-           policy: FreezePolicy = FreezePolicy()) -> Iterator[None]:
-    """Hold the cgroup's lock and keep it frozen for the block; thaw on every path."""
+           policy: FreezePolicy = FreezePolicy(), finish: Callable[[], None] | None = None,
+           keep_fds: tuple[int, ...] = ()) -> Iterator[ThawGuard]:
+    """Hold the cgroup's lock and keep it frozen for the block; thaw on every path, also
+    if we die (the guard; see ThawGuard for `finish`)."""
     if not lock.acquire(timeout=policy.lock_timeout):
         raise FreezeError(errno.EBUSY, f"{freezer.path} is held by another replace "
                                        f"for more than {policy.lock_timeout} s")
     try:
-        guard = ThawGuard(freezer)
+        guard = ThawGuard(freezer, finish, keep_fds)
         try:
             freeze_with_retries(freezer, policy)
             try:
-                yield
+                yield guard
             finally:
                 _thaw_hard(freezer, policy.thaw)
         finally:

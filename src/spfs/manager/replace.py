@@ -19,6 +19,7 @@ on every path, and a guard process thaws if the manager itself dies.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -235,14 +236,20 @@ class ReplacePipeline:
         phase = P.FROZEN
         prepared = plan.prepared
         try:
-            with frozen(plan.freezer, lock, self.timeouts.freeze):
+            # Swapped but not moved, the processes would hold NFS under a mountpoint that
+            # is still SPFS, whose locks are its own: if we die there, the guard moves.
+            move = functools.partial(self.mover.move, job.real_fd, plan.placements, job.target)
+            with frozen(plan.freezer, lock, self.timeouts.freeze, finish=move,
+                        keep_fds=(job.real_fd,)) as guard:
                 phase = P.SWAPPING
                 job.progress.advance(P.SWAPPING)
                 prepared = None  # swap() owns the prepared plan from here, even on failure
                 job.progress.details["swap"] = self.swapper.swap(plan.swap_job, plan.prepared)
+                guard.arm()
                 phase = P.MOUNTS_MOVED
                 job.progress.advance(P.MOUNTS_MOVED)
-                self.mover.move(job.real_fd, plan.placements, job.target)
+                move()
+                guard.disarm()
                 phase = P.THAWED
                 job.progress.advance(P.THAWED)
         except OSError as exc:
