@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from manager_helpers import (kill_and_reap, read_count, start_daemon, stop_daemon, unmount_below,
                              wait_for)
 from spfs.manager.mounts import read_mountinfo, top_mount_at
@@ -152,15 +154,34 @@ def test_two_shares_blocked_on_each_other_do_not_deadlock(tmp_path, container, c
         stop_daemon(daemon)
 
 
-def test_spfs_on_the_host_for_criu_to_bind_in(tmp_path, cgroup):
+def _spares(manager_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(manager_pid), "-f", "spfs.fs.warm"],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_spfs_on_the_host_for_criu_to_bind_in(tmp_path, cgroup, warm):
     """Without ns_pid= SPFS is mounted on the host (CRIU binds it into the container as an
-    external mount); the replace then works in the manager's own namespaces."""
+    external mount); the replace then works in the manager's own namespaces. With
+    --warm-spfs the mount is served by the waiting spare, and a new spare takes its place;
+    the manager still exits with its last SPFS, and the spare with it."""
     mp = tmp_path / "host-mp"
     mp.mkdir()
-    daemon = start_daemon(tmp_path, "--exit-with-spfs", spfs_command=None)
+    daemon = start_daemon(tmp_path, "--exit-with-spfs", *(["--warm-spfs"] if warm else []),
+                          spfs_command=None)
     worker = None
     try:
+        spare = []
+        if warm:
+            wait_for(lambda: len(_spares(daemon.proc.pid)) == 1, what="a warm spare")
+            spare = _spares(daemon.proc.pid)
         assert daemon.text(f"mount;id=h;mode=stub;mountpoint={mp}") == 0
+        spfs_pid = daemon.status()["h"]["spfs_pid"]
+        assert (spfs_pid in spare) if warm else not _spares(daemon.proc.pid)
+        if warm:
+            wait_for(lambda: [p for p in _spares(daemon.proc.pid) if p != spfs_pid],
+                     what="the next spare")
         assert top_mount_at(read_mountinfo(), str(mp)).fstype.startswith("fuse")
         beat = tmp_path / "beat"
         worker = subprocess.Popen([sys.executable, "-c", WORKER.replace(
@@ -174,6 +195,9 @@ def test_spfs_on_the_host_for_criu_to_bind_in(tmp_path, cgroup):
         wait_for(lambda: read_count(beat) > 5, what="worker progress")
         assert os.stat(f"/proc/{worker.pid}/cwd").st_dev == os.stat(mp).st_dev
         assert daemon.proc.wait(20) == 0
+        if warm:  # the spare ends with the manager
+            wait_for(lambda: not subprocess.run(["pgrep", "-f", "spfs.fs.warm"]).returncode == 0,
+                     what="the spare to exit")
     finally:
         if worker is not None:
             kill_and_reap(worker)

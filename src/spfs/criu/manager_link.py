@@ -56,7 +56,7 @@ class ManagerLink:
         after the last SPFS it mounted is gone (--exit-with-spfs)."""
         self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "spfs.manager.cli", "-d", "--exit-with-spfs",
+        argv = [sys.executable, "-m", "spfs.manager.cli", "-d", "--exit-with-spfs", "--warm-spfs",
                 "-w", str(self.work_dir), "-s", self.socket_path, "--log-dir", str(self.log_dir)]
         if mount_deadline is not None:
             argv += ["--mount-deadline", str(mount_deadline)]

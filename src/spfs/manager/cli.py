@@ -27,7 +27,7 @@ from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts
 from spfs.manager.server import ControlServer
 from spfs.manager.spfs_daemon import DEFAULT_SPFS_COMMAND, SpfsProcessLauncher, SpfsTimeouts
 from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
-from spfs.manager.swapper import SwapEngineAdapter
+from spfs.manager.swapper import SwapEngineAdapter, import_swap_engine
 
 log = logging.getLogger("spfs.manager")
 
@@ -64,6 +64,9 @@ def daemon_parser() -> argparse.ArgumentParser:
                         help="seconds an spfs daemon may take to get ready")
     parser.add_argument("--spfs-command", default=" ".join(DEFAULT_SPFS_COMMAND),
                         help="how to run spfs (split on blanks)")
+    parser.add_argument("--warm-spfs", action="store_true",
+                        help="keep a spare spfs daemon with its imports done, so a mount "
+                             "request does not wait for a Python start (criu-spfs restore)")
     return parser
 
 
@@ -133,7 +136,8 @@ def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str) -> Mana
     config = ManagerConfig(work_dir=work_dir, log_dir=log_dir, verbosity=args.verbose,
                            exit_with_spfs=args.exit_with_spfs)
     launcher = SpfsProcessLauncher(command=tuple(args.spfs_command.split()),
-                                   timeouts=SpfsTimeouts(ready=args.spfs_ready_timeout))
+                                   timeouts=SpfsTimeouts(ready=args.spfs_ready_timeout),
+                                   warm=args.warm_spfs)
     return Manager(config, launcher, pipeline, SwapEngineAdapter())
 
 
@@ -163,6 +167,11 @@ def run_daemon(args: argparse.Namespace) -> int:
         _detach(pid_file)
     else:
         _write_pid(pid_file, os.getpid())
+    # Both take seconds on a slow machine and are needed only later: not before the caller
+    # may go on (and not before the fork of _detach, which threads would not survive).
+    if isinstance(manager.launcher, SpfsProcessLauncher):
+        manager.launcher.warm_up()
+    threading.Thread(target=import_swap_engine, name="swap-engine-import", daemon=True).start()
 
     def tick() -> None:
         manager.reap()
@@ -177,6 +186,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     finally:
         log.info("stopping")
         manager.shutdown()
+        if isinstance(manager.launcher, SpfsProcessLauncher):
+            manager.launcher.close()
         server.close()
         os.unlink(pid_file)
         log.info("spfs-manager stopped")

@@ -10,6 +10,7 @@ staging mount is detached.  Readiness is the ready-fd being closed, bounded in t
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import select
@@ -141,10 +142,94 @@ def _remove_work_dir(work_dir: str) -> None:
             pass
 
 
+WARM_COMMAND = (sys.executable, "-m", "spfs.fs.warm")
+
+
+@dataclass
+class _Spare:
+    """A warm daemon (spfs.fs.warm) waiting for its command line."""
+
+    proc: subprocess.Popen[bytes]
+    config_write: int
+    ready_read: int
+    ready_fd_in_child: int
+
+    def close(self) -> None:
+        for fd in (self.config_write, self.ready_read):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 @dataclass
 class SpfsProcessLauncher:
     command: tuple[str, ...] = DEFAULT_SPFS_COMMAND
     timeouts: SpfsTimeouts = field(default_factory=SpfsTimeouts)
+    warm: bool = False  # keep a warm spare daemon (only for the default command)
+    _spare: _Spare | None = None
+
+    def warm_up(self) -> None:
+        """Start a spare daemon that imports everything now, if none is waiting."""
+        if not self.warm or self.command != DEFAULT_SPFS_COMMAND or self._spare is not None:
+            return
+        ready_read, ready_write = os.pipe()
+        config_read, config_write = os.pipe()
+        try:
+            proc = subprocess.Popen([*WARM_COMMAND, str(config_read)],
+                                    pass_fds=(ready_write, config_read),
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            log.warning("no warm spfs spare: %s", exc)
+            for fd in (ready_read, config_write):
+                os.close(fd)
+            return
+        finally:
+            os.close(ready_write)
+            os.close(config_read)
+        os.set_inheritable(config_write, False)
+        self._spare = _Spare(proc, config_write, ready_read, ready_write)
+        log.info("warm spfs spare %d started", proc.pid)
+
+    def close(self) -> None:
+        """The spare ends on EOF of its command pipe."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
+            try:
+                spare.proc.wait(self.timeouts.stop)
+            except subprocess.TimeoutExpired:
+                spare.proc.kill()
+                spare.proc.wait(self.timeouts.stop)
+
+    def _launch(self, spec: SpfsSpec, args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+        """The daemon's process and the read end of its ready pipe: the spare if there is
+        one alive (it gets `args`), else a new process."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.proc.poll() is None:
+            payload = json.dumps([*args, "--ready-fd", str(spare.ready_fd_in_child)]).encode()
+            try:
+                os.write(spare.config_write, payload)
+                os.close(spare.config_write)
+                log.info("spfs %s: warm spare %d runs %s", spec.id, spare.proc.pid,
+                         " ".join(args))
+                return spare.proc, spare.ready_read
+            except OSError as exc:
+                log.warning("warm spfs spare %d: %s; starting one", spare.proc.pid, exc)
+        if spare is not None:
+            spare.close()
+        ready_read, ready_write = os.pipe()
+        argv = [*self.command, *args, "--ready-fd", str(ready_write)]
+        log.info("spfs %s: starting %s", spec.id, " ".join(argv))
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(ready_write,), stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except BaseException:
+            os.close(ready_read)
+            raise
+        finally:
+            os.close(ready_write)
+        return proc, ready_read
 
     def start(self, spec: SpfsSpec) -> SpfsProcess:
         os.makedirs(spec.work_dir, mode=0o700, exist_ok=True)
@@ -154,22 +239,16 @@ class SpfsProcessLauncher:
             staging = os.path.join(spec.work_dir, "mnt")
             os.makedirs(staging, exist_ok=True)
             _copy_root_stat(spec.target, spec.mountpoint, staging, self.timeouts.namespace_step)
-        ready_read, ready_write = os.pipe()
-        argv = [*self.command, staging, "--mode", spec.mode.value, "--socket-path", socket_path,
-                "--ready-fd", str(ready_write), "--log", spec.log_path, "--foreground",
-                *(["-v"] * spec.verbosity)]
+        args = [staging, "--mode", spec.mode.value, "--socket-path", socket_path,
+                "--log", spec.log_path, "--foreground", *(["-v"] * spec.verbosity)]
         if spec.proxy_dir is not None:
-            argv += ["--proxy-dir", spec.proxy_dir]
+            args += ["--proxy-dir", spec.proxy_dir]
         if spec.proxy_ns_pid is not None:
-            argv += ["--proxy-mntns-pid", str(spec.proxy_ns_pid)]
+            args += ["--proxy-mntns-pid", str(spec.proxy_ns_pid)]
         if spec.manifest is not None:
-            argv += ["--manifest", spec.manifest]
-        log.info("spfs %s: starting %s", spec.id, " ".join(argv))
-        try:
-            proc = subprocess.Popen(argv, pass_fds=(ready_write,), stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        finally:
-            os.close(ready_write)
+            args += ["--manifest", spec.manifest]
+        proc, ready_read = self._launch(spec, args)
+        self.warm_up()  # the next request's spare imports while this one gets ready
         handle = SpfsProcess(spec, proc, socket_path,
                              staging if spec.target is not None else None, self.timeouts)
         try:
