@@ -355,3 +355,27 @@ def test_async_owner_signal_and_o_path_are_kept(mounts):
     assert rep["data"] == "onetwo", rep
     assert rep["async"] and rep["owner"] == proc.pid and rep["sig"] == signal.SIGUSR2
     assert rep["opath"] and rep["opath_target"] == str(mounts.b / "x.txt")
+
+
+def test_a_replan_takes_over_the_earlier_plans_watchdog(mounts, victim_bin, cgroup):
+    """The manager plans again when references changed since it prepared (at worst inside
+    the freeze): the new plan takes over the abandoned one's watchdog, so no Python start,
+    and the switch still completes."""
+    workdir = mounts.populate(records=2000, sub="w")
+    proc = mounts.spawn(victim_bin, cgroup=cgroup, workdir=workdir)
+    mounts.wait_ready(1)
+    mounts.mirror()
+    first = swap.discover(str(mounts.a), str(mounts.b), cgroup=str(cgroup))
+    swap.prepare(first)
+    dog = first.prepared.watchdog
+    assert dog is not None and dog.wait_ready(20)
+    second = swap.discover(str(mounts.a), str(mounts.b), cgroup=str(cgroup))
+    swap.prepare(second, reuse=first)
+    swap.abandon(first)
+    assert second.prepared.watchdog is dog and dog.proc.poll() is None
+    report = swap.commit(second, on_stopped=mounts.sync_contents)
+    assert report.ok, report.error
+    time.sleep(0.2)
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
+    mounts.stop_victims()
+    check_report(mounts.reports()[proc.pid], mounts.b / "w")

@@ -92,10 +92,10 @@ class SwapEngineAdapter:
                     "the freeze")
         return None
 
-    def _prepare_plan(self, engine: ModuleType, plan: Any) -> Any:
+    def _prepare_plan(self, engine: ModuleType, plan: Any, reuse: Any = None) -> Any:
         plan.target_replaces_source = True  # the real mount goes where SPFS is
         try:
-            engine.prepare(plan)
+            engine.prepare(plan, reuse=reuse)
             _wait_for_watchdog(plan, WATCHDOG_START_TIMEOUT)
         except RuntimeError as exc:  # the engine's SwapError and FreezerError
             engine.abandon(plan)
@@ -123,9 +123,11 @@ class SwapEngineAdapter:
                 elif not _coverage(now) <= _coverage(prepared) or _pids(prepared) - _pids(now):
                     log.info("references appeared or processes left since the swap was "
                              "prepared: preparing again")
-                    engine.abandon(prepared)
-                    prepared = None
-                    prepared = self._prepare_plan(engine, now)
+                    earlier, prepared = prepared, None
+                    try:  # its watchdog goes on serving: no Python start while frozen
+                        prepared = self._prepare_plan(engine, now, reuse=earlier)
+                    finally:
+                        engine.abandon(earlier)
             except BaseException:
                 if prepared is not None:
                     engine.abandon(prepared)

@@ -22,9 +22,12 @@ def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[
     return _discover(source, target, cgroup=cgroup, pids=pids, path_map=path_map)
 
 
-def prepare(plan: SwapPlan) -> None:
-    """Open everything on the target; stops nothing.  Raises SwapError."""
-    plan.prepared = _prepare(plan)
+def prepare(plan: SwapPlan, reuse: SwapPlan | None = None) -> None:
+    """Open everything on the target; stops nothing.  Raises SwapError.  `reuse`: an earlier
+    plan of the same cgroup, prepared and not committed, whose watchdog this plan may take
+    over (abandon it afterwards as usual)."""
+    earlier = reuse.prepared if reuse is not None and isinstance(reuse.prepared, Prepared) else None
+    plan.prepared = _prepare(plan, earlier)
 
 
 def abandon(plan: SwapPlan) -> None:

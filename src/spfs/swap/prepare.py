@@ -11,6 +11,7 @@ import select
 import stat
 import struct
 import time
+from pathlib import Path
 
 from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
@@ -95,6 +96,25 @@ class Prepared:
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.fds += [self.decision_read, self.done]
 
+    def adopt_watchdog(self, other: "Prepared") -> bool:
+        """Take over `other`'s watchdog with its decision pipe and done counter, if it can
+        serve this plan too: a re-plan (inside a freeze) then does not pay for a Python
+        start. Nothing was decided on that pipe: only a commit writes to it."""
+        dog = other.watchdog
+        if dog is None or dog.proc.poll() is not None or other.inotify_copies \
+                or other.decision_write < 0:
+            return False
+        for fd in (self.decision_read, self.decision_write, self.done):
+            os.close(fd)
+        self.fds = [fd for fd in self.fds if fd not in (self.decision_read, self.done)]
+        self.decision_read, self.decision_write, self.done = \
+            other.decision_read, other.decision_write, other.done
+        other.fds = [fd for fd in other.fds if fd not in (other.decision_read, other.done)]
+        other.decision_write, other.watchdog = -1, None
+        self.fds += [self.decision_read, self.done]
+        self.watchdog = dog
+        return True
+
     def close_decision(self) -> None:
         """End of file for every parked task: they undo their tables."""
         if self.decision_write >= 0:
@@ -157,11 +177,15 @@ class Prepared:
         self.pidfds.clear()
 
 
-def prepare(plan: SwapPlan) -> Prepared:
-    """Open every reference's counterpart on B; raises SwapError with nothing stopped."""
+def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
+    """Open every reference's counterpart on B; raises SwapError with nothing stopped.
+    `reuse`: an abandoned earlier preparation whose watchdog this one may take over."""
     if plan.phase is not Phase.DISCOVERED:
         raise SwapError(f"prepare needs a freshly discovered plan (phase is {plan.phase.value})")
     prepared = Prepared()
+    if reuse is not None and _watches(reuse, plan.cgroup) and prepared.adopt_watchdog(reuse):
+        log.info("the swap watchdog %d of the earlier plan serves this one",
+                 prepared.watchdog.proc.pid if prepared.watchdog else 0)
     try:
         for desc in plan.descriptions:
             pid, fd = desc.holders[0]
@@ -198,16 +222,29 @@ def prepare(plan: SwapPlan) -> Prepared:
     except (OSError, RuntimeError) as exc:
         prepared.close()
         raise SwapError(f"cannot start an fd donor in a task's pid namespace: {exc}") from exc
+    if prepared.watchdog is not None and prepared.inotify_copies:
+        prepared.watchdog.close()  # it holds no copy of these inotify fds: a new one does
+        prepared.watchdog = None
     # Started now so that its interpreter start-up is over before anything is stopped.
     try:
-        prepared.watchdog = Watchdog(Freezer(plan.cgroup) if plan.cgroup else None, prepared.decision_read,
-                                     tuple(prepared.inotify_copies.values()))
+        if prepared.watchdog is None:
+            prepared.watchdog = Watchdog(Freezer(plan.cgroup) if plan.cgroup else None,
+                                         prepared.decision_read,
+                                         tuple(prepared.inotify_copies.values()))
     except (OSError, RuntimeError) as exc:
         prepared.close()
         raise SwapError(f"cannot start the swap watchdog (for {plan.cgroup or 'held signals'}): {exc}") from exc
     plan.advance(Phase.PREPARED)
     log.info("prepared %d descriptions on %s", len(plan.descriptions), plan.target)
     return prepared
+
+
+def _watches(prepared: Prepared, cgroup: str | None) -> bool:
+    dog = prepared.watchdog
+    if dog is None:
+        return False
+    watched = str(dog.freezer.path) if dog.freezer is not None else None
+    return watched == (str(Path(cgroup)) if cgroup else None)
 
 
 def _start_donors(plan: SwapPlan, prepared: Prepared) -> None:
