@@ -103,7 +103,8 @@ def test_kind_passes_when_left_alone(kind: str, nfsload: Path, tmp_path: Path) -
         verdict = load.verdict()
         assert verdict.startswith("PASS"), verdict
         assert load.proc.returncode == 0
-        assert iterations(verdict) >= 5, verdict
+        # it went round its loop more than once (a loaded CI machine gets few rounds)
+        assert iterations(verdict) >= 2, verdict
 
 
 def test_read_wraps_at_eof(nfsload: Path, tmp_path: Path) -> None:
