@@ -1,10 +1,12 @@
-"""criu-spfs's reading of mountinfo: NFS mounts grouped by superblock, binds with their
-sub-roots, escaped paths, flags and propagation (host test on text in the kernel's format,
-plus this process's own mountinfo)."""
+"""Reading mountinfo (spfs.sys.mountinfo) as criu-spfs records it: NFS mounts, binds with
+their sub-roots, escaped paths, flags and propagation (host test on text in the kernel's
+format, plus this process's own mountinfo)."""
 
 import os
 
-from spfs.criu.mountinfo import MOUNT_FLAGS, parse_mountinfo
+from spfs.criu.mountinfo import MOUNT_FLAGS, NFS_TYPES, mount_flags, record_of
+from spfs.sys.mountapi import Propagation
+from spfs.sys.mountinfo import parse_mountinfo
 
 SAMPLE = """\
 68 45 0:40 /c1/root / rw,relatime - tmpfs ctroots rw,mode=755
@@ -16,15 +18,20 @@ SAMPLE = """\
 
 
 def test_parse_nfs_mounts_binds_and_flags() -> None:
-    entries = {e.mnt_id: e for e in parse_mountinfo(SAMPLE)}
-    assert [e.mnt_id for e in entries.values() if e.is_nfs] == [71, 69, 72]
+    entries = {e.mount_id: e for e in parse_mountinfo(SAMPLE)}
+    assert [e.mount_id for e in entries.values() if e.fstype in NFS_TYPES] == [71, 69, 72]
     bind = entries[69]
     assert bind.root == "/sub dir" and bind.mountpoint == "/srv"
     assert bind.dev == entries[71].dev == "0:43"
-    assert bind.flags & MOUNT_FLAGS["ro"]
-    assert entries[71].flags & MOUNT_FLAGS["nosuid"] and not entries[71].flags & MOUNT_FLAGS["ro"]
-    assert entries[71].propagation == ("shared:5",) and bind.propagation == ("master:5",)
+    assert mount_flags(bind) & MOUNT_FLAGS["ro"]
+    assert mount_flags(entries[71]) & MOUNT_FLAGS["nosuid"]
+    assert not mount_flags(entries[71]) & MOUNT_FLAGS["ro"]
+    assert entries[71].optional == ("shared:5",) and bind.optional == ("master:5",)
+    assert entries[71].propagation is Propagation.SHARED and bind.propagation is Propagation.SLAVE
     assert "addr=10.200.1.1" in entries[72].super_options
+    record = record_of(bind)
+    assert (record["mnt_id"], record["options"], record["propagation"], record["root"]) == \
+        (69, "ro,relatime", ["master:5"], "/sub dir")
 
 
 def test_parse_own_mountinfo() -> None:

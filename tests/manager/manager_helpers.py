@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from spfs.manager.client_cmd import send_request, text_packet
-from spfs.manager.mounts import read_mountinfo
+from spfs.sys.mountinfo import read_mountinfo
 from spfs.manager.protocol import decode_text_reply
 
 HERE = Path(__file__).parent

@@ -15,7 +15,7 @@ import pytest
 
 from manager_helpers import (kill_and_reap, read_count, start_daemon, stop_daemon, unmount_below,
                              wait_for)
-from spfs.manager.mounts import read_mountinfo, top_mount_at
+from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 
 TERMINAL = {"done", "failed", "rolled_back"}
 

@@ -12,7 +12,8 @@ import pytest
 
 from spfs.sys import mountapi as m
 from spfs.manager.mounts import (Placement, describe_placements, mounts_of_device, move_into_place,
-                                 read_mountinfo, top_mount_at, with_mountpoint_flags)
+                                 with_mountpoint_flags)
+from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 from spfs.manager.nsexec import Namespaces
 from spfs.manager.realmount import RealFs, RetryPolicy, mount_real_fs
 

@@ -23,7 +23,7 @@ from manager_helpers import (STANDIN_SPFS, advances, kill_and_reap, read_count, 
 from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks
 from spfs.manager.interfaces import SwapJob
 from spfs.manager.manager import Manager, ManagerConfig
-from spfs.manager.mounts import top_mount_at
+from spfs.sys.mountinfo import top_mount_at
 from spfs.manager.protocol import parse_packet
 from spfs.manager.realmount import RetryPolicy
 from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts

@@ -15,7 +15,7 @@ import pytest
 
 from manager_helpers import STANDIN_SPFS, wait_for
 from spfs.manager.client_cmd import send_request
-from spfs.manager.mounts import top_mount_at
+from spfs.sys.mountinfo import top_mount_at
 from spfs.manager.protocol import decode_text_reply
 
 NFS_OPTIONS = b"rw,vers=4.1,rsize=1048576,wsize=1048576,namlen=255,hard,proto=tcp,timeo=600," \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spfs.criu.mountinfo import parse_mountinfo
+from spfs.sys.mountinfo import parse_mountinfo
 
 
 def _mountpoint_of(fstype: str, option: str | None = None) -> str | None:

@@ -49,14 +49,14 @@ def criu_dump_argv(criu: str, pid: int, images: Path, superblocks: list[NfsSuper
             "--file-locks", "--link-remap", "--action-script", str(ACTION_SCRIPT)]
     for sb in superblocks:
         for m in sb.mounts:
-            argv += ["--external", f"mnt[{m.mountpoint}]:{external_key(sb, m.mnt_id)}"]
+            argv += ["--external", f"mnt[{m.mountpoint}]:{external_key(sb, m.mount_id)}"]
     return argv + extra
 
 
 def write_manifest(images: Path, pid: int, superblocks: list[NfsSuperblock]) -> Path:
     path = images / MANIFEST_NAME
     doc = {"version": MANIFEST_VERSION, "pid": pid, "created": time.time(),
-           "superblocks": [sb.to_json() | {"externals": {str(m.mnt_id): external_key(sb, m.mnt_id)
+           "superblocks": [sb.to_json() | {"externals": {str(m.mount_id): external_key(sb, m.mount_id)
                                                          for m in sb.mounts}}
                            for sb in superblocks]}
     tmp = path.with_suffix(".new")

@@ -4,8 +4,9 @@ its superblock (device), bind sub-root, mount flags, propagation and superblock 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+
+from spfs.sys.mountinfo import MountEntry, read_mountinfo
 
 NFS_TYPES = ("nfs", "nfs4")
 # per-mount flags as mountinfo field 6 spells them, with the mount(2) bits criu-spfs records
@@ -13,53 +14,18 @@ MOUNT_FLAGS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "sync": 16, "dirsy
                "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
 
 
-def _unescape(s: str) -> str:
-    """mountinfo octal-escapes space, tab, newline and backslash."""
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) + 0 and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
+def mount_flags(entry: MountEntry) -> int:
+    """The mount(2) bits of an entry's per-mount options."""
+    return sum(MOUNT_FLAGS.get(o, 0) for o in entry.options)
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    mnt_id: int
-    parent_id: int
-    dev: str                 # "major:minor" of the superblock
-    root: str                # sub-root of a bind, "/" for the filesystem root
-    mountpoint: str
-    options: str             # per-mount options (rw,nosuid,...)
-    propagation: tuple[str, ...]
-    fstype: str
-    source: str
-    super_options: str
-
-    @property
-    def flags(self) -> int:
-        return sum(MOUNT_FLAGS.get(o, 0) for o in self.options.split(","))
-
-    @property
-    def is_nfs(self) -> bool:
-        return self.fstype in NFS_TYPES
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    entries = []
-    for line in text.splitlines():
-        pre, sep, post = line.partition(" - ")
-        if not sep:
-            raise ValueError(f"bad mountinfo line: {line!r}")
-        f = pre.split()
-        g = post.split()
-        entries.append(MountEntry(int(f[0]), int(f[1]), f[2], _unescape(f[3]), _unescape(f[4]),
-                                  f[5], tuple(f[6:]), g[0], _unescape(g[1]),
-                                  g[2] if len(g) > 2 else ""))
-    return entries
+def record_of(entry: MountEntry) -> dict:
+    """One mount as criu-spfs.json records it (record.py reads it back)."""
+    return {"mnt_id": entry.mount_id, "parent_id": entry.parent_id, "dev": entry.dev,
+            "root": entry.root, "mountpoint": entry.mountpoint,
+            "options": ",".join(entry.options), "propagation": list(entry.optional),
+            "fstype": entry.fstype, "source": entry.source,
+            "super_options": entry.super_options, "flags": mount_flags(entry)}
 
 
 @dataclass
@@ -91,7 +57,7 @@ class NfsSuperblock:
     def to_json(self) -> dict:
         return {"dev": self.dev, "fstype": self.fstype, "source": self.source,
                 "super_options": self.super_options, "key": self.key,
-                "mounts": [asdict(m) | {"flags": m.flags} for m in self.mounts]}
+                "mounts": [record_of(m) for m in self.mounts]}
 
 
 def _nfs_sub_roots(sb: NfsSuperblock) -> None:
@@ -110,10 +76,9 @@ def _nfs_sub_roots(sb: NfsSuperblock) -> None:
 
 
 def nfs_superblocks(pid: int) -> list[NfsSuperblock]:
-    text = Path(f"/proc/{pid}/mountinfo").read_text()
     by_dev: dict[str, NfsSuperblock] = {}
-    for m in parse_mountinfo(text):
-        if not m.is_nfs:
+    for m in read_mountinfo(pid):
+        if m.fstype not in NFS_TYPES:
             continue
         sb = by_dev.setdefault(m.dev, NfsSuperblock(m.dev, m.fstype, m.source, m.super_options))
         sb.mounts.append(m)

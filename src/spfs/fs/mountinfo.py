@@ -6,21 +6,9 @@ from __future__ import annotations
 import logging
 import os
 
+from spfs.sys.mountinfo import read_mountinfo
+
 log = logging.getLogger(__name__)
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1:i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
 
 
 def find_fuse_device(mountpoint: str, fstype: str = "fuse.spfs") -> str | None:
@@ -29,13 +17,9 @@ def find_fuse_device(mountpoint: str, fstype: str = "fuse.spfs") -> str | None:
     absolute = os.path.abspath(mountpoint)
     wanted = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
     found = None
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            before, _, after = line.partition(" - ")
-            fields = before.split()
-            if len(fields) >= 5 and _unescape(fields[4]) == wanted \
-                    and after.split(" ", 1)[0] == fstype:
-                found = fields[2]
+    for entry in read_mountinfo():
+        if entry.mountpoint == wanted and entry.fstype == fstype:
+            found = entry.dev
     return found
 
 

@@ -17,21 +17,8 @@ from dataclasses import dataclass
 
 from spfs.sys import mountapi as m
 from spfs.sys.mountapi import Propagation
+from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    mount_id: int
-    parent_id: int
-    dev: str
-    root: str
-    mountpoint: str
-    options: tuple[str, ...]
-    propagation: Propagation
-    fstype: str
-    source: str
-    super_options: str
 
 
 @dataclass(frozen=True)
@@ -42,68 +29,6 @@ class Placement:
     sub_root: str
     attr_flags: int
     propagation: Propagation
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    if "\\" not in field:
-        return field
-    out, i = bytearray(), 0
-    raw = field.encode("utf-8", "surrogateescape")
-    while i < len(raw):
-        if raw[i] == 0x5C and raw[i + 1:i + 4].isdigit() and len(raw[i + 1:i + 4]) == 3:
-            out.append(int(raw[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "surrogateescape")
-
-
-def _propagation(optional: list[str]) -> Propagation:
-    tags = {f.split(":", 1)[0] for f in optional}
-    if "shared" in tags:  # "shared and slave" keeps its sharing side
-        return Propagation.SHARED
-    if "master" in tags:
-        return Propagation.SLAVE
-    if "unbindable" in tags:
-        return Propagation.UNBINDABLE
-    return Propagation.PRIVATE
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    entries = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        sep = fields.index("-")
-        entries.append(MountEntry(
-            mount_id=int(fields[0]),
-            parent_id=int(fields[1]),
-            dev=fields[2],
-            root=_unescape(fields[3]),
-            mountpoint=_unescape(fields[4]),
-            options=tuple(fields[5].split(",")),
-            propagation=_propagation(fields[6:sep]),
-            fstype=fields[sep + 1],
-            source=_unescape(fields[sep + 2]),
-            super_options=fields[sep + 3] if len(fields) > sep + 3 else "",
-        ))
-    return entries
-
-
-def read_mountinfo(pid: int | None = None) -> list[MountEntry]:
-    with open(f"/proc/{pid or 'self'}/mountinfo", encoding="utf-8",
-              errors="surrogateescape") as f:
-        return parse_mountinfo(f.read())
-
-
-def top_mount_at(entries: list[MountEntry], path: str) -> MountEntry | None:
-    """The mount visible at `path`: the last one mounted there."""
-    found = None
-    for entry in entries:
-        if entry.mountpoint == path:
-            found = entry
-    return found
 
 
 _ATTR_OPTIONS = {

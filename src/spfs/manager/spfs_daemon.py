@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from spfs.sys import mountapi as m
 from spfs.manager.interfaces import SpfsSpec
-from spfs.manager.mounts import read_mountinfo, top_mount_at
+from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
 from spfs.manager.protocol import SpfsMode
 

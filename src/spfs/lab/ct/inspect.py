@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spfs.criu.mountinfo import parse_mountinfo
+from spfs.sys.mountinfo import parse_mountinfo
 from spfs.lab.ct.spec import CtState
 
 HELPER_MODULES = ("spfs.fs.cli", "spfs.manager.cli")
