@@ -2,11 +2,9 @@
 Each test boots a real guest (about 15 s under TCG)."""
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from spfs.lab import vm
 from spfs.lab.paths import CHECKOUT

@@ -13,10 +13,15 @@ from spfs.lab.ct.container import alive
 from spfs.lab.ct.inspect import fstypes_at, spfs_helpers_running
 from spfs.lab.ct.spec import CtState
 
+WORK_ROOT = "/run/criu-spfs"  # criu-spfs restore's work dirs, one per restore
+
 
 def migrate(ct: CtState, images: Path) -> dict:
     """One suspend/resume cycle; returns the restore timeline (criu-spfs-restore.json)."""
     before = fstypes_at(ct)
+    # what an earlier test left (a killed manager's SPFS lives until its container goes)
+    # is not this restore's doing
+    earlier = set(os.listdir(WORK_ROOT)) if os.path.isdir(WORK_ROOT) else set()
     nfs_points = {p: t for p, (t, _) in before.items() if t in ("nfs", "nfs4")}
     checkpoint.suspend(ct, images)
     assert not alive(CtState.load(ct.name))
@@ -28,7 +33,9 @@ def migrate(ct: CtState, images: Path) -> dict:
     for point, fstype in nfs_points.items():
         assert after[point][0] == fstype, f"{point} is {after[point][0]} after resume"
     assert not any(t == "fuse.spfs" for t, _ in after.values())
-    assert not os.listdir("/run/criu-spfs") if os.path.isdir("/run/criu-spfs") else True
+    left = [os.path.join(d, n) for d, dirs, files in os.walk(WORK_ROOT)
+            for n in dirs + files if os.path.join(d, n).split("/")[3] not in earlier]
+    assert not left, f"criu-spfs left {left}"
     timeline = json.loads((images / "criu-spfs-restore.json").read_text())
     assert timeline["ok"] is True, timeline
     return timeline

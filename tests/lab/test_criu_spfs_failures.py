@@ -20,7 +20,7 @@ from spfs.lab.ct.container import alive
 from spfs.lab.ct.inspect import spfs_helpers_running
 from spfs.lab.ct.spec import CtState
 from spfs.lab.ct.util import CtError
-from tests.lab.migration import assert_all_pass, migrate, verdicts
+from tests.lab.migration import assert_all_pass, verdicts
 
 
 def _nothing_left() -> None:

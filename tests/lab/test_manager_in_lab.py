@@ -121,38 +121,3 @@ def test_manager_killed_while_the_container_is_frozen(make_ct, images, monkeypat
     finally:
         results = verdicts(loads)
     assert_all_pass(results)
-
-
-@pytest.mark.parametrize("phase", ["held", "mounting_target"])
-def test_manager_killed_before_nfs_is_mounted_leaves_the_processes_waiting(
-        make_ct, images, monkeypatch, phase: str) -> None:
-    """Killed before the real NFS is mounted: SPFS stays in stub, the container runs (not
-    frozen, nothing traced) and its processes wait on the share, as on a hard NFS mount
-    whose server is away; nothing fails. An operator can then point SPFS at the share by
-    hand (here: the export itself, through SPFS's own control socket), and every process
-    goes on with its data intact."""
-    from spfs.fs import control_client
-    from spfs.manager.phases import TEST_PAUSE_ENV
-    monkeypatch.setenv(TEST_PAUSE_ENV, f"{phase}:120")
-    ct, loads = _start_loads(make_ct)
-    try:
-        _migrate_and_kill_manager_in(ct, images, loads, phase)
-        restored = CtState.load(ct.name)
-        time.sleep(2)
-        assert not _frozen(restored.cgroup_dir())
-        pids = [int(p) for p in (restored.cgroup_dir() / "cgroup.procs").read_text().split()]
-        assert not _traced_or_stopped(pids)
-        assert fstypes_at(restored)["/mnt/nfs"][0] == "fuse.spfs"
-        [sock] = glob.glob("/run/criu-spfs/*/manager/spfs-*/spfs.sock")
-        assert control_client.status(sock)["mode"] == "stub"
-        log = Path("/srv/nfs4/a/kill.log")  # the appending workload's file, server side
-        size = log.stat().st_size
-        time.sleep(3)
-        assert log.stat().st_size == size, "a process wrote through a stub"
-        workload.wait_running(loads, settle=0)  # waiting, not failed
-        control_client.set_mode(sock, "proxy", proxy_dir="/srv/nfs4/a")
-        wait_for("the processes to go on", lambda: log.stat().st_size > size, 60)
-        workload.wait_progress(loads)
-    finally:
-        results = verdicts(loads)
-    assert_all_pass(results)

@@ -6,6 +6,7 @@ fs-agnostic; NFS is for the lab)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,13 +41,16 @@ def _replace_status(daemon, mount_id: str) -> dict:
 
 def _final_phase(daemon, mount_id: str, timeout: float = 30.0) -> dict:
     """Wait for the end of a replace.  A done SPFS may exit and be forgotten by the manager
-    right after: the last status seen is the answer then."""
+    between two looks: then the last status seen, with the phase the manager's log says the
+    replace ended in (a loaded machine may not show the last step in status)."""
     last: dict = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         mount = daemon.status().get(mount_id)
         if mount is None:
-            return last
+            ends = re.findall(rf"replace {re.escape(mount_id)}: \w+ took [\d.]+ ms -> (\w+)",
+                              daemon.log())
+            return last | ({"phase": ends[-1].lower()} if ends else {})
         last = mount["replace"] or {}
         if last.get("phase") in TERMINAL:
             return last

@@ -12,9 +12,10 @@ import ctypes
 import errno
 import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
+from spfs.sys.libc import check as _check
+from spfs.sys.libc import libc as _libc
+
 _syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
 
 # x86-64 syscall numbers (the project is x86-64 only, like CRIU's and ptrace's parts).
 SYS_SETGROUPS = 116
@@ -31,18 +32,11 @@ RESOLVE_BENEATH = 0x08
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
-CLONE_NEWNS = 0x00020000
 
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
 
 
 def try_openat2(dirfd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
@@ -86,10 +80,6 @@ def set_thread_fsgid(gid: int) -> None:
 def set_thread_groups(groups: list[int] | tuple[int, ...]) -> None:
     array = (ctypes.c_uint * max(1, len(groups)))(*groups)
     _check(_syscall(SYS_SETGROUPS, ctypes.c_size_t(len(groups)), array), "setgroups")
-
-
-def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(fd, nstype), "setns")
 
 
 MNT_DETACH = 2

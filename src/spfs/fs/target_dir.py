@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 
-from spfs.fs import syscalls
+from spfs.sys import namespaces
 
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _CHILD_TIMEOUT_S = 10.0
@@ -44,7 +44,7 @@ def _open_in_namespace(path: str, ns_pid: int) -> int:
             status = 1
             try:
                 parent_sock.close()
-                syscalls.setns(ns_fd, syscalls.CLONE_NEWNS)
+                namespaces.setns(ns_fd, namespaces.CLONE_NEWNS)
                 fd = os.open(path, O_PATH_DIR)
                 socket.send_fds(child_sock, [b"ok"], [fd])
                 status = 0

@@ -8,7 +8,6 @@ serial console (kernel and boot messages) goes to a file whose tail is shown on 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import selectors
@@ -25,6 +24,7 @@ from typing import BinaryIO
 
 from spfs.lab.kernel import current_kernel
 from spfs.lab.paths import CHECKOUT, GUEST_DIR, LabPaths
+from spfs.sys.libc import libc
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ def _command_script(spec: RunSpec) -> str:
 
 def _die_with_parent() -> None:
     # qemu must not outlive spfs-lab, whatever kills spfs-lab.
-    libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 

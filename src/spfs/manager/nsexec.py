@@ -18,13 +18,13 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from spfs.sys import mountapi
+from spfs.sys import namespaces
 
 NS_ORDER = (  # user first: it grants the capabilities needed to join the others
-    ("user", mountapi.CLONE_NEWUSER),
-    ("uts", mountapi.CLONE_NEWUTS),
-    ("net", mountapi.CLONE_NEWNET),
-    ("mnt", mountapi.CLONE_NEWNS),
+    ("user", namespaces.CLONE_NEWUSER),
+    ("uts", namespaces.CLONE_NEWUTS),
+    ("net", namespaces.CLONE_NEWNET),
+    ("mnt", namespaces.CLONE_NEWNS),
 )
 _MAX_REPLY = 1 << 20
 _MAX_FDS = 64
@@ -70,10 +70,10 @@ def open_namespace_fds(target: Namespaces) -> list[tuple[int, int]]:
 
 def _enter(ns_fds: list[tuple[int, int]], root: str | None) -> None:
     for fd, flag in ns_fds:
-        if flag == mountapi.CLONE_NEWNS:
+        if flag == namespaces.CLONE_NEWNS:
             # joining a mount ns needs a private fs_struct; harmless when already private
-            mountapi.unshare(mountapi.CLONE_FS)
-        mountapi.setns(fd, flag)
+            namespaces.unshare(namespaces.CLONE_FS)
+        namespaces.setns(fd, flag)
     if root is not None:
         os.chroot(root)
         os.chdir("/")

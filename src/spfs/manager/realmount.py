@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from spfs.sys import mountapi as m
+from spfs.sys import namespaces
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _fsmount(fs: RealFs) -> int:
 
 
 def _legacy_mount(fs: RealFs, hidden_dir: str) -> int:
-    m.unshare(m.CLONE_NEWNS)
+    namespaces.unshare(namespaces.CLONE_NEWNS)
     # nothing done in this copy of the namespace may propagate back into the container
     m.mount("none", "/", None, m.MS_REC | m.MS_PRIVATE, None)
     keep = m.MS_RDONLY | m.MS_NOSUID | m.MS_NODEV | m.MS_NOEXEC | m.MS_SYNCHRONOUS | \

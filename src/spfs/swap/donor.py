@@ -8,26 +8,15 @@ pipe (and dies with the manager: PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import time
 
 from spfs.swap import procfs
+from spfs.sys import namespaces
+from spfs.sys.libc import libc
 
-CLONE_NEWPID = 0x20000000
 PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class DonorError(RuntimeError):
-    pass
-
-
-def _setns(fd: int, kind: int) -> None:
-    if _libc.setns(fd, kind) != 0:
-        err = ctypes.get_errno()
-        raise DonorError(f"setns: {os.strerror(err)}")
 
 
 class Donor:
@@ -38,12 +27,12 @@ class Donor:
         theirs = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         read_end, self.write_end = os.pipe2(os.O_CLOEXEC)
         try:
-            _setns(theirs, CLONE_NEWPID)
+            namespaces.setns(theirs, namespaces.CLONE_NEWPID)
             try:
                 self.pid = os.fork()
                 if self.pid == 0:  # the donor: no Python-level clean-up may run in here
                     try:
-                        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
                         os.close(self.write_end)
                         for fd in close_in_child:  # e.g. the decision pipe's write end: only the manager's
                             os.close(fd)
@@ -51,7 +40,7 @@ class Donor:
                     finally:
                         os._exit(0)
             finally:
-                _setns(own, CLONE_NEWPID)
+                namespaces.setns(own, namespaces.CLONE_NEWPID)
         finally:
             os.close(own)
             os.close(theirs)

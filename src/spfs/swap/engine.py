@@ -25,6 +25,7 @@ from spfs.swap.discover import cgroup_pids, cgroup_tids, late_relative_path
 from spfs.swap.model import Description, FdRef, Phase, ProcessPlan, SwapError, SwapPlan
 from spfs.swap.prepare import Prepared, open_on_target
 from spfs.swap.remote import REGION, Injector, Tracee, choose_marker_signal
+from spfs.sys import pidfd
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ class Engine:
             rel = late_relative_path(self.plan, p.pid, link, info.mnt_id, st)
             desc = Description(index=len(self.plan.descriptions), rel=rel, flags=info.flags, mode=st.st_mode,
                                dev=st.st_dev, ino=st.st_ino)
-            desc.old_fd = self.prepared.track(ptrace.pidfd_getfd(self.prepared.pidfd(p.pid), fd))
+            desc.old_fd = self.prepared.track(pidfd.getfd_from(self.prepared.pidfd(p.pid), fd))
             desc.new_fd = self.prepared.track(open_on_target(self.plan, desc, self.prepared.fifo_keepers))
             self.plan.descriptions.append(desc)
         desc.holders.append((p.pid, fd))

@@ -17,12 +17,12 @@ from collections.abc import Callable
 
 from spfs.swap import inotify, procfs, tables, unixsock
 from spfs.swap.model import Description, InotifyReg, ProcessPlan, SwapError, SwapPlan
+from spfs.sys.libc import libc as _libc
 
 log = logging.getLogger(__name__)
 
 F_OFD_SETLK = 37
 SPLICE_F_NONBLOCK = 2
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def find_locks(plan: SwapPlan, stopped: list[ProcessPlan]) -> None:

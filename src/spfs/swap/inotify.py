@@ -12,8 +12,8 @@ import os
 import struct
 
 from spfs.swap.procfs import InotifyWatch
+from spfs.sys.libc import libc as _libc
 
-_libc = ctypes.CDLL(None, use_errno=True)
 NR_OPEN_BY_HANDLE_AT = 304
 
 

@@ -17,7 +17,7 @@ from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.donor import Donor, same_pid_namespace
 from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
-from spfs.swap.ptrace import pidfd_getfd
+from spfs.sys.pidfd import getfd_from as pidfd_getfd
 
 log = logging.getLogger(__name__)
 

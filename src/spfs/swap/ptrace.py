@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 
 from spfs.swap.arch import UserRegs
+from spfs.sys.libc import libc
 
-libc = ctypes.CDLL(None, use_errno=True)
 libc.ptrace.restype = ctypes.c_long
 libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-libc.syscall.restype = ctypes.c_long
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
@@ -187,9 +186,3 @@ KCMP_FILES = 2
 KCMP_FS = 3
 
 
-def pidfd_getfd(pidfd: int, fd: int) -> int:
-    ret = libc.syscall(438, pidfd, fd, 0)
-    if ret == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"pidfd_getfd({fd}): {os.strerror(err)}")
-    return ret

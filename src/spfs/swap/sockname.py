@@ -20,8 +20,8 @@ import socket
 import time
 
 from spfs.sys import mountapi as m
+from spfs.sys import namespaces
 
-CLONE_NEWNS = 0x00020000
 _PRIVATE_ROOT = "/tmp"  # a tmpfs is mounted over it, in the child's namespace only
 _CHILD_TIMEOUT_S = 10.0
 
@@ -57,7 +57,7 @@ def bind_named(sock: socket.socket, address: str, directory: str) -> None:
 
 
 def _bind_in_private_root(sock: socket.socket, address: str, parent: str, dir_fd: int) -> None:
-    m.unshare(CLONE_NEWNS)
+    namespaces.unshare(namespaces.CLONE_NEWNS)
     m.mount("none", "/", None, m.MS_REC | m.MS_PRIVATE, None)
     m.mount("tmpfs", _PRIVATE_ROOT, "tmpfs", 0, "mode=0700")
     os.mkdir(f"{_PRIVATE_ROOT}/proc")

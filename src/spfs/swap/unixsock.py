@@ -11,7 +11,6 @@ listener on A (they keep A busy until they close), SCM payloads.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import select
@@ -25,12 +24,11 @@ from pyroute2 import DiagSocket
 from pyroute2.netlink.diag import UDIAG_SHOW_NAME, UDIAG_SHOW_RQLEN, UDIAG_SHOW_VFS
 
 from spfs.swap import sockname
+from spfs.sys import namespaces
 
 T = TypeVar("T")
 SO_PEEK_OFF = 42
 SIOCGSKNS = 0x894C  # a socket's network namespace, as an fd
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 TCP_LISTEN = 10
 TCP_CLOSE = 7
 COPIED_OPTIONS = (socket.SO_PASSCRED, socket.SO_RCVBUF, socket.SO_SNDBUF)
@@ -54,8 +52,7 @@ def in_netns(ns_fd: int | None, work: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns(net)")
+            namespaces.setns(ns_fd, namespaces.CLONE_NEWNET)
             box["value"] = work()
         except BaseException as exc:  # handed to the caller's thread
             box["error"] = exc

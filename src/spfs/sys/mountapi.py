@@ -1,4 +1,4 @@
-"""Thin ctypes wrappers for the syscalls Python 3.11 lacks: the new mount API, setns, unshare.
+"""Thin ctypes wrappers for the mount syscalls Python 3.11 lacks: the new mount API, mount, umount2.
 
 x86_64 syscall numbers; everything used exists on Linux 6.1.  Each wrapper raises OSError
 with the errno, like the os module does.
@@ -10,8 +10,9 @@ import ctypes
 import enum
 import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from spfs.sys.libc import check as _check
+from spfs.sys.libc import libc as _libc
+
 
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
@@ -71,11 +72,6 @@ MS_LAZYTIME = 1 << 25
 
 MNT_DETACH = 2
 
-CLONE_FS = 0x200
-CLONE_NEWNS = 0x20000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
 
 
 class Propagation(enum.Enum):
@@ -95,12 +91,6 @@ class MountAttr(ctypes.Structure):
         ("userns_fd", ctypes.c_uint64),
     ]
 
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
 
 
 def _path(path: str | None) -> bytes | None:
@@ -163,14 +153,6 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
 
 def umount2(target: str, flags: int) -> None:
     _check(_libc.umount2(_path(target), flags), f"umount2({target})")
-
-
-def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(fd, nstype), f"setns({nstype:#x})")
-
-
-def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), f"unshare({flags:#x})")
 
 
 # mount(2) flags -> mount attributes of the new API.  Superblock flags go to fsconfig instead.

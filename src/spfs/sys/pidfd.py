@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from spfs.sys.libc import check, libc
+
 SYS_PIDFD_GETFD = 438  # x86_64
 
 
+def getfd_from(pidfd: int, fd: int) -> int:
+    """A copy, in this process, of descriptor `fd` of the process behind `pidfd` (the same
+    open file description; close-on-exec, as pidfd_getfd makes it)."""
+    return check(libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0), f"pidfd_getfd({fd})")
+
+
 def getfd(pid: int, fd: int) -> int:
-    """A copy, in this process, of descriptor `fd` of process `pid` (same open file)."""
+    """The same, by pid."""
     pidfd = os.pidfd_open(pid)
     try:
-        new = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-        if new < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
-        os.set_inheritable(new, False)
-        return new
+        return getfd_from(pidfd, fd)
     finally:
         os.close(pidfd)

@@ -12,7 +12,6 @@ import os
 import select
 import socket
 import sys
-import time
 
 directory, ctrl = sys.argv[1:3]
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
