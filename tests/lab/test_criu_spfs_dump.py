@@ -43,3 +43,24 @@ def test_dump_records_every_nfs_mount(make_ct, tmp_path: Path) -> None:
     for sb in doc["superblocks"]:
         for m in sb["mounts"]:
             assert keys[m["mountpoint"]] == sb["externals"][str(m["mnt_id"])]
+
+
+def test_dump_of_a_container_whose_replace_is_pending_waits_for_it(make_ct, images) -> None:
+    """Suspended again right after a resume that did not wait: SPFS still stands in for NFS
+    (the replace runs in the background), so the dump waits for the replace, then dumps NFS
+    as usual; the second resume works and the workload's data is whole."""
+    from spfs.lab.ct import checkpoint
+    from spfs.lab.ct.inspect import fstypes_at
+    from tests.lab.migration import assert_all_pass, migrate, verdicts
+    ct = make_ct(nfs=["4.1:a:/mnt/nfs"])
+    loads = [workload.start(ct.name, "append", "/mnt/nfs/pending.log")]
+    try:
+        workload.wait_running(loads)
+        checkpoint.suspend(ct, images)
+        checkpoint.resume(CtState.load(ct.name), images, wait=False)
+        assert fstypes_at(CtState.load(ct.name))["/mnt/nfs"][0] == "fuse.spfs"  # pending
+        migrate(CtState.load(ct.name), images.with_name(f"{images.name}-again"))
+        workload.wait_progress(loads)
+    finally:
+        results = verdicts(loads)
+    assert_all_pass(results)

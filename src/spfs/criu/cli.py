@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from spfs.criu.pending import DEFAULT_DEADLINE_S
+
 # The lab's `spfs-lab ct suspend/resume` use criu-spfs when this is True.
 IMPLEMENTED = True
 
@@ -23,7 +25,8 @@ def _extra(args: argparse.Namespace) -> list[str]:
 def _dump(args: argparse.Namespace) -> int:
     from spfs.criu.dump import DumpError, dump
     try:
-        result = dump(args.tree, Path(args.images_dir), criu=args.criu, extra=_extra(args))
+        result = dump(args.tree, Path(args.images_dir), criu=args.criu, extra=_extra(args),
+                      pending_deadline=args.pending_deadline)
     except DumpError as e:
         print(f"criu-spfs dump: {e}", file=sys.stderr)
         return 1
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-t", "--tree", type=int, required=True, help="the container's init pid")
     d.add_argument("-D", "--images-dir", required=True)
     d.add_argument("--criu", default="criu", help="criu binary (default: criu from PATH)")
+    d.add_argument("--pending-deadline", type=float, default=DEFAULT_DEADLINE_S,
+                   help="seconds to wait for an earlier replace that still has SPFS mounted "
+                        "in the container")
     d.add_argument("criu_args", nargs=argparse.REMAINDER, help="-- extra criu dump options")
     d.set_defaults(func=_dump)
     r = sub.add_parser("restore", help="restore with SPFS standing in for NFS")

@@ -5,6 +5,8 @@ records them in DIR/criu-spfs.json (source, type, superblock options incl. addr=
 flags, propagation, bind sub-roots), and runs `criu dump` with each declared external,
 --link-remap (silly-renamed files), --file-locks, and our action script, which lets the
 container's NFS traffic through CRIU's network lock so dump cannot deadlock on it.
+A container whose earlier replace is still pending (SPFS still mounted) is dumped once the
+replace is done, within a deadline (pending.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spfs.criu import nlm_locks
+from spfs.criu import nlm_locks, pending
 from spfs.criu.mountinfo import NfsSuperblock, nfs_superblocks
 from spfs.criu.runner import CriuError, run_criu
 
@@ -66,13 +68,17 @@ def write_manifest(images: Path, pid: int, superblocks: list[NfsSuperblock]) -> 
 
 
 def dump(pid: int, images: Path, criu: str = "criu", extra: list[str] | None = None,
-         timeout: float = DUMP_TIMEOUT, env: dict[str, str] | None = None) -> DumpResult:
+         timeout: float = DUMP_TIMEOUT, env: dict[str, str] | None = None,
+         pending_deadline: float = pending.DEFAULT_DEADLINE_S) -> DumpResult:
     images = Path(images)
     images.mkdir(parents=True, exist_ok=True)
     try:
+        pending.wait_for_replaces(pid, pending_deadline)
         superblocks = nfs_superblocks(pid)
     except FileNotFoundError:
         raise DumpError(f"no process {pid}") from None
+    except pending.PendingReplace as e:
+        raise DumpError(str(e)) from None
     write_manifest(images, pid, superblocks)
     log.info("dumping %d: %d NFS superblock(s), %d mount(s)", pid, len(superblocks),
              sum(len(sb.mounts) for sb in superblocks))
