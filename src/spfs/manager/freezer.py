@@ -13,6 +13,7 @@ import enum
 import errno
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ def _run_bounded(work: Callable[[], None], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not os.waitpid(pid, os.WNOHANG)[0]:
         if time.monotonic() > deadline:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return
         time.sleep(0.01)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import signal
 import socket
 import time
 
@@ -90,7 +91,7 @@ def _read_answer(read_end: int, pid: int) -> int:
                 os.waitpid(pid, 0)
             return int.from_bytes(data, "little") if len(data) == 2 else errno.EIO
         if time.monotonic() > deadline:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return errno.ETIMEDOUT
         time.sleep(0.005)
