@@ -141,6 +141,10 @@ class SwapEngineAdapter:
             raise OSError(errno.EIO, f"swap engine: {exc}") from None
         if not report.ok:
             raise OSError(errno.EIO, f"swap engine: {report.error}")
+        # where a frozen window goes, for the log (ms; "before_stop": tables and checks)
+        log.info("swap done: %d processes, stop window %.0f ms, %s", report.processes,
+                 report.stop_window_s * 1e3,
+                 ", ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(report.timings.items())))
         return report.as_dict()
 
     def abandon(self, prepared: Any) -> None:

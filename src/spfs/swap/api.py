@@ -65,7 +65,8 @@ def report(plan: SwapPlan, engine: Engine | None = None, error: str | None = Non
     if w and w.first_stop and w.released:
         timings = {name: t - w.first_stop for name, t in w.marks.items()}
         timings.update(all_stopped=w.all_stopped - w.first_stop if w.all_stopped else 0.0,
-                       injected=w.injected - w.first_stop if w.injected else 0.0)
+                       injected=w.injected - w.first_stop if w.injected else 0.0,
+                       before_stop=w.first_stop - w.started if w.started else 0.0)
     ok = error is None and plan.phase in (Phase.RELEASED, Phase.COMMITTED)
     return SwapReport(
         ok=ok,

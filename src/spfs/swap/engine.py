@@ -52,6 +52,7 @@ class UnitFailed(SwapError):
 class Window:
     """Timestamps of the stop window (time.perf_counter)."""
 
+    started: float = 0.0  # commit began (tables are built before the first stop)
     first_stop: float = 0.0
     all_stopped: float = 0.0
     injected: float = 0.0
@@ -97,6 +98,7 @@ class Engine:
     def run(self) -> None:
         if self.plan.phase is not Phase.PREPARED:
             raise SwapError(f"commit needs a prepared plan (phase is {self.plan.phase.value})")
+        self.window.started = time.perf_counter()
         if not self.stop_set:
             self.plan.advance(Phase.STOPPED)
             self.plan.advance(Phase.COMMITTED)
