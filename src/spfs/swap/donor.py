@@ -47,10 +47,12 @@ class Donor:
             os.close(read_end)
         self.ns_pid = procfs.status(self.pid).nspid[-1]
 
-    def close(self, grace: float = 1.0) -> None:
+    def close(self, grace: float = 0.05) -> None:
         """EOF on its pipe ends it; but another child forked meanwhile (a second donor of a
         concurrent switch, a manager's helper) may hold a copy of our write end, so after a
-        short grace it is killed: it has nothing left to do."""
+        short grace it is killed: it has nothing left to do (every task has its fds by now).
+        The grace is short: this runs while the container is frozen, and a second share's
+        replace forking at the same time made each donor wait it out in full."""
         with contextlib.suppress(OSError):
             os.close(self.write_end)
         deadline = time.monotonic() + grace
