@@ -13,12 +13,13 @@ import enum
 import errno
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+from spfs.sys.children import reap_or_kill
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +209,7 @@ def _run_bounded(work: Callable[[], None], timeout: float) -> None:
             code = 0
         finally:
             os._exit(code)
-    deadline = time.monotonic() + timeout
-    while not os.waitpid(pid, os.WNOHANG)[0]:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return
-        time.sleep(0.01)
+    reap_or_kill(pid, timeout)
 
 
 def _max_fd() -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from spfs.sys import namespaces
+from spfs.sys.children import reap_or_kill
 
 NS_ORDER = (  # user first: it grants the capabilities needed to join the others
     ("user", namespaces.CLONE_NEWUSER),
@@ -130,7 +131,8 @@ def _collect(pid: int, sock: socket.socket, timeout: float) -> ChildResult:
             os.kill(pid, signal.SIGKILL)
             raise OSError(errno.ETIMEDOUT, f"namespace worker gave no answer in {timeout} s")
     finally:
-        _reap(pid, deadline)
+        # it exits right after answering; bound the wait anyway
+        reap_or_kill(pid, max(0.0, deadline - time.monotonic()))
     if not payload:
         raise ChildError(errno.EIO, "namespace worker died without an answer")
     reply = json.loads(payload)
@@ -139,16 +141,3 @@ def _collect(pid: int, sock: socket.socket, timeout: float) -> ChildResult:
             os.close(fd)
         raise ChildError(reply["errno"], reply["message"])
     return ChildResult(reply["value"], fds)
-
-
-def _reap(pid: int, deadline: float) -> None:
-    """The child exits right after answering; bound the wait anyway, then kill it."""
-    while True:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return
-        time.sleep(0.001)

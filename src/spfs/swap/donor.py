@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 
 from spfs.swap import procfs
 from spfs.sys import namespaces
+from spfs.sys.children import reap_or_kill
 from spfs.sys.libc import libc
 
 PR_SET_PDEATHSIG = 1
@@ -55,14 +55,7 @@ class Donor:
         replace forking at the same time made each donor wait it out in full."""
         with contextlib.suppress(OSError):
             os.close(self.write_end)
-        deadline = time.monotonic() + grace
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
-                if time.monotonic() > deadline:
-                    os.kill(self.pid, signal.SIGKILL)
-                    os.waitpid(self.pid, 0)
-                    break
-                time.sleep(0.005)
+        reap_or_kill(self.pid, grace)
 
 
 def same_pid_namespace(pid: int) -> bool:

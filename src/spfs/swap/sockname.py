@@ -16,12 +16,11 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-import signal
 import socket
-import time
 
 from spfs.sys import mountapi as m
 from spfs.sys import namespaces
+from spfs.sys.children import reap_or_kill
 
 _PRIVATE_ROOT = "/tmp"  # a tmpfs is mounted over it, in the child's namespace only
 _CHILD_TIMEOUT_S = 10.0
@@ -72,26 +71,12 @@ def _bind_in_private_root(sock: socket.socket, address: str, parent: str, dir_fd
 
 
 def _read_answer(read_end: int, pid: int) -> int:
-    deadline = time.monotonic() + _CHILD_TIMEOUT_S
+    """The child's errno (0: bound); it writes it before it exits."""
+    if not reap_or_kill(pid, _CHILD_TIMEOUT_S):
+        return errno.ETIMEDOUT
     os.set_blocking(read_end, False)
-    data = b""
-    while True:
-        try:
-            data = os.read(read_end, 2)
-        except BlockingIOError:
-            pass
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done and not data:
-            try:  # it may have written between our read and its exit
-                data = os.read(read_end, 2)
-            except BlockingIOError:
-                pass
-        if data or done:
-            if not done:
-                os.waitpid(pid, 0)
-            return int.from_bytes(data, "little") if len(data) == 2 else errno.EIO
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return errno.ETIMEDOUT
-        time.sleep(0.005)
+    try:
+        data = os.read(read_end, 2)
+    except BlockingIOError:
+        data = b""
+    return int.from_bytes(data, "little") if len(data) == 2 else errno.EIO
