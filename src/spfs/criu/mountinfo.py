@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from spfs.sys.mountinfo import MountEntry, read_mountinfo
+from spfs.sys.mountinfo import MountEntry, device_number, read_mountinfo
 
 NFS_TYPES = ("nfs", "nfs4")
 # per-mount flags as mountinfo field 6 spells them, with the mount(2) bits criu-spfs records
@@ -44,8 +44,7 @@ class NfsSuperblock:
 
     @property
     def st_dev(self) -> int:
-        major, minor = self.dev.split(":")
-        return os.makedev(int(major), int(minor))
+        return device_number(self.dev)
 
     @property
     def nlm(self) -> bool:

@@ -23,13 +23,13 @@ from pathlib import Path
 import pycriu
 
 from spfs.swap import procfs
+from spfs.swap.tables import flock_struct
 from spfs.sys import pidfd
 
 log = logging.getLogger(__name__)
 
 F_OFD_GETLK = 36
 FL_POSIX, FL_OFD = 1, 4
-_FLOCK = "hhqqi4x"  # struct flock on x86_64: type, whence, start, len, pid
 
 
 @dataclass(frozen=True)
@@ -39,26 +39,11 @@ class OfdLock:
     fd: int
 
 
-def _tree(root: int) -> list[int]:
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        try:
-            todo.extend(procfs.children(pid))
-        except FileNotFoundError:
-            continue
-    return found
-
-
 def _owned_by_description(pid: int, fd: int, lock: procfs.Lock) -> bool:
     copy = pidfd.getfd(pid, fd)
     try:
-        length = 0 if lock.end is None else lock.end - lock.start + 1
-        probe = struct.pack(_FLOCK, fcntl.F_WRLCK if lock.access == "WRITE" else fcntl.F_RDLCK,
-                            os.SEEK_SET, lock.start, length, 0)
-        answer = fcntl.fcntl(copy, F_OFD_GETLK, probe)
-        return struct.unpack(_FLOCK, answer)[0] == fcntl.F_UNLCK
+        answer = fcntl.fcntl(copy, F_OFD_GETLK, flock_struct(lock))
+        return struct.unpack_from("<h", answer)[0] == fcntl.F_UNLCK  # l_type comes first
     finally:
         os.close(copy)
 
@@ -67,7 +52,7 @@ def find(root: int, devices: set[int]) -> list[OfdLock]:
     """OFD locks shown as POSIX on files of `devices` (NFSv3 superblocks), held by `root`
     or its descendants."""
     found = []
-    for pid in _tree(root) if devices else []:
+    for pid in procfs.tree_pids([root]) if devices else []:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except (FileNotFoundError, PermissionError):

@@ -59,21 +59,6 @@ def cgroup_tids(cgroup: str) -> list[int]:
     return sorted(tids)
 
 
-def tree_pids(roots: list[int]) -> list[int]:
-    seen: set[int] = set()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        try:
-            todo.extend(procfs.children(pid))
-        except FileNotFoundError:
-            continue
-        seen.add(pid)
-    return sorted(seen)
-
-
 def _containing_mount(mounts: dict[int, procfs.Mount], path: str, dev: int) -> procfs.Mount | None:
     """The deepest mount of device `dev` whose mount point contains `path`."""
     candidates = [m for m in mounts.values() if m.dev == dev and
@@ -290,7 +275,7 @@ def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[
         raise ValueError(f"{cgroup} is not a cgroup directory (no cgroup.procs)")
     location = resolve_location(source)
     path_map = dict(path_map or {})
-    all_pids = cgroup_pids(cgroup) if cgroup else tree_pids(pids or [])
+    all_pids = cgroup_pids(cgroup) if cgroup else procfs.tree_pids(pids or [])
     me = os.getpid()
     if me in all_pids:
         raise ValueError("the manager itself is inside the set of processes to switch")

@@ -7,6 +7,8 @@ import re
 import struct
 from dataclasses import dataclass, field
 
+from spfs.sys.mountinfo import read_mountinfo
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -18,19 +20,11 @@ class Mount:
 
 
 def mountinfo(pid: int | str = "self") -> dict[int, Mount]:
+    """Mounts by id, with st_dev as an int (what stat() compares with)."""
     mounts = {}
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts = left.split()
-            major, minor = parts[2].split(":")
-            mounts[int(parts[0])] = Mount(int(parts[0]), os.makedev(int(major), int(minor)),
-                                          unescape(parts[3]), unescape(parts[4]), right.split()[0])
+    for e in read_mountinfo(pid):
+        mounts[e.mount_id] = Mount(e.mount_id, e.st_dev, e.root, e.mountpoint, e.fstype)
     return mounts
-
-
-def unescape(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
 
 
 @dataclass(frozen=True)
@@ -166,6 +160,22 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
     return out
+
+
+def tree_pids(roots: list[int]) -> list[int]:
+    """`roots` and all their descendants still alive."""
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        try:
+            todo.extend(children(pid))
+        except FileNotFoundError:
+            continue
+        seen.add(pid)
+    return sorted(seen)
 
 
 def fd_numbers(pid: int) -> list[int]:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from spfs.sys.mountapi import Propagation
+
+
+def device_number(dev: str) -> int:
+    """mountinfo's "major:minor" as st_dev."""
+    major, minor = dev.split(":")
+    return os.makedev(int(major), int(minor))
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,10 @@ class MountEntry:
     fstype: str
     source: str
     super_options: str
+
+    @property
+    def st_dev(self) -> int:
+        return device_number(self.dev)
 
     @property
     def propagation(self) -> Propagation:
