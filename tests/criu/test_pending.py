@@ -4,9 +4,7 @@ SPFS is mounted in the namespace (a real SPFS mount here, in this test's own nam
 from __future__ import annotations
 
 import os
-import select
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,26 +12,16 @@ from pathlib import Path
 import pytest
 
 from spfs.criu.pending import PendingReplace, spfs_mounts, wait_for_replaces
+from tests.fs.spfs_testlib import start_spfs
 
 
 @pytest.fixture
 def spfs_mount(tmp_path: Path):
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "spfs.fs.cli", str(mountpoint), "--mode", "stub",
-                             "--socket-path", str(tmp_path / "ctl.sock"), "--ready-fd", str(write_end),
-                             "--foreground"], pass_fds=[write_end])
-    os.close(write_end)
+    mount = start_spfs(tmp_path / "mnt", "stub", tmp_path)
     try:
-        ready, _, _ = select.select([read_end], [], [], 20)
-        assert ready and os.read(read_end, 1) == b"", "spfs did not become ready"
-        yield mountpoint
+        yield mount.mountpoint
     finally:
-        os.close(read_end)
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-        proc.terminate()
-        proc.wait(10)
+        mount.stop()
 
 
 def test_no_spfs_mount_means_no_wait() -> None:
