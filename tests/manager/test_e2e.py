@@ -183,9 +183,12 @@ def test_spfs_on_the_host_for_criu_to_bind_in(tmp_path, cgroup, warm):
         assert daemon.text(f"mount;id=h;mode=stub;mountpoint={mp}") == 0
         spfs_pid = daemon.status()["h"]["spfs_pid"]
         assert (spfs_pid in spare) if warm else not _spares(daemon.proc.pid)
+        def next_spares() -> list[int]:
+            return [p for p in _spares(daemon.proc.pid) if p != spfs_pid]
+
         if warm:
-            wait_for(lambda: [p for p in _spares(daemon.proc.pid) if p != spfs_pid],
-                     what="the next spare")
+            wait_for(lambda: next_spares(), what="the next spare")
+            spares_left = set(next_spares())
         assert top_mount_at(read_mountinfo(), str(mp)).fstype.startswith("fuse")
         beat = tmp_path / "beat"
         worker = subprocess.Popen([sys.executable, "-c", WORKER.replace(
@@ -199,9 +202,10 @@ def test_spfs_on_the_host_for_criu_to_bind_in(tmp_path, cgroup, warm):
         wait_for(lambda: read_count(beat) > 5, what="worker progress")
         assert os.stat(f"/proc/{worker.pid}/cwd").st_dev == os.stat(mp).st_dev
         assert daemon.proc.wait(20) == 0
-        if warm:  # the spare ends with the manager
-            wait_for(lambda: not subprocess.run(["pgrep", "-f", "spfs.fs.warm"]).returncode == 0,
-                     what="the spare to exit")
+        if warm:  # the spare ends with the manager (a zombie has no command line left)
+            wait_for(lambda: not spares_left & set(map(int, subprocess.run(
+                ["pgrep", "-f", "spfs.fs.warm"], capture_output=True, text=True).stdout.split())),
+                what="the spare to exit")
     finally:
         if worker is not None:
             kill_and_reap(worker)
