@@ -43,6 +43,17 @@ class SpfsMount:
     def status(self) -> dict[str, Any]:
         return control_client.status(self.socket)
 
+    def exit_status(self, timeout: float = 10.0) -> int:
+        """Wait for the daemon to exit; a non-zero status fails with its stderr and log tail,
+        which are the only record of why (an uncaught exception goes to stderr)."""
+        code = self.proc.wait(timeout)
+        if code != 0:
+            stderr = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            log = self.log.read_text(errors="replace") if self.log.exists() else ""
+            raise AssertionError(f"spfs exited {code}\n--- stderr\n{stderr[-4000:]}"
+                                 f"\n--- log\n{log[-4000:]}")
+        return code
+
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -21,7 +21,7 @@ def test_ready_fd_means_usable_and_umount_exits_zero(proxy: SpfsMount) -> None:
     (proxy.target / "f").write_bytes(b"ready")
     assert (proxy.mountpoint / "f").read_bytes() == b"ready"
     subprocess.run(["umount", str(proxy.mountpoint)], check=True)
-    assert proxy.proc.wait(10) == 0
+    assert proxy.exit_status() == 0
     assert not Path(proxy.socket).exists()
 
 
@@ -36,7 +36,7 @@ def test_lazy_detach_exits_once_the_last_open_file_is_closed(proxy: SpfsMount) -
         assert os.pread(fd, 100, 0) == b"still readable"
     finally:
         os.close(fd)
-    assert proxy.proc.wait(10) == 0
+    assert proxy.exit_status() == 0
 
 
 def test_sigterm_with_open_file_keeps_serving_it_then_exits(proxy: SpfsMount) -> None:
@@ -49,7 +49,7 @@ def test_sigterm_with_open_file_keeps_serving_it_then_exits(proxy: SpfsMount) ->
         assert proxy.proc.poll() is None
     finally:
         os.close(fd)
-    assert proxy.proc.wait(10) == 0
+    assert proxy.exit_status() == 0
 
 
 def test_daemonizes_without_foreground(tmp: Path) -> None:
@@ -175,7 +175,7 @@ def test_sigterm_leaves_a_mount_that_is_no_longer_ours_alone(proxy: SpfsMount, t
         assert is_mounted(proxy.mountpoint)  # the other filesystem is still there
         assert proxy.proc.poll() is None     # ours is still mounted (elsewhere)
         subprocess.run(["umount", str(moved)], check=True)
-        assert proxy.proc.wait(10) == 0
+        assert proxy.exit_status() == 0
     finally:
         subprocess.run(["umount", "-l", str(proxy.mountpoint)], check=False)
         if is_mounted(moved):

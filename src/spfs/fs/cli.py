@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("not mounted: %s", exc)
         print(f"spfs: not mounted: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        # A bug, or pyfuse3's loop giving up: the log is often the only thing an operator
+        # keeps (stderr of a daemon goes nowhere), so the traceback goes there too.
+        log.exception("spfs failed")
+        raise
 
 
 if __name__ == "__main__":
