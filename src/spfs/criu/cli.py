@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from spfs.criu.pending import DEFAULT_DEADLINE_S
+from spfs.standby import DEFAULT_SOCKET as DEFAULT_STANDBY_SOCKET
 
 # The lab's `spfs-lab ct suspend/resume` use criu-spfs when this is True.
 IMPLEMENTED = True
@@ -40,7 +41,8 @@ def _restore(args: argparse.Namespace) -> int:
     config = RestoreConfig(Path(args.images_dir), criu=args.criu, extra=_extra(args),
                            wait=args.wait, work_dir=Path(args.work_dir) if args.work_dir else None,
                            freeze_cgroup=args.freeze_cgroup, mount_deadline=args.mount_deadline,
-                           wait_timeout=args.wait_timeout, verbose=args.verbose)
+                           wait_timeout=args.wait_timeout, verbose=args.verbose,
+                           standby=None if args.no_standby else args.standby)
     try:
         r = restore(config)
     except RestoreError as e:
@@ -78,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the manager keeps retrying the NFS mount (s)")
     r.add_argument("--wait-timeout", type=float, default=900.0,
                    help="bound of --wait (s)")
+    r.add_argument("--standby", default=DEFAULT_STANDBY_SOCKET, metavar="SOCKET",
+                   help="spfs-standby's socket: when it answers, it forks spfs-manager and "
+                        "the spfs daemons (default %(default)s)")
+    r.add_argument("--no-standby", action="store_true",
+                   help="start spfs-manager and spfs as new processes even if a standby runs")
     r.add_argument("criu_args", nargs=argparse.REMAINDER, help="-- extra criu restore options")
     r.set_defaults(func=_restore)
     return p

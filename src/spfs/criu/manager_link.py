@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spfs.manager.client_cmd import send_request
+from spfs.standby import client as standby_client
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +52,63 @@ class ManagerLink:
     def socket_path(self) -> str:
         return str(self.work_dir / "spfs-manager.sock")
 
-    def start(self, mount_deadline: float | None = None, verbose: bool = False) -> None:
+    def start(self, mount_deadline: float | None = None, verbose: bool = False,
+              standby: str | None = None) -> bool:
         """The daemon detaches (-d) once its socket accepts connections and exits by itself
-        after the last SPFS it mounted is gone (--exit-with-spfs)."""
+        after the last SPFS it mounted is gone (--exit-with-spfs). Forked by spfs-standby
+        when one answers at *standby* (then True), else started as a new Python."""
         self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "spfs.manager.cli", "-d", "--exit-with-spfs", "--warm-spfs",
-                "-w", str(self.work_dir), "-s", self.socket_path, "--log-dir", str(self.log_dir)]
+        args = ["-d", "--exit-with-spfs", "--warm-spfs", "-w", str(self.work_dir),
+                "-s", self.socket_path, "--log-dir", str(self.log_dir)]
         if mount_deadline is not None:
-            argv += ["--mount-deadline", str(mount_deadline)]
+            args += ["--mount-deadline", str(mount_deadline)]
         if verbose:
-            argv.append("-v")
+            args.append("-v")
+        code, stderr, forked = None, "", False
+        if standby is not None and os.path.exists(standby):
+            code, stderr = self._start_by_standby(standby, [*args, "--standby", standby])
+            forked = code is not None
+        if code is None:
+            code, stderr = self._start_process([sys.executable, "-m", "spfs.manager.cli", *args])
+        if code != 0:
+            raise ManagerError(f"spfs-manager failed to start ({code}): {stderr.strip()[-2000:]}")
+        self.pid = int((self.work_dir / "spfs-manager.pid").read_text())
+        log.info("spfs-manager %d listening on %s%s", self.pid, self.socket_path,
+                 " (forked by spfs-standby)" if forked else "")
+        return forked
+
+    @staticmethod
+    def _start_process(argv: list[str]) -> tuple[int, str]:
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=START_TIMEOUT,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise ManagerError(f"spfs-manager did not start in {START_TIMEOUT:.0f} s") from None
-        if proc.returncode != 0:
-            raise ManagerError(f"spfs-manager failed to start ({proc.returncode}): "
-                               f"{proc.stderr.strip()[-2000:]}")
-        self.pid = int((self.work_dir / "spfs-manager.pid").read_text())
-        log.info("spfs-manager %d listening on %s", self.pid, self.socket_path)
+        return proc.returncode, proc.stderr
+
+    @staticmethod
+    def _start_by_standby(standby: str, args: list[str]) -> tuple[int | None, str]:
+        """(exit status of the detaching parent, its stderr); (None, "") when the standby
+        cannot do it, so the caller starts the manager itself."""
+        err_read, err_write = os.pipe()
+        try:
+            child = standby_client.spawn(standby, "spfs-manager", args, fds={2: err_write})
+        except (standby_client.StandbyUnavailable, standby_client.StandbyError) as exc:
+            log.warning("%s; starting spfs-manager ourselves", exc)
+            return None, ""
+        finally:
+            os.close(err_write)
+        with os.fdopen(err_read, "rb") as err:
+            try:
+                code = child.wait(START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                raise ManagerError(f"spfs-manager did not start in {START_TIMEOUT:.0f} s") \
+                    from None
+            # the detached manager has its stderr on /dev/null: EOF comes with the exit
+            stderr = err.read(65536).decode(errors="replace") if code != 0 else ""
+        return code, stderr
 
     def _send(self, fields: dict[str, Any]) -> dict[str, Any]:
         packet = json.dumps({k: v for k, v in fields.items() if v is not None}).encode()

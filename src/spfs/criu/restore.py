@@ -80,6 +80,7 @@ class RestoreConfig:
     wait_timeout: float = 900.0
     verbose: bool = False
     env: dict[str, str] = field(default_factory=dict)  # for CRIU and its action scripts
+    standby: str | None = None  # spfs-standby's socket, used when it answers
 
 
 def plan_shares(images: Path) -> list[ShareRestore]:
@@ -148,7 +149,8 @@ class Restore:
         # namespaces (each copy would pin SPFS alive after the replace)
         _run(["mount", "--bind", str(self.work), str(self.work)])
         _run(["mount", "--make-private", str(self.work)])
-        self.manager.start(self.config.mount_deadline, self.config.verbose)
+        forked = self.manager.start(self.config.mount_deadline, self.config.verbose,
+                                    self.config.standby)
         for s in self.shares:
             d = self.work / s.id
             d.mkdir()
@@ -157,7 +159,8 @@ class Restore:
             self.manager.request(cmd="mount", id=s.id, mode="restore",
                                  mountpoint=str(d / "mnt"), manifest=str(d / "manifest.json"))
             s.staging = d / "mnt"
-        self.tl.note("spfs-manager started, SPFS mounted in restore mode")
+        self.tl.note("spfs-manager started" + (" by spfs-standby" if forked else "") +
+                     ", SPFS mounted in restore mode")
 
     # -- 3
     def run_criu(self) -> None:

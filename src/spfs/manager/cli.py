@@ -67,6 +67,9 @@ def daemon_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warm-spfs", action="store_true",
                         help="keep a spare spfs daemon with its imports done, so a mount "
                              "request does not wait for a Python start (criu-spfs restore)")
+    parser.add_argument("--standby", metavar="SOCKET",
+                        help="spfs-standby's socket: it forks the spfs daemons when it "
+                             "answers (no Python start per daemon)")
     return parser
 
 
@@ -137,7 +140,7 @@ def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str) -> Mana
                            exit_with_spfs=args.exit_with_spfs)
     launcher = SpfsProcessLauncher(command=tuple(args.spfs_command.split()),
                                    timeouts=SpfsTimeouts(ready=args.spfs_ready_timeout),
-                                   warm=args.warm_spfs)
+                                   warm=args.warm_spfs, standby=args.standby)
     return Manager(config, launcher, pipeline, SwapEngineAdapter())
 
 

@@ -25,6 +25,7 @@ from spfs.manager.interfaces import SpfsSpec
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
 from spfs.manager.protocol import SpfsMode
+from spfs.standby import client as standby_client
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ def _copy_root_stat(target: Namespaces | None, mountpoint: str, staging: str,
     os.utime(staging, ns=(atime, mtime))
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], ready_read: int, timeout: float) -> None:
+ChildProcess = subprocess.Popen[bytes] | standby_client.StandbyChild
+
+
+def _wait_ready(proc: ChildProcess, ready_read: int, timeout: float) -> None:
     poller = select.poll()
     poller.register(ready_read, select.POLLHUP | select.POLLERR | select.POLLIN)
     deadline = time.monotonic() + timeout
@@ -87,7 +91,7 @@ class SpfsProcess:
     """A running spfs daemon and its control socket."""
 
     spec: SpfsSpec
-    proc: subprocess.Popen[bytes]
+    proc: ChildProcess
     socket_path: str
     staging: str | None = None  # where it mounted before moving into the container
     dev: int | None = None  # st_dev of its superblock, to recognise its mounts
@@ -167,11 +171,18 @@ class SpfsProcessLauncher:
     command: tuple[str, ...] = DEFAULT_SPFS_COMMAND
     timeouts: SpfsTimeouts = field(default_factory=SpfsTimeouts)
     warm: bool = False  # keep a warm spare daemon (only for the default command)
+    standby: str | None = None  # spfs-standby's socket: it forks the daemons, if it answers
     _spare: _Spare | None = None
 
+    def _standby_usable(self) -> bool:
+        return (self.standby is not None and self.command == DEFAULT_SPFS_COMMAND
+                and os.path.exists(self.standby))
+
     def warm_up(self) -> None:
-        """Start a spare daemon that imports everything now, if none is waiting."""
-        if not self.warm or self.command != DEFAULT_SPFS_COMMAND or self._spare is not None:
+        """Start a spare daemon that imports everything now, if none is waiting (and no
+        standby forks them: a spare would only compete with the restore for the CPU)."""
+        if (not self.warm or self.command != DEFAULT_SPFS_COMMAND or self._spare is not None
+                or self._standby_usable()):
             return
         ready_read, ready_write = os.pipe()
         config_read, config_write = os.pipe()
@@ -202,9 +213,29 @@ class SpfsProcessLauncher:
                 spare.proc.kill()
                 spare.proc.wait(self.timeouts.stop)
 
-    def _launch(self, spec: SpfsSpec, args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
-        """The daemon's process and the read end of its ready pipe: the spare if there is
-        one alive (it gets `args`), else a new process."""
+    def _from_standby(self, spec: SpfsSpec, args: list[str]) -> tuple[ChildProcess, int] | None:
+        assert self.standby is not None
+        ready_read, ready_write = os.pipe()
+        try:
+            child = standby_client.spawn(self.standby, "spfs", [*args, "--ready-fd", "3"],
+                                         fds={3: ready_write}, new_session=True)
+        except (standby_client.StandbyUnavailable, standby_client.StandbyError) as exc:
+            log.warning("spfs %s: %s; starting it ourselves", spec.id, exc)
+            os.close(ready_read)
+            return None
+        finally:
+            os.close(ready_write)
+        log.info("spfs %s: standby forked %d: %s", spec.id, child.pid, " ".join(args))
+        return child, ready_read
+
+    def _launch(self, spec: SpfsSpec, args: list[str]) -> tuple[ChildProcess, int]:
+        """The daemon's process and the read end of its ready pipe: forked by the standby
+        if one answers, else the spare if there is one alive (it gets `args`), else a new
+        process."""
+        if self._standby_usable():
+            launched = self._from_standby(spec, args)
+            if launched is not None:
+                return launched
         spare, self._spare = self._spare, None
         if spare is not None and spare.proc.poll() is None:
             payload = json.dumps([*args, "--ready-fd", str(spare.ready_fd_in_child)]).encode()

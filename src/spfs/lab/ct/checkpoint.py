@@ -25,6 +25,7 @@ from spfs.lab.ct.util import CtError, run
 from spfs.lab.ct.spec import CtState
 from spfs.lab.env import lab_env
 from spfs.lab.paths import GUEST_DIR
+from spfs.standby import DEFAULT_SOCKET as DEFAULT_STANDBY_SOCKET
 
 if TYPE_CHECKING:
     from spfs.timeline import Timeline
@@ -163,14 +164,14 @@ def restore_argv(state: CtState, images: Path, nfs_dirs: list[Path]) -> list[str
 
 
 def _resume_spfs(state: CtState, images: Path, wait: bool,
-                 timeline: "Timeline | None") -> float:
+                 timeline: "Timeline | None", standby: str | None) -> float:
     from spfs.criu.restore import RestoreConfig, RestoreError, restore
     # NFS is mounted again inside the container's netns: NFSv3 locks need its helpers
     helpers = {"SPFS_LAB_NFS_HELPERS": "1" if nfs_helpers.needed(state) else "0",
                "SPFS_LAB_PYTHON": sys.executable}
     config = RestoreConfig(images, criu=CRIU, extra=criu_spfs_restore_extra(state, images),
                            wait=wait, freeze_cgroup=str(state.cgroup_dir()),
-                           env=_criu_env(state, helpers), verbose=True)
+                           env=_criu_env(state, helpers), verbose=True, standby=standby)
     t0 = time.monotonic()
     try:
         restore(config, timeline)
@@ -180,15 +181,17 @@ def _resume_spfs(state: CtState, images: Path, wait: bool,
 
 
 def resume(state: CtState, images: str | Path, plain: bool = False, wait: bool = True,
-           timeline: "Timeline | None" = None) -> Timing:
+           timeline: "Timeline | None" = None,
+           standby: str | None = DEFAULT_STANDBY_SOCKET) -> Timing:
     """criu-spfs restore (`wait`: until the shares are real NFS again and spfs and the
-    manager exited), or the plain baseline."""
+    manager exited; `standby`: spfs-standby's socket, used if one answers there), or the
+    plain baseline."""
     if alive(state):
         raise CtError(f"container {state.name} is running")
     images = Path(images)
     (images / "restore.pid").unlink(missing_ok=True)
     if not plain:
-        seconds = _resume_spfs(state, images, wait, timeline)
+        seconds = _resume_spfs(state, images, wait, timeline, standby)
         return _resumed(state, images, seconds)
     nfs_dirs = mount_shares_in_root_netns(state)
     try:

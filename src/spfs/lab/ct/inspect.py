@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spfs.sys.mountinfo import parse_mountinfo
 from spfs.lab.ct.spec import CtState
+from spfs.standby.protocol import PROGRAMS
+from spfs.sys.mountinfo import parse_mountinfo
 
 HELPER_MODULES = ("spfs.fs.cli", "spfs.manager.cli")
 
@@ -20,6 +21,16 @@ def fstypes_at(state: CtState) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _forked_by_standby(pid: str, cmd: str) -> bool:
+    """spfs-standby's children keep its command line and take the program's name."""
+    if "spfs.standby" not in cmd:
+        return False
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() in PROGRAMS
+    except OSError:
+        return False
+
+
 def spfs_helpers_running() -> list[str]:
     """Command lines of spfs daemons and managers still alive anywhere in the guest."""
     found = []
@@ -30,6 +41,6 @@ def spfs_helpers_running() -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if any(m in cmd for m in HELPER_MODULES):
+        if any(m in cmd for m in HELPER_MODULES) or _forked_by_standby(pid, cmd):
             found.append(f"{pid}: {cmd.strip()}")
     return found
