@@ -54,9 +54,15 @@ def one_mount_seconds(state: CtState, spec: NfsMount) -> float:
     return seconds
 
 
+def _image_dir(tag: str) -> Path:
+    """In the lab run's results when there are some: CRIU's and the manager's logs of each
+    restore can be read on the host afterwards."""
+    return Path(tempfile.mkdtemp(prefix=f"bench-{tag}-", dir=os.environ.get("SPFS_LAB_RESULTS")))
+
+
 def spfs_round(name: str, tag: str, standby: str | None) -> tuple[float, float, float]:
     """One criu-spfs suspend + resume: (restore time, stall after resume, frozen window)."""
-    img = Path(tempfile.mkdtemp(prefix=f"bench-{tag}-"))
+    img = _image_dir(tag)
     checkpoint.suspend(CtState.load(name), img)
     checkpoint.resume(CtState.load(name), img, standby=standby)
     doc = json.loads((img / "criu-spfs-restore.json").read_text())
@@ -86,7 +92,7 @@ def main() -> int:
         workload.wait_running(loads)
         with standby_service.running(socket_path, args.standby_log):
             for r in range(args.rounds):
-                img = Path(tempfile.mkdtemp(prefix=f"bench-plain-{r}-"))
+                img = _image_dir(f"plain-{r}")
                 checkpoint.suspend(CtState.load(names[0]), img, plain=True)
                 plain.append(checkpoint.resume(CtState.load(names[0]), img, plain=True).seconds)
                 mounts.append(one_mount_seconds(CtState.load(names[1]), spec))

@@ -1,7 +1,8 @@
-#!/bin/sh
+#!/bin/bash
 # criu-spfs's CRIU action script (CRIU runs it at every stage with CRTOOLS_SCRIPT_ACTION set,
 # in the root namespaces of the host). Shell, not Python: CRIU calls it up to ten times per
-# restore and a Python start costs 0.6 s under emulation.
+# restore and a Python start costs 0.6 s under emulation. Bash for `read -t`: the stages
+# handed to criu-spfs cost no helper process (timeout, head), only builtins.
 #
 # network-lock (dump): runs before CRIU locks the container's network. CRIU's lock (iptables
 #   or nftables, 3.17 and 4.x alike) accepts packets marked 0xC114 (SOCCR_MARK), so we mark
@@ -9,10 +10,15 @@
 #   server in its mounts, and its own rpcbind/statd on loopback) and nothing else: dump can
 #   flush dirty NFS pages (else it hangs unkillably in nfs_getattr), every other connection
 #   stays locked. The rules live in a mangle chain of their own.
-# network-unlock (restore): drop that chain, which the dump image carried along.
+# post-resume (restore): drop that chain, which the dump image carried along, in the
+#   background: its four iptables runs take ~0.8 s under emulation and would hold the
+#   processes' resume (CRIU waits for network-unlock scripts); the marks are harmless
+#   meanwhile, CRIU's own lock rules being gone. A chain still there at the next dump is
+#   rebuilt.
 # post-restore, pre-resume, post-resume (restore): handed to the criu-spfs restore that runs
 #   CRIU (src/spfs/criu/stages.py) through the FIFOs in $SPFS_CRIU_CONTROL: SPFS goes to
-#   stub before the processes resume, and the replace by the real NFS is released after.
+#   stub before the processes resume, and the replace by the real NFS is released after
+#   (post-resume is not waited for: the processes already run).
 PID=${CRTOOLS_INIT_PID:-}
 MARK=0xC114
 CHAIN=SPFS-NFS
@@ -35,7 +41,10 @@ local_nsm() {  # the container's own rpcbind/statd (NFSv3 locks), if it has them
 }
 
 mark_nfs() {
-    in_ct_net iptables -w -t mangle -N $CHAIN || return 1
+    if ! in_ct_net iptables -w -t mangle -N $CHAIN 2>/dev/null; then
+        unmark_nfs  # left over by a restore whose clean-up did not run
+        in_ct_net iptables -w -t mangle -N $CHAIN || return 1
+    fi
     # The lock stays in the netns after a successful dump; the kernel's NFSv3 teardown there
     # (lockd unregister, NSM unmonitor over loopback) must still get through, or the exit of
     # the netns's last task hangs in lockd_down and blocks lockd for the whole guest.
@@ -61,13 +70,20 @@ unmark_nfs() {
     return 0
 }
 
-to_criu_spfs() {  # one stage to criu-spfs; its answer is "ok" or what went wrong
-    ctl=${SPFS_CRIU_CONTROL:-}
+to_criu_spfs() {  # one stage to criu-spfs; $2=wait: its answer is "ok" or what went wrong
+    local ctl=${SPFS_CRIU_CONTROL:-} answer
     [ -n "$ctl" ] || return 0
-    timeout 30 sh -c 'printf "%s\n" "$1" > "$2"' - "$1 ${PID:-0}" "$ctl/request" || {
-        echo "criu-spfs action: criu-spfs did not take stage $1" >&2; return 1; }
-    answer=$(timeout 300 head -n 1 "$ctl/reply") || {
-        echo "criu-spfs action: no answer for stage $1" >&2; return 1; }
+    # read-write opens of a FIFO never block: criu-spfs holds `request` open, and if it is
+    # gone the bounded read below fails the stage
+    exec 3<>"$ctl/request" || { echo "criu-spfs action: no $ctl/request" >&2; return 1; }
+    printf '%s\n' "$1 ${PID:-0}" >&3
+    exec 3>&-
+    [ "${2:-}" = wait ] || return 0
+    exec 4<>"$ctl/reply" || { echo "criu-spfs action: no $ctl/reply" >&2; return 1; }
+    if ! read -r -t "${SPFS_CRIU_STAGE_TIMEOUT:-300}" answer <&4; then
+        echo "criu-spfs action: no answer for stage $1" >&2; return 1
+    fi
+    exec 4<&-
     [ "$answer" = ok ] || { echo "criu-spfs action: $1: $answer" >&2; return 1; }
 }
 
@@ -75,10 +91,10 @@ case "${CRTOOLS_SCRIPT_ACTION:-}" in
     network-lock)
         [ -n "$PID" ] || { echo "criu-spfs action: no CRTOOLS_INIT_PID" >&2; exit 1; }
         mark_nfs ;;
-    network-unlock)
-        [ -n "$PID" ] && unmark_nfs
-        exit 0 ;;
-    post-restore|pre-resume|post-resume)
+    post-restore|pre-resume)
+        to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" wait || exit 1 ;;
+    post-resume)
+        [ -n "$PID" ] && unmark_nfs </dev/null >/dev/null 2>&1 &
         to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" || exit 1 ;;
 esac
 exit 0

@@ -37,6 +37,7 @@ from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
 from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
 from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
+from spfs.sys.mountapi import MNT_DETACH, umount2
 from spfs.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 TIMELINE_NAME = "criu-spfs-restore.json"
 RESTORE_TIMEOUT = 600.0
 DONE_PHASES = ("done", "failed", "rolled_back")
+STAGE_TIMEOUT = 60.0  # for a stage CRIU ran to be handled here
 EXIT_TIMEOUT = 60.0  # after the replace: SPFS exits once unused, the manager after it
 PHASE_NOTES = {  # replace phases worth a line of the timeline when they are reached
     "proxy": "NFS mounted in the container; SPFS proxies to it",
@@ -170,6 +172,11 @@ class Restore:
         try:
             seconds = run_criu(argv, self.images / "restore.log", RESTORE_TIMEOUT,
                                dict(os.environ) | self.config.env | stages.env)
+            if not stages.errors:
+                self.tl.note("criu restore done: processes running on SPFS", seconds)
+            # CRIU does not wait for post-resume's handling (the release), we do
+            if not stages.wait_handled("post-resume", STAGE_TIMEOUT):
+                stages.errors.append(f"post-resume not handled in {STAGE_TIMEOUT:.0f} s")
         except CriuError as e:
             raise RestoreError(str(e)) from None
         finally:
@@ -177,7 +184,6 @@ class Restore:
         if stages.errors:
             # processes run, but not as planned: SPFS may still be in restore mode
             raise RestoreError("action script stages failed: " + "; ".join(stages.errors))
-        self.tl.note("criu restore done: processes running on SPFS", seconds)
 
     def _on_stage(self, stage: str, pid: int) -> None:
         if stage == "post-restore":
@@ -212,10 +218,14 @@ class Restore:
         log.info("replaces queued (held) for pid %d, freezer cgroup %s", pid, cgroup)
 
     def detach_staging(self) -> None:
-        """The container has its own binds of each SPFS; the host's staging mounts go."""
+        """The container has its own binds of each SPFS; the host's staging mounts go
+        (by the syscall: an umount process would hold the restore for its start)."""
         for s in self.shares:
             if s.staging is not None and os.path.ismount(s.staging):
-                _run(["umount", "-l", str(s.staging)], check=False)
+                try:
+                    umount2(str(s.staging), MNT_DETACH)
+                except OSError as e:
+                    log.warning("detaching %s: %s", s.staging, e)
 
     # -- 4
     def follow(self) -> bool:

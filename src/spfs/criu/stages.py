@@ -1,9 +1,17 @@
 """The bridge between CRIU's action script and the `criu-spfs restore` that runs CRIU.
 
 CRIU runs action scripts at each stage; a Python start per stage costs ~0.6 s under
-emulation, so the script stays shell and hands the stages that matter to the waiting
-criu-spfs through two FIFOs in a private directory (`SPFS_CRIU_CONTROL`): it writes
-"STAGE INIT_PID" to `request` and reads one line, "ok" or an error, from `reply`.
+emulation, so the script stays a shell script (bash, for `read -t`: no helper process per
+stage either) and hands the stages that matter to the waiting criu-spfs through two FIFOs in
+a private directory (`SPFS_CRIU_CONTROL`): it writes "STAGE INIT_PID" to `request` and, except
+for post-resume, reads one line, "ok" or an error, from `reply`.
+
+We hold `request` open for reading for the whole restore, so the script's open never blocks
+and its line stays in the pipe even when we are still busy with the previous stage. The
+script opens `reply` read-write (never blocking either) and bounds its read; if we are gone it
+fails the stage instead of hanging CRIU. post-resume is not answered: the processes already
+run, CRIU could not undo anything, so it need not wait for the replace to be released;
+`wait_handled` lets the caller wait for it instead.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from pathlib import Path
@@ -20,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "SPFS_CRIU_CONTROL"
 STAGES = ("post-restore", "pre-resume", "post-resume")
+UNANSWERED = ("post-resume",)
 MAX_LINE = 256
 
 StageHandler = Callable[[str, int], None]
@@ -33,6 +43,8 @@ class StageServer:
         self.handler = handler
         self.errors: list[str] = []
         self.seen: list[str] = []
+        self.handled: list[str] = []
+        self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -40,6 +52,9 @@ class StageServer:
             path = self.directory / name
             path.unlink(missing_ok=True)
             os.mkfifo(path, 0o600)
+        # read-write: never blocks, and the pipe never sees EOF while we hold it
+        self._requests = os.open(self.directory / "request", os.O_RDWR | os.O_NONBLOCK |
+                                 os.O_CLOEXEC)
 
     @property
     def env(self) -> dict[str, str]:
@@ -50,13 +65,38 @@ class StageServer:
         self._thread.start()
 
     def _serve(self) -> None:
+        pending = b""
         while not self._stop.is_set():
-            with open(self.directory / "request", "rb") as f:  # blocks until a writer comes
-                line = f.readline(MAX_LINE).decode("ascii", "replace").strip()
-            if self._stop.is_set():
-                return
-            answer = self._answer(line)
-            self._reply(answer)
+            if not select.select([self._requests], [], [], 0.2)[0]:
+                continue
+            try:
+                pending += os.read(self._requests, 4096)
+            except BlockingIOError:
+                continue
+            while b"\n" in pending:
+                raw, pending = pending.split(b"\n", 1)
+                line = raw[:MAX_LINE].decode("ascii", "replace").strip()
+                stage = line.partition(" ")[0]
+                answer = self._answer(line)
+                if stage not in UNANSWERED:
+                    self._reply(answer)
+                with self._changed:
+                    self.handled.append(stage)
+                    self._changed.notify_all()
+            if len(pending) > MAX_LINE:  # no newline in sight: not our script
+                log.error("dropping a stage request without end: %r", pending[:80])
+                pending = b""
+
+    def wait_handled(self, stage: str, timeout: float) -> bool:
+        """Until *stage* has been handled (True) or *timeout* passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while stage not in self.handled:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
 
     def _reply(self, answer: str, timeout: float = 30.0) -> None:
         """The script opens the reply FIFO right after writing; if it gave up meanwhile
@@ -92,12 +132,9 @@ class StageServer:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread.is_alive():
-            # wake the blocked open() with an empty request
-            try:
-                fd = os.open(self.directory / "request", os.O_WRONLY | os.O_NONBLOCK)
-                os.close(fd)
-            except OSError:
-                pass
             self._thread.join(timeout=2)
+        if self._requests >= 0 and not (self._thread and self._thread.is_alive()):
+            os.close(self._requests)
+            self._requests = -1
         for name in ("request", "reply"):
             (self.directory / name).unlink(missing_ok=True)

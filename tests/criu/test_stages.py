@@ -1,0 +1,127 @@
+"""The real action script (bash) and criu-spfs's stage server, as CRIU would run the script
+at each stage: answers, failures, bounded waits when criu-spfs is gone, post-resume not waited
+for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from spfs.criu.dump import ACTION_SCRIPT
+from spfs.criu.stages import StageServer
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.fail: str | None = None
+        self.delay = 0.0
+
+    def __call__(self, stage: str, pid: int) -> None:
+        time.sleep(self.delay)
+        self.calls.append((stage, pid))
+        if self.fail:
+            raise RuntimeError(self.fail)
+
+
+@pytest.fixture
+def bridge(tmp_path: Path) -> Iterator[tuple[StageServer, Recorder]]:
+    recorder = Recorder()
+    server = StageServer(tmp_path / "stages", recorder)
+    server.start()
+    try:
+        yield server, recorder
+    finally:
+        server.stop()
+
+
+def run_stage(control: Path, stage: str, pid: int = 4242, timeout_s: int = 300,
+              ) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": stage,
+           "CRTOOLS_INIT_PID": str(pid), "SPFS_CRIU_CONTROL": str(control),
+           "SPFS_CRIU_STAGE_TIMEOUT": str(timeout_s)}
+    return subprocess.run([str(ACTION_SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_answered_stages_reach_the_handler_in_order(bridge) -> None:
+    server, recorder = bridge
+    for stage in ("post-restore", "pre-resume"):
+        result = run_stage(server.directory, stage)
+        assert result.returncode == 0, result.stderr
+    assert recorder.calls == [("post-restore", 4242), ("pre-resume", 4242)]
+    assert server.errors == []
+
+
+def test_a_failing_stage_fails_the_script_with_the_reason(bridge) -> None:
+    server, recorder = bridge
+    recorder.fail = "SPFS would not switch to stub"
+    result = run_stage(server.directory, "pre-resume")
+    assert result.returncode == 1
+    assert "SPFS would not switch to stub" in result.stderr
+    assert server.errors and "pre-resume" in server.errors[0]
+
+
+def test_post_resume_is_not_waited_for_but_is_handled(bridge) -> None:
+    server, recorder = bridge
+    recorder.delay = 2.0
+    t0 = time.monotonic()
+    result = run_stage(server.directory, "post-resume")
+    took = time.monotonic() - t0
+    assert result.returncode == 0, result.stderr
+    assert took < 1.5, f"the script waited {took:.2f} s for the handler"
+    assert not server.wait_handled("post-resume", 0.1)  # still being handled
+    assert server.wait_handled("post-resume", 10)
+    assert recorder.calls == [("post-resume", 4242)]
+
+
+def test_a_stage_sent_while_the_previous_is_still_handled_is_not_lost(bridge) -> None:
+    server, recorder = bridge
+    recorder.delay = 0.5
+    first = threading.Thread(target=run_stage, args=(server.directory, "post-restore"))
+    first.start()
+    time.sleep(0.1)
+    # CRIU runs stages in order; this only stresses the FIFO: the second line arrives while
+    # the first is in the handler
+    assert run_stage(server.directory, "post-resume").returncode == 0
+    first.join(10)
+    assert server.wait_handled("post-resume", 10)
+    assert [c[0] for c in recorder.calls] == ["post-restore", "post-resume"]
+
+
+def test_no_criu_spfs_behind_the_fifos_fails_within_the_bound(tmp_path: Path) -> None:
+    server = StageServer(tmp_path / "stages", Recorder())  # FIFOs made, nobody serving
+    try:
+        t0 = time.monotonic()
+        result = run_stage(server.directory, "pre-resume", timeout_s=1)
+        assert result.returncode == 1 and "no answer for stage pre-resume" in result.stderr
+        assert time.monotonic() - t0 < 10
+    finally:
+        server.stop()
+
+
+def test_a_malformed_line_is_answered_not_handled(bridge) -> None:
+    server, recorder = bridge
+    with open(server.directory / "request", "w") as request:
+        request.write("pre-resume notapid\n")
+    fd = os.open(server.directory / "reply", os.O_RDWR)
+    try:
+        deadline = time.monotonic() + 10
+        answer = b""
+        while not answer.endswith(b"\n") and time.monotonic() < deadline:
+            answer += os.read(fd, 256)
+    finally:
+        os.close(fd)
+    assert answer.startswith(b"bad stage request")
+    assert recorder.calls == []
+
+
+def test_without_a_control_dir_the_stages_are_no_ops(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": "pre-resume"}
+    assert subprocess.run([str(ACTION_SCRIPT)], env=env, timeout=30).returncode == 0
