@@ -5,6 +5,7 @@ fs-agnostic; NFS is for the lab)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from manager_helpers import (kill_and_reap, read_count, start_daemon, stop_daemon, unmount_below,
                              wait_for)
+from spfs.manager.protocol import FINAL_STATUS_NAME
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 
 TERMINAL = {"done", "failed", "rolled_back"}
@@ -115,6 +117,10 @@ def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
         # nothing uses SPFS any more: it exits, and the manager after it
         wait_for(lambda: not os.path.exists(f"/proc/{spfs_pid}"), 20, "spfs exit")
         assert daemon.proc.wait(20) == 0
+        # what it leaves for a client that polled too late: how each replace ended
+        final = json.loads((daemon.work_dir / FINAL_STATUS_NAME).read_text())["mounts"]
+        assert [(m["id"], m["replace"]["phase"], m["spfs_running"]) for m in final] == \
+            [("1", "done", False)]
     finally:
         stop_daemon(daemon)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spfs.manager.client_cmd import send_request
+from spfs.manager.protocol import FINAL_STATUS_NAME
 from spfs.standby import client as standby_client
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,18 @@ class ManagerLink:
         error of the request)."""
         reply = self._send({"cmd": "status"})
         return list((reply.get("data") or {}).get("mounts") or [])
+
+    def final_status(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """After the manager exited: the status it left, with the SPFS that ended before
+        anyone looked ([] if it died without writing it)."""
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            doc = json.loads((self.work_dir / FINAL_STATUS_NAME).read_text())
+        except (OSError, ValueError):
+            return []
+        return list(doc.get("mounts") or [])
 
     def alive(self) -> bool:
         return self.pid > 0 and pid_alive(self.pid)

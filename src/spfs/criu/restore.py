@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
 from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
 from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
-from spfs.sys.mountapi import MNT_DETACH, umount2
+from spfs.sys.mountapi import MNT_DETACH, MS_BIND, MS_PRIVATE, mount, umount2
 from spfs.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -149,8 +148,11 @@ class Restore:
         self.owns_work = True
         # A private mount of its own: SPFS mounted below must not propagate into peer
         # namespaces (each copy would pin SPFS alive after the replace)
-        _run(["mount", "--bind", str(self.work), str(self.work)])
-        _run(["mount", "--make-private", str(self.work)])
+        try:
+            mount(str(self.work), str(self.work), None, MS_BIND, None)
+            mount("none", str(self.work), None, MS_PRIVATE, None)
+        except OSError as e:
+            raise RestoreError(f"private mount of {self.work}: {e}") from None
         forked = self.manager.start(self.config.mount_deadline, self.config.verbose,
                                     self.config.standby)
         for s in self.shares:
@@ -240,7 +242,12 @@ class Restore:
             try:
                 mounts = self.manager.status()
             except OSError:
-                break  # the manager exited: only after its last SPFS went, see below
+                # the manager exited (after its last SPFS went): how the replaces we did
+                # not see end ended is in what it left
+                for m in self.manager.final_status():
+                    if m["id"] not in final:
+                        ok &= self._note_progress(m, seen.setdefault(m["id"], set()), final)
+                break
             for m in mounts:
                 ok &= self._note_progress(m, seen.setdefault(m["id"], set()), final)
             time.sleep(0.1)
@@ -303,7 +310,10 @@ class Restore:
                 log.warning("%s still mounted: leaving %s", s.staging, self.work)
                 return
         # (a bind of a directory onto itself: os.path.ismount cannot tell)
-        _run(["umount", "-l", str(self.work)], check=False)
+        try:
+            umount2(str(self.work), MNT_DETACH)
+        except OSError as e:
+            log.warning("detaching %s: %s", self.work, e)
         shutil.rmtree(self.work, onerror=lambda _f, path, exc: log.warning(
             "cleaning %s: %s", path, exc[1]))
 
@@ -319,12 +329,6 @@ WORK_ROOT = Path("/run/criu-spfs")
 def _fresh_work_dir() -> Path:
     WORK_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="restore-", dir=WORK_ROOT))
-
-
-def _run(argv: list[str], check: bool = True) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RestoreError(f"{' '.join(argv)}: {proc.stderr.strip()}")
 
 
 def restore(config: RestoreConfig, timeline: Timeline | None = None) -> Restore:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import importlib
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from types import ModuleType
 
 from spfs.manager.freezer import FreezePolicy, FreezerLocks
 from spfs.manager.manager import Manager, ManagerConfig
+from spfs.manager.protocol import FINAL_STATUS_NAME
 from spfs.manager.realmount import RetryPolicy
 from spfs.manager.replace import ReplacePipeline, ReplaceTimeouts
 from spfs.manager.server import ControlServer
@@ -130,6 +132,17 @@ def _detach(pid_file: str) -> None:
     os.close(devnull)
 
 
+def _write_final_status(path: str, manager: Manager) -> None:
+    """What a client polling the socket may have missed, for after we are gone (renamed
+    whole, before the pid file goes: the pid file's absence means this is complete)."""
+    try:
+        with open(f"{path}.partial", "w") as f:
+            json.dump({"mounts": manager.final_statuses()}, f)
+        os.rename(f"{path}.partial", path)
+    except (OSError, TypeError, ValueError) as exc:
+        log.warning("final status not written: %s", exc)
+
+
 def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str) -> Manager:
     timeouts = ReplaceTimeouts(hold=args.hold_timeout, freeze=FreezePolicy(
         attempt=args.freeze_timeout, deadline=args.freeze_deadline, thaw=args.freeze_timeout))
@@ -192,6 +205,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         if isinstance(manager.launcher, SpfsProcessLauncher):
             manager.launcher.close()
         server.close()
+        _write_final_status(os.path.join(work_dir, FINAL_STATUS_NAME), manager)
         os.unlink(pid_file)
         log.info("spfs-manager stopped")
     return 0

@@ -81,6 +81,9 @@ class Manager:
         self.pipeline = pipeline
         self.swapper = swapper
         self.mounts: dict[str, ManagedSpfs] = {}
+        # the last status of each SPFS that exited: a client that looked too late (the
+        # replace done, SPFS gone, we about to exit) still learns how it ended
+        self.gone: dict[str, dict[str, Any]] = {}
         self.finished = threading.Event()  # set when --exit-with-spfs says we are done
         self._lock = threading.Lock()
         self._starting: set[str] = set()
@@ -251,11 +254,19 @@ class Manager:
                     spfs.job.real_fd = None
             with self._lock:
                 self.mounts.pop(spfs.id, None)
+                self.gone[spfs.id] = spfs.status()
             log.info("SPFS %s (pid %s) exited", spfs.id, spfs.handle.pid)
         with self._lock:
             if self.config.exit_with_spfs and self._had_mounts and not self.mounts \
                     and not self._starting:
                 self.finished.set()
+
+    def final_statuses(self) -> list[dict[str, Any]]:
+        """Every SPFS this manager had: the exited ones as they ended, then the others."""
+        with self._lock:
+            running = list(self.mounts.values())
+            ended = list(self.gone.values())
+        return ended + [spfs.status() for spfs in running]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop held replaces; running ones get `timeout` to finish.  SPFS daemons stay:

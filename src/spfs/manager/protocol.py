@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+# Written by a manager as it exits: the status of every SPFS it had (cli._write_final_status)
+FINAL_STATUS_NAME = "spfs-manager.final.json"
 # The C manager reads one 4096-byte page; we accept more (long bind lists, big mount data)
 # but keep a hard bound so a peer cannot make us buffer without limit.
 MAX_PACKET_BYTES = 65536
