@@ -125,3 +125,16 @@ def test_a_malformed_line_is_answered_not_handled(bridge) -> None:
 def test_without_a_control_dir_the_stages_are_no_ops(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": "pre-resume"}
     assert subprocess.run([str(ACTION_SCRIPT)], env=env, timeout=30).returncode == 0
+
+
+def test_pre_restore_comes_without_a_pid_and_waits_for_its_answer(bridge) -> None:
+    server, recorder = bridge
+    recorder.delay = 1.0  # as while SPFS is still being mounted
+    env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": "pre-restore",
+           "SPFS_CRIU_CONTROL": str(server.directory)}
+    t0 = time.monotonic()
+    result = subprocess.run([str(ACTION_SCRIPT)], env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - t0 >= 1.0  # CRIU goes on only once the mounts are there
+    assert recorder.calls == [("pre-restore", 0)]

@@ -15,9 +15,10 @@
 #   processes' resume (CRIU waits for network-unlock scripts); the marks are harmless
 #   meanwhile, CRIU's own lock rules being gone. A chain still there at the next dump is
 #   rebuilt.
-# post-restore, pre-resume, post-resume (restore): handed to the criu-spfs restore that runs
-#   CRIU (src/spfs/criu/stages.py) through the FIFOs in $SPFS_CRIU_CONTROL: SPFS goes to
-#   stub before the processes resume, and the replace by the real NFS is released after
+# pre-restore, post-restore, pre-resume, post-resume (restore): handed to the criu-spfs
+#   restore that runs CRIU (src/spfs/criu/stages.py) through the FIFOs in $SPFS_CRIU_CONTROL:
+#   CRIU waits for SPFS to be mounted before it makes any namespace, SPFS goes to stub
+#   before the processes resume, and the replace by the real NFS is released after
 #   (post-resume is not waited for: the processes already run).
 PID=${CRTOOLS_INIT_PID:-}
 MARK=0xC114
@@ -91,7 +92,7 @@ case "${CRTOOLS_SCRIPT_ACTION:-}" in
     network-lock)
         [ -n "$PID" ] || { echo "criu-spfs action: no CRTOOLS_INIT_PID" >&2; exit 1; }
         mark_nfs ;;
-    post-restore|pre-resume)
+    pre-restore|post-restore|pre-resume)
         to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" wait || exit 1 ;;
     post-resume)
         [ -n "$PID" ] && unmark_nfs </dev/null >/dev/null 2>&1 &

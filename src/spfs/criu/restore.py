@@ -23,9 +23,11 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from spfs.criu.cgroups import freezer_cgroup_of
 from spfs.criu.dump import ACTION_SCRIPT
@@ -45,6 +47,7 @@ TIMELINE_NAME = "criu-spfs-restore.json"
 RESTORE_TIMEOUT = 600.0
 DONE_PHASES = ("done", "failed", "rolled_back")
 STAGE_TIMEOUT = 60.0  # for a stage CRIU ran to be handled here
+MOUNT_TIMEOUT = 180.0  # the manager's start and every SPFS mount, while CRIU waits
 EXIT_TIMEOUT = 60.0  # after the replace: SPFS exits once unused, the manager after it
 PHASE_NOTES = {  # replace phases worth a line of the timeline when they are reached
     "proxy": "NFS mounted in the container; SPFS proxies to it",
@@ -121,6 +124,34 @@ def criu_restore_argv(criu: str, images: Path, shares: list[ShareRestore],
     return argv + extra
 
 
+class Background:
+    """One call in a thread; its exception is kept for whoever waits for it."""
+
+    def __init__(self, work: Callable[[], None], name: str) -> None:
+        self._work = work
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._work()
+        except BaseException as e:  # handed to the waiter
+            self._error = e
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def raise_error(self) -> None:
+        if self._thread.is_alive():
+            raise RestoreError(f"SPFS not mounted in {MOUNT_TIMEOUT:.0f} s")
+        if self._error is not None:
+            raise self._error
+
+
 class Restore:
     def __init__(self, config: RestoreConfig, timeline: Timeline | None = None) -> None:
         self.config = config
@@ -132,6 +163,7 @@ class Restore:
         self.init_pid = 0
         self.frozen_ms: float | None = None
         self.owns_work = False
+        self._mounting = Background(self.mount_spfs, "spfs-mounts")
 
     # -- 1, 2
     def prepare(self) -> None:
@@ -153,23 +185,32 @@ class Restore:
             mount("none", str(self.work), None, MS_PRIVATE, None)
         except OSError as e:
             raise RestoreError(f"private mount of {self.work}: {e}") from None
-        forked = self.manager.start(self.config.mount_deadline, self.config.verbose,
-                                    self.config.standby)
         for s in self.shares:
             d = self.work / s.id
             d.mkdir()
             (d / "mnt").mkdir()
             dump_manifest(s.manifest, d / "manifest.json")
-            self.manager.request(cmd="mount", id=s.id, mode="restore",
-                                 mountpoint=str(d / "mnt"), manifest=str(d / "manifest.json"))
             s.staging = d / "mnt"
+
+    def mount_spfs(self) -> None:
+        """Start spfs-manager and mount each share's SPFS on its staging directory."""
+        forked = self.manager.start(self.config.mount_deadline, self.config.verbose,
+                                    self.config.standby)
+        for s in self.shares:
+            assert s.staging is not None
+            self.manager.request(cmd="mount", id=s.id, mode="restore", mountpoint=str(s.staging),
+                                 manifest=str(s.staging.parent / "manifest.json"))
         self.tl.note("spfs-manager started" + (" by spfs-standby" if forked else "") +
                      ", SPFS mounted in restore mode")
 
     # -- 3
     def run_criu(self) -> None:
+        """CRIU starts while SPFS is being mounted: its start (exec, images) overlaps the
+        mounts, and its pre-restore stage, before it creates any namespace or mount, waits
+        for them."""
         stages = StageServer(self.work / "stages", self._on_stage)
         stages.start()
+        self._mounting.start()
         argv = criu_restore_argv(self.config.criu, self.images, self.shares, self.config.extra)
         try:
             seconds = run_criu(argv, self.images / "restore.log", RESTORE_TIMEOUT,
@@ -180,15 +221,25 @@ class Restore:
             if not stages.wait_handled("post-resume", STAGE_TIMEOUT):
                 stages.errors.append(f"post-resume not handled in {STAGE_TIMEOUT:.0f} s")
         except CriuError as e:
-            raise RestoreError(str(e)) from None
+            # a stage we failed (SPFS not mounted, ...) is why CRIU gave up: say so first
+            raise RestoreError("; ".join([*stages.errors, str(e)])) from None
         finally:
             stages.stop()
+            self._mounting.join(MOUNT_TIMEOUT)  # CRIU may have failed before it waited
         if stages.errors:
             # processes run, but not as planned: SPFS may still be in restore mode
             raise RestoreError("action script stages failed: " + "; ".join(stages.errors))
 
+    def raise_mount_error(self) -> None:
+        """A CRIU that ran to the end waited for the mounts; this is for one that did not
+        reach pre-restore (then its own error was raised first)."""
+        self._mounting.raise_error()
+
     def _on_stage(self, stage: str, pid: int) -> None:
-        if stage == "post-restore":
+        if stage == "pre-restore":
+            self._mounting.join(MOUNT_TIMEOUT)
+            self._mounting.raise_error()
+        elif stage == "post-restore":
             self.init_pid = pid
             self.tl.note(f"criu: processes restored (init pid {pid})")
             # CRIU has bound every SPFS into the container: the staging mounts go now,
@@ -337,6 +388,7 @@ def restore(config: RestoreConfig, timeline: Timeline | None = None) -> Restore:
     try:
         r.prepare()
         r.run_criu()
+        r.raise_mount_error()
     except (RestoreError, ManagerError, OSError) as e:
         r.tl.note(f"restore failed: {e}")
         r.abort()

@@ -28,7 +28,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 ENV_VAR = "SPFS_CRIU_CONTROL"
-STAGES = ("post-restore", "pre-resume", "post-resume")
+STAGES = ("pre-restore", "post-restore", "pre-resume", "post-resume")
 UNANSWERED = ("post-resume",)
 MAX_LINE = 256
 
@@ -118,7 +118,9 @@ class StageServer:
 
     def _answer(self, line: str) -> str:
         stage, _, pid_text = line.partition(" ")
-        if stage not in STAGES or not pid_text.isdigit() or int(pid_text) <= 0:
+        # pre-restore comes before CRIU has any process: pid 0
+        if stage not in STAGES or not pid_text.isdigit() or (
+                int(pid_text) <= 0 and stage != "pre-restore"):
             return f"bad stage request {line[:80]!r}"
         self.seen.append(stage)
         try:
