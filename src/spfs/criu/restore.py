@@ -18,6 +18,7 @@ for each NFS share until spfs-manager has put the real NFS back, live.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -127,8 +128,9 @@ def criu_restore_argv(criu: str, images: Path, shares: list[ShareRestore],
 class Background:
     """One call in a thread; its exception is kept for whoever waits for it."""
 
-    def __init__(self, work: Callable[[], None], name: str) -> None:
+    def __init__(self, work: Callable[[], None], name: str, late: str) -> None:
         self._work = work
+        self._late = late  # the error when it is still running at raise_error
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -147,7 +149,7 @@ class Background:
 
     def raise_error(self) -> None:
         if self._thread.is_alive():
-            raise RestoreError(f"SPFS not mounted in {MOUNT_TIMEOUT:.0f} s")
+            raise RestoreError(self._late)
         if self._error is not None:
             raise self._error
 
@@ -163,7 +165,9 @@ class Restore:
         self.init_pid = 0
         self.frozen_ms: float | None = None
         self.owns_work = False
-        self._mounting = Background(self.mount_spfs, "spfs-mounts")
+        self._mounting = Background(self.mount_spfs, "spfs-mounts",
+                                    f"SPFS not mounted in {MOUNT_TIMEOUT:.0f} s")
+        self._queueing: Background | None = None
 
     # -- 1, 2
     def prepare(self) -> None:
@@ -226,6 +230,8 @@ class Restore:
         finally:
             stages.stop()
             self._mounting.join(MOUNT_TIMEOUT)  # CRIU may have failed before it waited
+            if self._queueing is not None:
+                self._queueing.join(STAGE_TIMEOUT)
         if stages.errors:
             # processes run, but not as planned: SPFS may still be in restore mode
             raise RestoreError("action script stages failed: " + "; ".join(stages.errors))
@@ -247,9 +253,17 @@ class Restore:
             # alive after the replace). CRIU runs the last --action-script first, so
             # scripts given after ours may already run at this stage, but not at later ones.
             self.detach_staging()
+            # queued while CRIU cleans up and unlocks the network; pre-resume only waits
+            self._queueing = Background(functools.partial(self._queue_replaces, pid),
+                                        "queue-replaces",
+                                        f"replaces not queued in {STAGE_TIMEOUT:.0f} s")
+            self._queueing.start()
         elif stage == "pre-resume":
             self.init_pid = pid
-            self._queue_replaces(pid)
+            if self._queueing is None:
+                raise RestoreError("pre-resume without post-restore")
+            self._queueing.join(STAGE_TIMEOUT)
+            self._queueing.raise_error()
             self.manager.request(cmd="mode", all=True, mode="stub")
             self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
         elif stage == "post-resume":
