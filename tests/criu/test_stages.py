@@ -68,17 +68,18 @@ def test_a_failing_stage_fails_the_script_with_the_reason(bridge) -> None:
     assert server.errors and "pre-resume" in server.errors[0]
 
 
-def test_post_resume_is_not_waited_for_but_is_handled(bridge) -> None:
+@pytest.mark.parametrize("stage", ["post-restore", "post-resume"])
+def test_post_stages_are_not_waited_for_but_are_handled(bridge, stage: str) -> None:
     server, recorder = bridge
     recorder.delay = 2.0
     t0 = time.monotonic()
-    result = run_stage(server.directory, "post-resume")
+    result = run_stage(server.directory, stage)
     took = time.monotonic() - t0
     assert result.returncode == 0, result.stderr
     assert took < 1.5, f"the script waited {took:.2f} s for the handler"
-    assert not server.wait_handled("post-resume", 0.1)  # still being handled
-    assert server.wait_handled("post-resume", 10)
-    assert recorder.calls == [("post-resume", 4242)]
+    assert not server.wait_handled(stage, 0.1)  # still being handled
+    assert server.wait_handled(stage, 10)
+    assert recorder.calls == [(stage, 4242)]
 
 
 def test_a_stage_sent_while_the_previous_is_still_handled_is_not_lost(bridge) -> None:

@@ -20,7 +20,8 @@
 #   restore that runs CRIU (src/spfs/criu/stages.py) through the FIFOs in $SPFS_CRIU_CONTROL:
 #   CRIU waits for SPFS to be mounted before it makes any namespace, SPFS goes to stub
 #   before the processes resume, and the replace by the real NFS is released after
-#   (post-resume is not waited for: the processes already run).
+#   (post-restore and post-resume are not waited for: what they start, pre-resume checks,
+#   or the processes already run).
 PID=${CRTOOLS_INIT_PID:-}
 MARK=0xC114
 CHAIN=SPFS-NFS
@@ -90,7 +91,7 @@ to_criu_spfs() {  # one stage to criu-spfs; $2=wait: its answer is "ok" or what 
 }
 
 case "${CRTOOLS_SCRIPT_ACTION:-}" in
-    pre-restore|post-restore|pre-resume)
+    pre-restore|pre-resume)
         if [ -n "${SPFS_CRIU_CONTROL:-}" ] && [ -z "${BASH_VERSION:-}" ]; then
             exec /bin/bash "$0" "$@"
         fi ;;
@@ -100,8 +101,10 @@ case "${CRTOOLS_SCRIPT_ACTION:-}" in
     network-lock)
         [ -n "$PID" ] || { echo "criu-spfs action: no CRTOOLS_INIT_PID" >&2; exit 1; }
         mark_nfs ;;
-    pre-restore|post-restore|pre-resume)
+    pre-restore|pre-resume)
         to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" wait || exit 1 ;;
+    post-restore)
+        to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" || exit 1 ;;
     post-resume)
         [ -n "$PID" ] && unmark_nfs </dev/null >/dev/null 2>&1 &
         to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" || exit 1 ;;

@@ -168,12 +168,14 @@ class Restore:
         self._mounting = Background(self.mount_spfs, "spfs-mounts",
                                     f"SPFS not mounted in {MOUNT_TIMEOUT:.0f} s")
         self._queueing: Background | None = None
+        self._starting = Background(self._start_manager, "manager-start",
+                                    f"spfs-manager not started in {MOUNT_TIMEOUT:.0f} s")
+        self._forked = False
 
     # -- 1, 2
     def prepare(self) -> None:
-        self.shares = plan_shares(self.images)
-        self.tl.note(f"images checked: {len(self.shares)} NFS share(s), "
-                     f"{sum(len(s.manifest.entries) for s in self.shares)} stub entries")
+        """The work directory, spfs-manager starting meanwhile (it mounts nothing until
+        asked), the images read and checked, each share's staging directory and manifest."""
         if self.config.work_dir is None:
             self.work = _fresh_work_dir()
             self.manager.work_dir = self.work / "manager"
@@ -189,6 +191,10 @@ class Restore:
             mount("none", str(self.work), None, MS_PRIVATE, None)
         except OSError as e:
             raise RestoreError(f"private mount of {self.work}: {e}") from None
+        self._starting.start()
+        self.shares = plan_shares(self.images)
+        self.tl.note(f"images checked: {len(self.shares)} NFS share(s), "
+                     f"{sum(len(s.manifest.entries) for s in self.shares)} stub entries")
         for s in self.shares:
             d = self.work / s.id
             d.mkdir()
@@ -196,15 +202,19 @@ class Restore:
             dump_manifest(s.manifest, d / "manifest.json")
             s.staging = d / "mnt"
 
+    def _start_manager(self) -> None:
+        self._forked = self.manager.start(self.config.mount_deadline, self.config.verbose,
+                                          self.config.standby)
+
     def mount_spfs(self) -> None:
-        """Start spfs-manager and mount each share's SPFS on its staging directory."""
-        forked = self.manager.start(self.config.mount_deadline, self.config.verbose,
-                                    self.config.standby)
+        """Mount each share's SPFS on its staging directory, once spfs-manager is up."""
+        self._starting.join(MOUNT_TIMEOUT)
+        self._starting.raise_error()
         for s in self.shares:
             assert s.staging is not None
             self.manager.request(cmd="mount", id=s.id, mode="restore", mountpoint=str(s.staging),
                                  manifest=str(s.staging.parent / "manifest.json"))
-        self.tl.note("spfs-manager started" + (" by spfs-standby" if forked else "") +
+        self.tl.note("spfs-manager started" + (" by spfs-standby" if self._forked else "") +
                      ", SPFS mounted in restore mode")
 
     # -- 3
@@ -351,6 +361,8 @@ class Restore:
     # -- failure
     def abort(self) -> None:
         """No SPFS mount, daemon or staging dir left behind by a failed restore."""
+        self._starting.join(MOUNT_TIMEOUT)  # a manager still starting is stopped too
+        self._mounting.join(MOUNT_TIMEOUT)
         self.detach_staging()
         spfs_pids = []
         if self.manager.alive():

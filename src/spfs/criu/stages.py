@@ -3,15 +3,16 @@
 CRIU runs action scripts at each stage; a Python start per stage costs ~0.6 s under
 emulation, so the script stays a shell script (bash, for `read -t`: no helper process per
 stage either) and hands the stages that matter to the waiting criu-spfs through two FIFOs in
-a private directory (`SPFS_CRIU_CONTROL`): it writes "STAGE INIT_PID" to `request` and, except
-for post-resume, reads one line, "ok" or an error, from `reply`.
+a private directory (`SPFS_CRIU_CONTROL`): it writes "STAGE INIT_PID" to `request` and, for
+pre-restore and pre-resume, reads one line, "ok" or an error, from `reply`.
 
 We hold `request` open for reading for the whole restore, so the script's open never blocks
 and its line stays in the pipe even when we are still busy with the previous stage. The
 script opens `reply` read-write (never blocking either) and bounds its read; if we are gone it
-fails the stage instead of hanging CRIU. post-resume is not answered: the processes already
-run, CRIU could not undo anything, so it need not wait for the replace to be released;
-`wait_handled` lets the caller wait for it instead.
+fails the stage instead of hanging CRIU. post-restore and post-resume are not answered, so
+CRIU does not wait for them: what post-restore starts (detaching the staging mounts, queueing
+the replaces) pre-resume waits for and reports; after post-resume the processes already run
+and CRIU could not undo anything. `wait_handled` lets the caller wait for a stage instead.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "SPFS_CRIU_CONTROL"
 STAGES = ("pre-restore", "post-restore", "pre-resume", "post-resume")
-UNANSWERED = ("post-resume",)
+UNANSWERED = ("post-restore", "post-resume")
 MAX_LINE = 256
 
 StageHandler = Callable[[str, int], None]
