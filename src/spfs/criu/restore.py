@@ -39,6 +39,7 @@ from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
 from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
 from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
+from spfs.sys.daemon import stdio_to_devnull
 from spfs.sys.mountapi import MNT_DETACH, MS_BIND, MS_PRIVATE, mount, umount2
 from spfs.timeline import Timeline
 
@@ -444,9 +445,7 @@ def _follow_in_background(r: Restore) -> None:
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
+        stdio_to_devnull()
         try:
             ok = r.follow()
             r.cleanup_work()

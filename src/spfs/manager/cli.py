@@ -30,6 +30,7 @@ from spfs.manager.server import ControlServer
 from spfs.manager.spfs_daemon import DEFAULT_SPFS_COMMAND, SpfsProcessLauncher, SpfsTimeouts
 from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
 from spfs.manager.swapper import SwapEngineAdapter, import_swap_engine
+from spfs.sys.daemon import detach
 
 log = logging.getLogger("spfs.manager")
 
@@ -118,20 +119,6 @@ def _write_pid(path: str, pid: int) -> None:
         f.write(f"{pid}\n")
 
 
-def _detach(pid_file: str) -> None:
-    """Fork into the background; the parent records the child's pid and returns to its
-    caller with status 0 (so the pid file exists when the caller goes on)."""
-    child = os.fork()
-    if child > 0:
-        _write_pid(pid_file, child)
-        os._exit(0)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-
-
 def _write_final_status(path: str, manager: Manager) -> None:
     """What a client polling the socket may have missed, for after we are gone (renamed
     whole, before the pid file goes: the pid file's absence means this is complete)."""
@@ -180,11 +167,12 @@ def run_daemon(args: argparse.Namespace) -> int:
         return 1
     pid_file = os.path.join(work_dir, "spfs-manager.pid")
     if args.daemon:
-        _detach(pid_file)
+        # the parent records the child's pid: the file exists when our caller goes on
+        detach(lambda child: _write_pid(pid_file, child))
     else:
         _write_pid(pid_file, os.getpid())
     # Both take seconds on a slow machine and are needed only later: not before the caller
-    # may go on (and not before the fork of _detach, which threads would not survive).
+    # may go on (and not before the fork of detach, which threads would not survive).
     if isinstance(manager.launcher, SpfsProcessLauncher):
         manager.launcher.warm_up()
     threading.Thread(target=import_swap_engine, name="swap-engine-import", daemon=True).start()

@@ -14,6 +14,7 @@ import os
 import sys
 
 from spfs.standby import DEFAULT_SOCKET
+from spfs.sys.daemon import detach
 from spfs.standby.server import StandbyServer
 
 log = logging.getLogger("spfs.standby")
@@ -39,17 +40,6 @@ def _setup_logging(path: str | None, verbose: bool) -> None:
     logging.getLogger("spfs").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _detach() -> None:
-    """The parent exits 0; the child carries on in a new session with stdio on /dev/null."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log, args.verbose)
@@ -61,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spfs-standby: {exc}", file=sys.stderr)
         return 1
     if args.daemon:
-        _detach()
+        detach()
     if args.pid_file:
         partial = f"{args.pid_file}.partial"  # renamed whole: a reader never sees it empty
         with open(partial, "w") as f:
