@@ -130,7 +130,14 @@ def _write_final_status(path: str, manager: Manager) -> None:
         log.warning("final status not written: %s", exc)
 
 
-def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str) -> Manager:
+def build_launcher(args: argparse.Namespace) -> SpfsProcessLauncher:
+    return SpfsProcessLauncher(command=tuple(args.spfs_command.split()),
+                               timeouts=SpfsTimeouts(ready=args.spfs_ready_timeout),
+                               warm=args.warm_spfs, standby=args.standby)
+
+
+def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str,
+                  launcher: SpfsProcessLauncher) -> Manager:
     timeouts = ReplaceTimeouts(hold=args.hold_timeout, freeze=FreezePolicy(
         attempt=args.freeze_timeout, deadline=args.freeze_deadline, thaw=args.freeze_timeout))
     pipeline = ReplacePipeline(
@@ -138,9 +145,6 @@ def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str) -> Mana
         NamespaceMountMover(), SwapEngineAdapter(), FreezerLocks(), timeouts)
     config = ManagerConfig(work_dir=work_dir, log_dir=log_dir, verbosity=args.verbose,
                            exit_with_spfs=args.exit_with_spfs)
-    launcher = SpfsProcessLauncher(command=tuple(args.spfs_command.split()),
-                                   timeouts=SpfsTimeouts(ready=args.spfs_ready_timeout),
-                                   warm=args.warm_spfs, standby=args.standby)
     return Manager(config, launcher, pipeline, SwapEngineAdapter())
 
 
@@ -159,7 +163,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         # bound before detaching, so the caller can connect as soon as we return
-        manager = build_manager(args, work_dir, log_dir)
+        launcher = build_launcher(args)
+        manager = build_manager(args, work_dir, log_dir, launcher)
         server = ControlServer(socket_path, manager.handle)
     except OSError as exc:
         print(f"spfs-manager: {exc}", file=sys.stderr)
@@ -173,8 +178,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         _write_pid(pid_file, os.getpid())
     # Both take seconds on a slow machine and are needed only later: not before the caller
     # may go on (and not before the fork of detach, which threads would not survive).
-    if isinstance(manager.launcher, SpfsProcessLauncher):
-        manager.launcher.warm_up()
+    launcher.warm_up()
     threading.Thread(target=import_swap_engine, name="swap-engine-import", daemon=True).start()
 
     def tick() -> None:
@@ -190,8 +194,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     finally:
         log.info("stopping")
         manager.shutdown()
-        if isinstance(manager.launcher, SpfsProcessLauncher):
-            manager.launcher.close()
+        launcher.close()
         server.close()
         _write_final_status(os.path.join(work_dir, FINAL_STATUS_NAME), manager)
         os.unlink(pid_file)
