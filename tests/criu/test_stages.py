@@ -41,11 +41,11 @@ def bridge(tmp_path: Path) -> Iterator[tuple[StageServer, Recorder]]:
         server.stop()
 
 
-def run_stage(control: Path, stage: str, pid: int = 4242, timeout_s: int = 300,
+def run_stage(control: Path, stage: str, pid: int = 4242, criu_spfs_pid: int | None = None,
               ) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": stage,
            "CRTOOLS_INIT_PID": str(pid), "SPFS_CRIU_CONTROL": str(control),
-           "SPFS_CRIU_STAGE_TIMEOUT": str(timeout_s)}
+           "SPFS_CRIU_PID": str(criu_spfs_pid or os.getpid())}
     return subprocess.run([str(ACTION_SCRIPT)], env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -96,15 +96,60 @@ def test_a_stage_sent_while_the_previous_is_still_handled_is_not_lost(bridge) ->
     assert [c[0] for c in recorder.calls] == ["post-restore", "post-resume"]
 
 
-def test_no_criu_spfs_behind_the_fifos_fails_within_the_bound(tmp_path: Path) -> None:
-    server = StageServer(tmp_path / "stages", Recorder())  # FIFOs made, nobody serving
+def test_criu_spfs_gone_before_the_stage_fails_it_at_once(tmp_path: Path) -> None:
+    server = StageServer(tmp_path / "stages", Recorder())
+    server.stop()  # as if it had died: the FIFOs' directory is left, nobody holds them
+    for name in ("request", "reply"):
+        os.mkfifo(server.directory / name, 0o600)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    result = run_stage(server.directory, "pre-resume", criu_spfs_pid=dead.pid)
+    assert result.returncode == 1 and "is gone" in result.stderr
+
+
+def test_criu_spfs_dying_while_the_script_waits_fails_the_stage(tmp_path: Path) -> None:
+    """The script's read ends at EOF when the only writer, criu-spfs, dies: no timer."""
+    directory = tmp_path / "stages"
+    child = os.fork()
+    if child == 0:
+        def never_answers(stage: str, pid: int) -> None:
+            time.sleep(600)
+        server = StageServer(directory, never_answers)
+        server.start()
+        time.sleep(600)
+        os._exit(0)
     try:
+        wait_for_fifos(directory)
+        killer = threading.Timer(1.0, os.kill, (child, 9))
+        killer.start()
         t0 = time.monotonic()
-        result = run_stage(server.directory, "pre-resume", timeout_s=1)
-        assert result.returncode == 1 and "no answer for stage pre-resume" in result.stderr
+        result = run_stage(directory, "pre-resume", criu_spfs_pid=child)
+        assert result.returncode == 1
+        assert "no answer (criu-spfs gone)" in result.stderr
         assert time.monotonic() - t0 < 10
     finally:
-        server.stop()
+        try:
+            os.kill(child, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(child, 0)
+
+
+def wait_for_fifos(directory: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not (directory / "reply").exists():
+        assert time.monotonic() < deadline, "stage server did not start"
+        time.sleep(0.01)
+    time.sleep(0.2)  # the FIFOs are opened right after they are made
+
+
+def test_an_answer_left_for_an_earlier_stage_is_skipped(bridge) -> None:
+    server, recorder = bridge
+    with open(server.directory / "reply", "w") as reply:  # we hold it too: no block
+        reply.write("post-restore failed: from a script killed before it read\n")
+    result = run_stage(server.directory, "pre-resume")
+    assert result.returncode == 0, result.stderr
+    assert recorder.calls == [("pre-resume", 4242)]
 
 
 def test_a_malformed_line_is_answered_not_handled(bridge) -> None:
@@ -119,7 +164,7 @@ def test_a_malformed_line_is_answered_not_handled(bridge) -> None:
             answer += os.read(fd, 256)
     finally:
         os.close(fd)
-    assert answer.startswith(b"bad stage request")
+    assert answer.startswith(b"pre-resume bad stage request")
     assert recorder.calls == []
 
 
@@ -132,7 +177,7 @@ def test_pre_restore_comes_without_a_pid_and_waits_for_its_answer(bridge) -> Non
     server, recorder = bridge
     recorder.delay = 1.0  # as while SPFS is still being mounted
     env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": "pre-restore",
-           "SPFS_CRIU_CONTROL": str(server.directory)}
+           **server.env}
     t0 = time.monotonic()
     result = subprocess.run([str(ACTION_SCRIPT)], env=env, capture_output=True, text=True,
                             timeout=30)

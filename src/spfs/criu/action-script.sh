@@ -1,9 +1,9 @@
 #!/bin/sh
 # criu-spfs's CRIU action script (CRIU runs it at every stage with CRTOOLS_SCRIPT_ACTION set,
 # in the root namespaces of the host). Shell, not Python: CRIU calls it up to ten times per
-# restore and a Python start costs 0.6 s under emulation. dash for every stage (a bash start
-# costs 30 ms more under emulation, at each of CRIU's stages); bash only for the stages
-# criu-spfs answers, for `read -t`: a bounded wait with no helper process (timeout, head).
+# restore and a Python start costs 0.6 s under emulation. Plain sh (dash) and builtins only:
+# a bash start, or a helper like timeout or head, costs 30-70 ms each under emulation, at
+# every stage CRIU runs.
 #
 # network-lock (dump): runs before CRIU locks the container's network. CRIU's lock (iptables
 #   or nftables, 3.17 and 4.x alike) accepts packets marked 0xC114 (SOCCR_MARK), so we mark
@@ -76,26 +76,21 @@ unmark_nfs() {
 to_criu_spfs() {  # one stage to criu-spfs; $2=wait: its answer is "ok" or what went wrong
     ctl=${SPFS_CRIU_CONTROL:-}
     [ -n "$ctl" ] || return 0
-    # read-write opens of a FIFO never block: criu-spfs holds `request` open, and if it is
-    # gone the bounded read below fails the stage
-    exec 3<>"$ctl/request" || { echo "criu-spfs action: no $ctl/request" >&2; return 1; }
-    printf '%s\n' "$1 ${PID:-0}" >&3
-    exec 3>&-
+    # criu-spfs holds both FIFOs open read-write (src/spfs/criu/stages.py): no open here
+    # blocks, and the read ends at EOF if criu-spfs dies
+    printf '%s\n' "$1 ${PID:-0}" 1<>"$ctl/request" ||
+        { echo "criu-spfs action: cannot hand over stage $1" >&2; return 1; }
     [ "${2:-}" = wait ] || return 0
-    exec 4<>"$ctl/reply" || { echo "criu-spfs action: no $ctl/reply" >&2; return 1; }
-    if ! read -r -t "${SPFS_CRIU_STAGE_TIMEOUT:-300}" answer <&4; then
-        echo "criu-spfs action: no answer for stage $1" >&2; return 1
-    fi
-    exec 4<&-
-    [ "$answer" = ok ] || { echo "criu-spfs action: $1: $answer" >&2; return 1; }
+    [ -n "${SPFS_CRIU_PID:-}" ] && kill -0 "$SPFS_CRIU_PID" 2>/dev/null ||
+        { echo "criu-spfs action: criu-spfs (pid ${SPFS_CRIU_PID:-?}) is gone" >&2; return 1; }
+    answer=
+    while IFS= read -r line; do
+        case "$line" in "$1 "*) answer=${line#"$1 "}; break ;; esac  # skip stale answers
+    done < "$ctl/reply"
+    [ "$answer" = ok ] && return 0
+    echo "criu-spfs action: $1: ${answer:-no answer (criu-spfs gone)}" >&2
+    return 1
 }
-
-case "${CRTOOLS_SCRIPT_ACTION:-}" in
-    pre-restore|pre-resume)
-        if [ -n "${SPFS_CRIU_CONTROL:-}" ] && [ -z "${BASH_VERSION:-}" ]; then
-            exec /bin/bash "$0" "$@"
-        fi ;;
-esac
 
 case "${CRTOOLS_SCRIPT_ACTION:-}" in
     network-lock)

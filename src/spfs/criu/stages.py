@@ -1,18 +1,22 @@
 """The bridge between CRIU's action script and the `criu-spfs restore` that runs CRIU.
 
 CRIU runs action scripts at each stage; a Python start per stage costs ~0.6 s under
-emulation, so the script stays a shell script (bash, for `read -t`: no helper process per
-stage either) and hands the stages that matter to the waiting criu-spfs through two FIFOs in
-a private directory (`SPFS_CRIU_CONTROL`): it writes "STAGE INIT_PID" to `request` and, for
-pre-restore and pre-resume, reads one line, "ok" or an error, from `reply`.
+emulation, so the script stays a dash script with no helper process, and hands the stages
+that matter to the waiting criu-spfs through two FIFOs in a private directory
+(`SPFS_CRIU_CONTROL`): it writes "STAGE INIT_PID" to `request` and, for pre-restore and
+pre-resume, reads the line "STAGE ok" (or "STAGE <what went wrong>") from `reply`.
 
-We hold `request` open for reading for the whole restore, so the script's open never blocks
-and its line stays in the pipe even when we are still busy with the previous stage. The
-script opens `reply` read-write (never blocking either) and bounds its read; if we are gone it
-fails the stage instead of hanging CRIU. post-restore and post-resume are not answered, so
-CRIU does not wait for them: what post-restore starts (detaching the staging mounts, queueing
-the replaces) pre-resume waits for and reports; after post-resume the processes already run
-and CRIU could not undo anything. `wait_handled` lets the caller wait for a stage instead.
+We hold both FIFOs open read-write for the whole restore, so no open of the script's ever
+blocks, a request line stays in the pipe while we finish the previous stage, and an answer
+waits for its reader. The wait is bounded without a timer: every handler here is bounded and
+always answered, and if we die the script's read ends at EOF (we were the only writer) and
+fails the stage; the script checks we are alive (`SPFS_CRIU_PID`) before it opens `reply`.
+An answer for another stage (one whose script was killed before it read) is skipped.
+
+post-restore and post-resume are not answered, so CRIU does not wait for them: what
+post-restore starts (detaching the staging mounts, queueing the replaces) pre-resume waits
+for and reports; after post-resume the processes already run and CRIU could not undo
+anything. `wait_handled` lets the caller wait for a stage instead.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 ENV_VAR = "SPFS_CRIU_CONTROL"
+PID_VAR = "SPFS_CRIU_PID"
 STAGES = ("pre-restore", "post-restore", "pre-resume", "post-resume")
 UNANSWERED = ("post-restore", "post-resume")
 MAX_LINE = 256
@@ -53,13 +58,14 @@ class StageServer:
             path = self.directory / name
             path.unlink(missing_ok=True)
             os.mkfifo(path, 0o600)
-        # read-write: never blocks, and the pipe never sees EOF while we hold it
+        # read-write: never blocks, and the pipes stay while we hold them
         self._requests = os.open(self.directory / "request", os.O_RDWR | os.O_NONBLOCK |
                                  os.O_CLOEXEC)
+        self._replies = os.open(self.directory / "reply", os.O_RDWR | os.O_CLOEXEC)
 
     @property
     def env(self) -> dict[str, str]:
-        return {ENV_VAR: str(self.directory)}
+        return {ENV_VAR: str(self.directory), PID_VAR: str(os.getpid())}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._serve, name="criu-stages", daemon=True)
@@ -80,7 +86,7 @@ class StageServer:
                 stage = line.partition(" ")[0]
                 answer = self._answer(line)
                 if stage not in UNANSWERED:
-                    self._reply(answer)
+                    self._reply(stage, answer)
                 with self._changed:
                     self.handled.append(stage)
                     self._changed.notify_all()
@@ -99,23 +105,12 @@ class StageServer:
                 self._changed.wait(left)
         return True
 
-    def _reply(self, answer: str, timeout: float = 30.0) -> None:
-        """The script opens the reply FIFO right after writing; if it gave up meanwhile
-        nobody ever will, so the open is non-blocking and retried to a deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fd = os.open(self.directory / "reply", os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError as e:
-                if e.errno != errno.ENXIO or time.monotonic() > deadline:
-                    log.error("cannot answer the action script: %s", e)
-                    return
-                time.sleep(0.01)
+    def _reply(self, stage: str, answer: str) -> None:
+        line = f"{stage} {answer}".replace("\n", " ").encode()[:MAX_LINE - 1] + b"\n"
         try:
-            os.write(fd, answer.encode()[:MAX_LINE - 1] + b"\n")
-        finally:
-            os.close(fd)
+            os.write(self._replies, line)  # a few bytes into an empty pipe: never blocks
+        except OSError as e:
+            log.error("cannot answer the action script: %s", e)
 
     def _answer(self, line: str) -> str:
         stage, _, pid_text = line.partition(" ")
@@ -138,6 +133,7 @@ class StageServer:
             self._thread.join(timeout=2)
         if self._requests >= 0 and not (self._thread and self._thread.is_alive()):
             os.close(self._requests)
-            self._requests = -1
+            os.close(self._replies)  # a script still reading sees EOF
+            self._requests = self._replies = -1
         for name in ("request", "reply"):
             (self.directory / name).unlink(missing_ok=True)
