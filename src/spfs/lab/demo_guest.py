@@ -1,7 +1,7 @@
 """The lab demo, guest side: a container with two NFS shares (v3 and v4.1, each mounted from
 inside the container's netns), a bind mount of one, self-checking workloads of every kind, a
-suspend and a resume with criu-spfs (SPFS, then the real NFS back), proof that spfs and the
-manager exited, and every workload's own verdict. Run by `spfs-lab demo` in a fresh guest."""
+suspend and a resume with criu-spfs (SPFS, then the real NFS back; spfs-standby running, as a
+host runs it), proof that spfs and the manager exited, and every workload's own verdict. Run by `spfs-lab demo` in a fresh guest."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from spfs.lab.ct import checkpoint, container, workload
 from spfs.lab.ct.inspect import fstypes_at, spfs_helpers_running
 from spfs.lab.ct.spec import BindMount, CtState, NfsMount
+from spfs.standby import DEFAULT_SOCKET
+from spfs.standby import service as standby_service
 from spfs.timeline import Timeline
 
 DEMO_LOADS = (  # kind, path (v4.1 share a at /mnt/a and through its bind /srv, v3 share b)
@@ -29,6 +31,11 @@ def main() -> int:
     tl.note("lab guest ready: kernel NFS server (v3, v4.0-4.2) and CRIU in a qemu guest")
     images = Path(tempfile.mkdtemp(prefix="demo-img-"))
     name = "demo"
+    results = os.environ.get("SPFS_LAB_RESULTS")
+    with tl.step("spfs-standby started, as a host runs it: it forks spfs-manager and spfs "
+                 "with their imports done"):
+        standby = standby_service.start(DEFAULT_SOCKET, Path(results or images) /
+                                        "standby.log")
     with tl.step("container 'demo' created: NFS v4.1 share a at /mnt/a and NFS v3 share b "
                  "at /mnt/b, both mounted from inside its netns; /mnt/a also bound at /srv"):
         ct = container.create(name, [NfsMount.parse("4.1:a:/mnt/a"),
@@ -75,7 +82,7 @@ def main() -> int:
     finally:
         workload.stop_quietly(loads)
         container.destroy(name, missing_ok=True)
-    results = os.environ.get("SPFS_LAB_RESULTS")
+        standby_service.stop(standby)
     if results:
         tl.save(Path(results) / "demo-timeline.json")
     tl.note("demo " + ("PASSED" if ok else "FAILED"))
