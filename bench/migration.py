@@ -68,7 +68,7 @@ def spfs_round(name: str, tag: str, standby: str | None) -> tuple[float, float, 
     doc = json.loads((img / "criu-spfs-restore.json").read_text())
     steps = doc["steps"]
     return (_at(steps, "criu restore done"),
-            _at(steps, "NFS mounted in the container") - _at(steps, "replace released"),
+            _at(steps, "NFS mounted in the container") - _at(steps, "processes resumed"),
             doc["frozen_window_ms"] / 1000)
 
 

@@ -24,10 +24,13 @@ class Timeline:
     started: float = field(default_factory=time.monotonic)
     steps: list[Step] = field(default_factory=list)
 
-    def note(self, what: str, seconds: float | None = None) -> None:
-        step = Step(round(time.monotonic() - self.started, 2), what,
-                    None if seconds is None else round(seconds, 2))
+    def note(self, what: str, seconds: float | None = None, when: float | None = None) -> None:
+        """*when*: the time.monotonic() it happened at, if not now (another process's
+        report: CLOCK_MONOTONIC is one clock for the whole machine)."""
+        at = (time.monotonic() if when is None else when) - self.started
+        step = Step(round(at, 2), what, None if seconds is None else round(seconds, 2))
         self.steps.append(step)
+        self.steps.sort(key=lambda s: s.at)  # stable: notes made now stay in their order
         took = f"  ({step.seconds:.2f} s)" if step.seconds is not None else ""
         print(f"[{step.at:7.2f} s] {what}{took}", file=self.out, flush=True)
 

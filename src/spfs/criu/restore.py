@@ -278,8 +278,9 @@ class Restore:
             self.manager.request(cmd="mode", all=True, mode="stub")
             self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
         elif stage == "post-resume":
+            self.tl.note("processes resumed")
             self.manager.request(cmd="replace", all=True, mode="release")
-            self.tl.note("processes resumed; replace released")
+            self.tl.note("replace released (spfs-manager mounts NFS in the container)")
 
     def _queue_replaces(self, pid: int) -> None:
         cgroup = self.config.freeze_cgroup or freezer_cgroup_of(pid)
@@ -334,10 +335,12 @@ class Restore:
     def _note_progress(self, m: dict, seen: set[str], final: dict[str, dict]) -> bool:
         replace = m.get("replace") or {}
         phase = replace.get("phase")
-        for done in [t["phase"] for t in replace.get("timings_ms") or []] + [phase]:
+        # each at the time the manager entered it, not when our poll saw it
+        entered = {t["phase"]: t.get("started_at") for t in replace.get("timings_ms") or []}
+        for done in [*entered, phase]:
             if done in PHASE_NOTES and done not in seen:
                 seen.add(done)
-                self.tl.note(f"{m['id']}: {PHASE_NOTES[done]}")
+                self.tl.note(f"{m['id']}: {PHASE_NOTES[done]}", when=entered.get(done))
         if phase in DONE_PHASES and m["id"] not in final:
             final[m["id"]] = m
             timings = {t["phase"]: t["ms"] for t in replace.get("timings_ms") or []}

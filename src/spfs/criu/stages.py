@@ -21,7 +21,6 @@ anything. `wait_handled` lets the caller wait for a stage instead.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select

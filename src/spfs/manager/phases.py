@@ -124,6 +124,8 @@ class ReplaceProgress:
                         "phase": t.phase.value,
                         "ms": round(1000 * (t.seconds if t.seconds is not None
                                             else now - t.started), 3),
+                        # time.monotonic(): one clock for every process of the machine
+                        "started_at": t.started,
                     }
                     for t in self.timings
                 ],
