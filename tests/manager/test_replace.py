@@ -416,7 +416,8 @@ def test_freezer_held_by_another_replace_too_long(make_harness, container, cgrou
     with lock:
         assert _replace(h, "87", bind, mode="mode=release") == 0
         result = h.wait_terminal("87")
-    assert result["phase"] == "rolled_back" and result["failed_in"] == "frozen"
+    # still proxying: the replace is FROZEN only once the lock is its own and it freezes
+    assert result["phase"] == "rolled_back" and result["failed_in"] == "proxy"
     assert result["error_code"] == errno.EBUSY
     assert h.swapper.abandoned == ["plan"] and not h.swapper.calls
     assert h.status("87")["mode"] == "proxy" and not cgroup.frozen()

@@ -268,15 +268,19 @@ def freeze_with_retries(freezer: CgroupFreezer, policy: FreezePolicy) -> None:
 @contextlib.contextmanager
 def frozen(freezer: CgroupFreezer, lock: threading.Lock,
            policy: FreezePolicy = FreezePolicy(), finish: Callable[[], None] | None = None,
-           keep_fds: tuple[int, ...] = ()) -> Iterator[ThawGuard]:
+           keep_fds: tuple[int, ...] = (),
+           freezing: Callable[[], None] = lambda: None) -> Iterator[ThawGuard]:
     """Hold the cgroup's lock and keep it frozen for the block; thaw on every path, also
-    if we die (the guard; see ThawGuard for `finish`)."""
+    if we die (the guard; see ThawGuard for `finish`). *freezing* is called just before the
+    freeze, once the lock is ours: the wait for another replace of the cgroup is not part of
+    this one's frozen window."""
     if not lock.acquire(timeout=policy.lock_timeout):
         raise FreezeError(errno.EBUSY, f"{freezer.path} is held by another replace "
                                        f"for more than {policy.lock_timeout} s")
     try:
         guard = ThawGuard(freezer, finish, keep_fds)
         try:
+            freezing()
             freeze_with_retries(freezer, policy)
             try:
                 yield guard

@@ -231,16 +231,20 @@ class ReplacePipeline:
     # -- d, e, f
     def _freeze_swap_move(self, job: ReplaceJob, plan: _FreezePlan) -> None:
         assert job.real_fd is not None
-        job.progress.advance(P.FROZEN)
         lock = self.locks.lock_for(job.freeze_cgroup)
-        phase = P.FROZEN
+        phase = P.PROXY  # until the lock is ours and the freeze starts
         prepared = plan.prepared
         try:
             # Swapped but not moved, the processes would hold NFS under a mountpoint that
             # is still SPFS, whose locks are its own: if we die there, the guard moves.
             move = functools.partial(self.mover.move, job.real_fd, plan.placements, job.target)
+            def freezing() -> None:
+                nonlocal phase
+                phase = P.FROZEN
+                job.progress.advance(P.FROZEN)
+
             with frozen(plan.freezer, lock, self.timeouts.freeze, finish=move,
-                        keep_fds=(job.real_fd,)) as guard:
+                        keep_fds=(job.real_fd,), freezing=freezing) as guard:
                 phase = P.SWAPPING
                 job.progress.advance(P.SWAPPING)
                 prepared = None  # swap() owns the prepared plan from here, even on failure
