@@ -29,9 +29,10 @@ DEMO_LOADS = (  # kind, path (v4.1 share a at /mnt/a and through its bind /srv, 
 def main() -> int:
     tl = Timeline()
     tl.note("lab guest ready: kernel NFS server (v3, v4.0-4.2) and CRIU in a qemu guest")
-    images = Path(tempfile.mkdtemp(prefix="demo-img-"))
-    name = "demo"
     results = os.environ.get("SPFS_LAB_RESULTS")
+    # in the run's results when there are some: CRIU's, the manager's and SPFS's logs
+    images = Path(tempfile.mkdtemp(prefix="demo-img-", dir=results))
+    name = "demo"
     with tl.step("spfs-standby started, as a host runs it: it forks spfs-manager and spfs "
                  "with their imports done"):
         standby = standby_service.start(DEFAULT_SOCKET, Path(results or images) /

@@ -7,10 +7,11 @@ import ctypes
 import logging
 import os
 import select
+import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,71 @@ def _v2_frozen(path: Path) -> bool:
     return False
 
 
+class ForkedChild:
+    """What Watchdog needs of subprocess.Popen, for a child we forked ourselves."""
+
+    def __init__(self, pid: int, stdin: BinaryIO, stdout: BinaryIO) -> None:
+        self.pid = pid
+        self.stdin: BinaryIO | None = stdin
+        self.stdout: BinaryIO | None = stdout
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: gone all the same
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"watchdog {self.pid}", timeout or 0)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _fork_watchdog(cgroup: str, decision_read: int, inotify_fds: tuple[int, ...]) -> ForkedChild:
+    """The watchdog as a forked child, not a new Python: under emulation an interpreter and
+    its imports take seconds, and a re-plan inside a freeze would wait for them. The child
+    keeps only its pipes, the decision pipe, the inotify copies and stderr (a copy of another
+    pipe's write end, such as an fd donor's, would keep its reader waiting), and runs on
+    fresh file objects: nothing it touches can be a lock another thread of ours held."""
+    from spfs.swap import watchdog  # before the fork: no import in the child
+    manager = os.getpid()
+    commands_read, commands_write = os.pipe2(os.O_CLOEXEC)
+    out_read, out_write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            keep = sorted({2, commands_read, out_write, decision_read, *inotify_fds})
+            low = 0
+            for fd in keep:
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+            with open(commands_read, "r", closefd=False) as commands, \
+                    open(out_write, "w", closefd=False) as out:
+                code = watchdog.serve(manager, cgroup, decision_read, commands, out)
+        finally:
+            os._exit(code)
+    os.close(commands_read)
+    os.close(out_write)
+    return ForkedChild(pid, open(commands_write, "wb"), open(out_read, "rb"))
+
+
 class Watchdog:
     """A child process that outlives us: if we die during a switch, it re-sends the signals
     the engine had held back and restores the cgroup's freezer state.
@@ -91,10 +157,8 @@ class Watchdog:
         the commit point was passed); inotify_fds: our copies of the tasks' inotify fds, to
         put watches back on A if we die before the commit point."""
         self.freezer = freezer
-        self.proc = subprocess.Popen([sys.executable, "-m", "spfs.swap.watchdog", str(os.getpid()),
-                                      str(freezer.path) if freezer else "-", str(decision_read)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-                                     pass_fds=(decision_read, *inotify_fds), start_new_session=True)
+        self.proc = _fork_watchdog(str(freezer.path) if freezer else "-", decision_read,
+                                   inotify_fds)
         self.ready = False
 
     def wait_ready(self, timeout: float) -> bool:

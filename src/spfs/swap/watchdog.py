@@ -16,6 +16,7 @@ import signal
 import struct
 import sys
 import termios
+from typing import TextIO
 
 from spfs.swap import inotify, procfs, ptrace
 from spfs.swap.cgroup import Freezer
@@ -24,9 +25,14 @@ MANAGER_EXIT_WAIT_S = 30.0  # only a manager stuck in its exit (D state) takes l
 
 
 def main(argv: list[str]) -> int:
+    return serve(int(argv[0]), argv[1], int(argv[2]), sys.stdin, sys.stdout)
+
+
+def serve(manager: int, cgroup: str, decision: int, commands: TextIO, out: TextIO) -> int:
+    """The watchdog's life: "ready" on *out*, commands from *commands* until EOF, then act
+    as the module docstring says. Run by main() or in a child forked by cgroup.Watchdog."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    manager, cgroup, decision = int(argv[0]), argv[1], int(argv[2])
     try:
         manager_fd = os.pidfd_open(manager)
     except ProcessLookupError:
@@ -34,8 +40,8 @@ def main(argv: list[str]) -> int:
     armed: str | None = None
     held: list[tuple[int, int, bytes]] = []
     watches: list[tuple[int, int, str, int, set[int]]] = []
-    print("ready", flush=True)
-    for line in sys.stdin:
+    print("ready", file=out, flush=True)
+    for line in commands:
         words = line.split()
         if words[:1] == ["arm"]:
             armed = words[1]
