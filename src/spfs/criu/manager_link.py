@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 from spfs.manager.client_cmd import send_request
 from spfs.manager.protocol import FINAL_STATUS_NAME
 from spfs.standby import client as standby_client
+from spfs.sys.children import pid_alive, terminate
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +27,6 @@ class ManagerError(RuntimeError):
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @dataclass
@@ -148,13 +134,6 @@ class ManagerLink:
         return self.pid > 0 and pid_alive(self.pid)
 
     def stop(self, timeout: float = 15.0) -> None:
-        if not self.alive():
-            return
-        os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.alive():
-            log.warning("spfs-manager %d ignored SIGTERM for %.0f s: killing it", self.pid,
+        if self.pid > 0 and not terminate(self.pid, timeout):
+            log.warning("spfs-manager %d ignored SIGTERM for %.0f s: killed it", self.pid,
                         timeout)
-            os.kill(self.pid, signal.SIGKILL)

@@ -33,12 +33,13 @@ from typing import Callable
 from spfs.criu.cgroups import freezer_cgroup_of
 from spfs.criu.dump import ACTION_SCRIPT
 from spfs.criu.images import ImageError, load_images
-from spfs.criu.manager_link import ManagerError, ManagerLink, pid_alive
+from spfs.criu.manager_link import ManagerError, ManagerLink
 from spfs.criu.record import RecordedShare, RecordError, load_record
 from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
 from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
 from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
+from spfs.sys.children import pid_alive
 from spfs.sys.daemon import stdio_to_devnull
 from spfs.sys.mountapi import MNT_DETACH, MS_BIND, MS_PRIVATE, mount, umount2
 from spfs.timeline import Timeline

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from spfs.sys.children import reap_or_kill
+from spfs.sys.fds import close_all_but
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class ThawGuard:
                 # Hold nothing but our pipe (and what `finish` needs): a copy of another
                 # pipe's write end (the swap engine's fd donors wait for EOF on theirs)
                 # would keep its reader waiting for as long as we live.
-                _close_all_but(read_end, *keep_fds)
+                close_all_but({0, 1, 2, read_end, *keep_fds})
                 if not _wait_for_dismissal(read_end, finish):
                     freezer._request(False)
                     code = 1
@@ -175,14 +176,6 @@ class ThawGuard:
         finally:
             os.close(self._write_end)
             _reap_bounded(self.pid, 2.0)
-
-
-def _close_all_but(*keep: int) -> None:
-    low = 3
-    for fd in sorted(set(keep)):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, _max_fd())
 
 
 def _wait_for_dismissal(read_end: int, finish: Callable[[], None] | None) -> bool:
@@ -210,10 +203,6 @@ def _run_bounded(work: Callable[[], None], timeout: float) -> None:
         finally:
             os._exit(code)
     reap_or_kill(pid, timeout)
-
-
-def _max_fd() -> int:
-    return os.sysconf("SC_OPEN_MAX")
 
 
 def _reap_bounded(pid: int, timeout: float) -> None:

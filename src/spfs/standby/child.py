@@ -10,6 +10,8 @@ from types import ModuleType
 from typing import Callable
 
 from spfs.standby.protocol import SpawnRequest
+from spfs.sys.fds import close_all_but
+
 
 def _install_fds(received: list[int], targets: list[int]) -> None:
     """Put each received descriptor at its target number and close every other one: the
@@ -26,14 +28,7 @@ def _install_fds(received: list[int], targets: list[int]) -> None:
             if null != std:
                 os.dup2(null, std)
                 os.close(null)
-    keep = set(targets) | {0, 1, 2}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # the directory's own descriptor, already gone
+    close_all_but({*targets, 0, 1, 2})
 
 
 def _name_process(program: str) -> None:

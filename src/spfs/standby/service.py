@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from spfs.sys.children import terminate
 
 START_TIMEOUT = 120.0  # the imports take seconds under emulation
 STOP_TIMEOUT = 10.0
@@ -35,18 +36,7 @@ def start(socket_path: str, log: str | Path) -> int:
 
 def stop(pid: int) -> None:
     """SIGTERM, bounded, then SIGKILL; the programs it forked keep running."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    terminate(pid, STOP_TIMEOUT)
 
 
 @contextmanager

@@ -7,11 +7,11 @@ import ctypes
 import logging
 import os
 import select
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import BinaryIO
+
+from spfs.sys.fds import close_all_but
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +97,6 @@ class ForkedChild:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"watchdog {self.pid}", timeout or 0)
-            time.sleep(0.005)
-        assert self.returncode is not None
-        return self.returncode
-
-    def kill(self) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-
 
 def _fork_watchdog(cgroup: str, decision_read: int, inotify_fds: tuple[int, ...]) -> ForkedChild:
     """The watchdog as a forked child, not a new Python: under emulation an interpreter and
@@ -126,12 +113,7 @@ def _fork_watchdog(cgroup: str, decision_read: int, inotify_fds: tuple[int, ...]
         code = 1
         try:
             os.setsid()
-            keep = sorted({2, commands_read, out_write, decision_read, *inotify_fds})
-            low = 0
-            for fd in keep:
-                os.closerange(low, fd)
-                low = fd + 1
-            os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+            close_all_but({2, commands_read, out_write, decision_read, *inotify_fds})
             with open(commands_read, "r", closefd=False) as commands, \
                     open(out_write, "w", closefd=False) as out:
                 code = watchdog.serve(manager, cgroup, decision_read, commands, out)

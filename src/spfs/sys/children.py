@@ -1,10 +1,40 @@
-"""Waiting for a child process, bounded: the one way spfs ends its helper children."""
+"""Ending helper processes, bounded: the one way spfs waits for them and stops them."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+
+
+def pid_alive(pid: int) -> bool:
+    """Any process of that pid, not a zombie (a zombie child of ours counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def terminate(pid: int, timeout: float) -> bool:
+    """SIGTERM a process that need not be our child, give it `timeout` seconds to go, then
+    SIGKILL it. True if it went on SIGTERM (or was gone already)."""
+    if not pid_alive(pid):
+        return True
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def reap_or_kill(pid: int, timeout: float) -> bool:

@@ -1,0 +1,21 @@
+"""Descriptors of a freshly forked helper: what it keeps, and nothing else."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+
+def close_all_but(keep: Iterable[int]) -> None:
+    """Close every descriptor not in *keep*: a forked helper must not hold copies of its
+    parent's pipes and sockets (a copy of a write end keeps the reader from seeing EOF).
+    By the list of open ones, not by range: a descriptor may lie above the current
+    RLIMIT_NOFILE, and closerange(0, 0) would close them all."""
+    kept = set(keep)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in kept:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
