@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -64,7 +65,6 @@ def _spawn_spfs(socket_path: str, tmp_path: Path) -> tuple[client.StandbyChild, 
         os.close(ready_write)
     try:
         # the ready fd closes when the mount answers
-        import select
         assert select.select([ready_read], [], [], 30)[0], "spfs not ready"
         assert os.read(ready_read, 1) == b""
     finally:

@@ -47,7 +47,6 @@ class StageServer:
         self.directory = Path(directory)
         self.handler = handler
         self.errors: list[str] = []
-        self.seen: list[str] = []
         self.handled: list[str] = []
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -117,7 +116,6 @@ class StageServer:
         if stage not in STAGES or not pid_text.isdigit() or (
                 int(pid_text) <= 0 and stage != "pre-restore"):
             return f"bad stage request {line[:80]!r}"
-        self.seen.append(stage)
         try:
             self.handler(stage, int(pid_text))
         except Exception as e:  # reported to CRIU (which logs it) and to our caller

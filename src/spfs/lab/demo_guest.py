@@ -1,7 +1,8 @@
 """The lab demo, guest side: a container with two NFS shares (v3 and v4.1, each mounted from
 inside the container's netns), a bind mount of one, self-checking workloads of every kind, a
 suspend and a resume with criu-spfs (SPFS, then the real NFS back; spfs-standby running, as a
-host runs it), proof that spfs and the manager exited, and every workload's own verdict. Run by `spfs-lab demo` in a fresh guest."""
+host runs it), proof that spfs and the manager exited, and every workload's own verdict. Run
+by `spfs-lab demo` in a fresh guest."""
 
 from __future__ import annotations
 

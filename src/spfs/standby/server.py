@@ -46,7 +46,7 @@ def _answers(path: str) -> bool:
 class StandbyServer:
     socket_path: str
     modules: dict[str, ModuleType] = field(default_factory=dict)
-    children: dict[int, socket.socket | None] = field(default_factory=dict)
+    children: dict[int, socket.socket] = field(default_factory=dict)  # pid -> its lifeline
     _listener: socket.socket | None = None
     _selector: selectors.DefaultSelector = field(default_factory=selectors.DefaultSelector)
     _wakeup: tuple[int, int] | None = None
@@ -218,7 +218,6 @@ class StandbyServer:
                 os.close(fd)
             self._wakeup = None
         for conn in self.children.values():
-            if conn is not None:
-                conn.close()
+            conn.close()
         self.children.clear()
         log.info("standby stopped")

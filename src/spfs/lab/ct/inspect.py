@@ -10,7 +10,7 @@ from spfs.lab.ct.spec import CtState
 from spfs.standby.protocol import PROGRAMS
 from spfs.sys.mountinfo import parse_mountinfo
 
-HELPER_MODULES = ("spfs.fs.cli", "spfs.manager.cli")
+HELPER_MODULES = tuple(PROGRAMS.values())  # spfs.fs.cli, spfs.manager.cli
 
 
 def fstypes_at(state: CtState) -> dict[str, tuple[str, str]]:
