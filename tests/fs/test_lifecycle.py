@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -37,6 +38,26 @@ def test_lazy_detach_exits_once_the_last_open_file_is_closed(proxy: SpfsMount) -
     finally:
         os.close(fd)
     assert proxy.exit_status() == 0
+
+
+def _fusectl_dir(mountpoint: Path) -> Path:
+    """The connection's fusectl directory, named after the mount's device minor."""
+    control = Path("/sys/fs/fuse/connections")
+    if not os.path.ismount(control):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=True)
+    return control / str(os.minor(os.stat(mountpoint).st_dev))
+
+
+def test_an_aborted_connection_ends_the_daemon_cleanly(proxy: SpfsMount) -> None:
+    # An administrator's abort (fusectl) ends the filesystem as an unmount does: exit 0,
+    # no traceback, the mount left for its owner to remove.
+    (proxy.mountpoint / "f").write_bytes(b"x")
+    (_fusectl_dir(proxy.mountpoint) / "abort").write_text("1")
+    assert proxy.exit_status() == 0
+    with pytest.raises(OSError) as failed:
+        (proxy.mountpoint / "f").read_bytes()
+    assert failed.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    subprocess.run(["umount", "-l", str(proxy.mountpoint)], check=False)
 
 
 def test_sigterm_with_open_file_keeps_serving_it_then_exits(proxy: SpfsMount) -> None:

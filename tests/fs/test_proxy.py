@@ -247,7 +247,7 @@ def test_locks_stay_in_the_kernel_and_show_in_fdinfo(proxy: SpfsMount) -> None:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 0)
         fdinfo = Path(f"/proc/self/fdinfo/{handle.fileno()}").read_text()
         assert "lock:" in fdinfo and "POSIX" in fdinfo
-        probe = f"""
+        probe = """
 import fcntl, sys
 with open(sys.argv[1], "r+b") as f:
     try:

@@ -36,7 +36,7 @@ def test_dry_run_lists_everything_and_stops_nothing(mounts, victim_bin):
 
 def test_switch_command_moves_and_reports_json(mounts, victim_bin, cgroup):
     mounts.populate()
-    proc = mounts.spawn(victim_bin, cgroup=cgroup)
+    mounts.spawn(victim_bin, cgroup=cgroup)
     mounts.wait_ready(1)
     mounts.mirror()
     out = _cli("--source", str(mounts.a), "--target", str(mounts.b), "--cgroup", str(cgroup), "--json")

@@ -195,7 +195,13 @@ async def _serve(config: DaemonConfig, ops: SpfsOperations, server: ControlServe
         nursery.start_soon(_announce_ready, config, initialised)
         if server is not None:
             nursery.start_soon(server.serve)
-        await pyfuse3.main(min_tasks=1, max_tasks=config.max_parked)
+        try:
+            await pyfuse3.main(min_tasks=1, max_tasks=config.max_parked)
+        except* ConnectionAbortedError:
+            # The kernel answers ENODEV once the connection is gone, which ends the loop
+            # quietly; but a read that had already taken a request (the last RELEASE or
+            # FORGET) when unmount tore the connection down gets ECONNABORTED. Same end.
+            log.info("the kernel aborted the connection during a read: the filesystem is gone")
         nursery.cancel_scope.cancel()
 
 
