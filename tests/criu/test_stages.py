@@ -50,12 +50,18 @@ def run_stage(control: Path, stage: str, pid: int = 4242, criu_spfs_pid: int | N
                           timeout=60)
 
 
-def test_answered_stages_reach_the_handler_in_order(bridge) -> None:
+RESTORE_STAGES = ("pre-restore", "setup-namespaces", "post-setup-namespaces", "post-restore",
+                  "network-unlock", "pre-resume", "post-resume")
+
+
+def test_the_stages_criu_spfs_needs_reach_the_handler_in_order(bridge) -> None:
     server, recorder = bridge
-    for stage in ("post-restore", "pre-resume"):
+    for stage in RESTORE_STAGES:  # all of them, as CRIU runs them
         result = run_stage(server.directory, stage)
         assert result.returncode == 0, result.stderr
-    assert recorder.calls == [("post-restore", 4242), ("pre-resume", 4242)]
+    assert server.wait_handled("post-resume", 10)
+    assert recorder.calls == [(stage, 4242) for stage in (
+        "setup-namespaces", "post-restore", "network-unlock", "pre-resume", "post-resume")]
     assert server.errors == []
 
 
@@ -68,7 +74,7 @@ def test_a_failing_stage_fails_the_script_with_the_reason(bridge) -> None:
     assert server.errors and "pre-resume" in server.errors[0]
 
 
-@pytest.mark.parametrize("stage", ["post-restore", "post-resume"])
+@pytest.mark.parametrize("stage", ["post-restore", "network-unlock", "post-resume"])
 def test_post_stages_are_not_waited_for_but_are_handled(bridge, stage: str) -> None:
     server, recorder = bridge
     recorder.delay = 2.0
@@ -173,14 +179,20 @@ def test_without_a_control_dir_the_stages_are_no_ops(tmp_path: Path) -> None:
     assert subprocess.run([str(ACTION_SCRIPT)], env=env, timeout=30).returncode == 0
 
 
-def test_pre_restore_comes_without_a_pid_and_waits_for_its_answer(bridge) -> None:
+def test_setup_namespaces_waits_for_its_answer(bridge) -> None:
     server, recorder = bridge
     recorder.delay = 1.0  # as while SPFS is still being mounted
-    env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": "pre-restore",
-           **server.env}
     t0 = time.monotonic()
-    result = subprocess.run([str(ACTION_SCRIPT)], env=env, capture_output=True, text=True,
-                            timeout=30)
+    result = run_stage(server.directory, "setup-namespaces")
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - t0 >= 1.0  # CRIU goes on only once the mounts are there
-    assert recorder.calls == [("pre-restore", 0)]
+    assert recorder.calls == [("setup-namespaces", 4242)]
+
+
+def test_network_unlock_of_a_dump_is_a_no_op(tmp_path: Path) -> None:
+    # CRIU runs network-unlock at the end of a dump too; no criu-spfs restore is listening
+    env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": "network-unlock",
+           "CRTOOLS_INIT_PID": "4242"}
+    result = subprocess.run([str(ACTION_SCRIPT)], env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and result.stderr == ""

@@ -16,12 +16,13 @@
 #   processes' resume (CRIU waits for network-unlock scripts); the marks are harmless
 #   meanwhile, CRIU's own lock rules being gone. A chain still there at the next dump is
 #   rebuilt.
-# pre-restore, post-restore, pre-resume, post-resume (restore): handed to the criu-spfs
-#   restore that runs CRIU (src/spfs/criu/stages.py) through the FIFOs in $SPFS_CRIU_CONTROL:
-#   CRIU waits for SPFS to be mounted before it makes any namespace, SPFS goes to stub
-#   before the processes resume, and the replace by the real NFS is released after
-#   (post-restore and post-resume are not waited for: what they start, pre-resume checks,
-#   or the processes already run).
+# setup-namespaces, post-restore, network-unlock, pre-resume, post-resume (restore): handed
+#   to the criu-spfs restore that runs CRIU (src/spfs/criu/stages.py) through the FIFOs in
+#   $SPFS_CRIU_CONTROL: CRIU waits for SPFS to be mounted before it builds the container's
+#   mount namespace, SPFS goes to stub before the processes resume, and the replace by the
+#   real NFS is released after (post-restore, network-unlock and post-resume are not waited
+#   for: what they start, pre-resume checks, or the processes already run). network-unlock
+#   also comes at the end of a dump, without $SPFS_CRIU_CONTROL: a no-op then.
 PID=${CRTOOLS_INIT_PID:-}
 MARK=0xC114
 CHAIN=SPFS-NFS
@@ -96,9 +97,9 @@ case "${CRTOOLS_SCRIPT_ACTION:-}" in
     network-lock)
         [ -n "$PID" ] || { echo "criu-spfs action: no CRTOOLS_INIT_PID" >&2; exit 1; }
         mark_nfs ;;
-    pre-restore|pre-resume)
+    setup-namespaces|pre-resume)
         to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" wait || exit 1 ;;
-    post-restore)
+    post-restore|network-unlock)
         to_criu_spfs "$CRTOOLS_SCRIPT_ACTION" || exit 1 ;;
     post-resume)
         [ -n "$PID" ] && unmark_nfs </dev/null >/dev/null 2>&1 &

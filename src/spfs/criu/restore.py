@@ -1,14 +1,17 @@
 """`criu-spfs restore`: restore a container dumped by `criu-spfs dump`, with SPFS standing in
 for each NFS share until spfs-manager has put the real NFS back, live.
 
-1. Read the record and the images; build each share's SPFS manifest. Anything hostile or
-   broken is refused here, before anything is mounted or started.
-2. Start spfs-manager; mount one SPFS per share in restore mode on a private staging
-   directory of the host.
-3. `criu restore` with every NFS mount of the dump mapped to the staging directory (a bind's
-   sub-root to the same sub-directory), our action script, and a stage bridge:
-   pre-resume queues a held replace per share (now that the container's namespaces and
-   cgroup exist) and turns every SPFS to stub, post-resume releases the replaces.
+1. Read the dump record (which shares, where); start spfs-manager.
+2. `criu restore` with every NFS mount of the dump mapped to a private staging directory of
+   the host (a bind's sub-root to the same sub-directory), our action script, and a stage
+   bridge. Meanwhile, CRIU reading its images: read and check the images, build each
+   share's SPFS manifest (anything hostile or broken is refused here, before anything is
+   mounted) and mount one SPFS per share in restore mode on its staging directory.
+3. CRIU binds the staging directories only when it builds the container's mount namespace:
+   its setup-namespaces stage, just before, waits for the mounts (or fails the restore
+   with the reason). post-restore queues a held replace per share (the container's
+   namespaces and cgroup exist now), network-unlock (CRIU is done with the files) turns
+   every SPFS to stub, pre-resume waits for that, post-resume releases the replaces.
 4. The staging mounts are detached (the container holds its own binds); the manager mounts
    NFS in the container, proxies, freezes, swaps and moves mounts, and exits after the last
    SPFS. With `--wait` we follow that to the end; without, a detached watcher does, so the
@@ -41,7 +44,8 @@ from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
 from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
 from spfs.sys.children import pid_alive
 from spfs.sys.daemon import stdio_to_devnull
-from spfs.sys.mountapi import MNT_DETACH, MS_BIND, MS_PRIVATE, mount, umount2
+from spfs.sys.mountapi import MNT_DETACH, MS_BIND, MS_PRIVATE, MS_SHARED, mount, umount2
+from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 from spfs.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -66,8 +70,8 @@ class RestoreError(RuntimeError):
 @dataclass
 class ShareRestore:
     share: RecordedShare
-    manifest: Manifest
-    remaps: list[LinkedRemap]
+    manifest: Manifest | None = None  # from the images, once checked
+    remaps: list[LinkedRemap] = field(default_factory=list)
     staging: Path | None = None
 
     @property
@@ -90,28 +94,37 @@ class RestoreConfig:
     standby: str | None = None  # spfs-standby's socket, used when it answers
 
 
-def plan_shares(images: Path) -> list[ShareRestore]:
-    """Everything read and checked up front; raises RestoreError naming what is wrong."""
+def load_shares(images: Path) -> list[ShareRestore]:
+    """The shares the dump recorded: enough to run CRIU (staging dirs, external mounts)."""
     try:
-        recorded = load_record(images)
+        shares = [ShareRestore(share) for share in load_record(images)]
+        for s in shares:
+            s.share.primary  # a share with only sub-directory binds cannot be replaced
+        return shares
+    except RecordError as e:
+        raise RestoreError(f"refusing the image directory {images}: {e}") from None
+
+
+def check_images(images: Path, shares: list[ShareRestore]) -> None:
+    """Each share's manifest and linked remaps from the images, everything checked; raises
+    RestoreError naming what is wrong."""
+    try:
         image_set = load_images(images)
-        shares = []
-        for share in recorded:
+        for restore in shares:
+            share = restore.share
             for m in share.mounts:
                 # CRIU took a bind's sub-root from mountinfo, where NFS shows "/" for every
                 # bind; the dump record has the real one (from the bind's source)
                 dumped = image_set.mounts.get(m.mnt_id)
                 if dumped is not None and dumped.root != m.root:
                     image_set.mounts[m.mnt_id] = dataclasses.replace(dumped, root=m.root)
-            share.primary  # a share with only sub-directory binds cannot be replaced
             dumped = image_set.mounts.get(share.mounts[0].mnt_id)
             if dumped is None:
                 raise RestoreError(f"{share.key}: mount {share.mounts[0].mnt_id} is not in "
                                    f"the images")
-            shares.append(ShareRestore(share, build_manifest(image_set, dumped.root_dev),
-                                       linked_remaps(image_set, dumped.root_dev)))
-        return shares
-    except (RecordError, ImageError, ManifestError) as e:
+            restore.manifest = build_manifest(image_set, dumped.root_dev)
+            restore.remaps = linked_remaps(image_set, dumped.root_dev)
+    except (ImageError, ManifestError) as e:
         raise RestoreError(f"refusing the image directory {images}: {e}") from None
 
 
@@ -155,6 +168,12 @@ class Background:
         if self._error is not None:
             raise self._error
 
+    def error_text(self) -> str | None:
+        """What it failed with, once it ended."""
+        if self._thread.is_alive() or self._error is None:
+            return None
+        return str(self._error)
+
 
 class Restore:
     def __init__(self, config: RestoreConfig, timeline: Timeline | None = None) -> None:
@@ -170,6 +189,7 @@ class Restore:
         self._mounting = Background(self.mount_spfs, "spfs-mounts",
                                     f"SPFS not mounted in {MOUNT_TIMEOUT:.0f} s")
         self._queueing: Background | None = None
+        self._stubbing: Background | None = None
         self._starting = Background(self._start_manager, "manager-start",
                                     f"spfs-manager not started in {MOUNT_TIMEOUT:.0f} s")
         self._forked = False
@@ -177,7 +197,7 @@ class Restore:
     # -- 1, 2
     def prepare(self) -> None:
         """The work directory, spfs-manager starting meanwhile (it mounts nothing until
-        asked), the images read and checked, each share's staging directory and manifest."""
+        asked), the shares of the record and their staging directories."""
         if self.config.work_dir is None:
             self.work = _fresh_work_dir()
             self.manager.work_dir = self.work / "manager"
@@ -194,22 +214,35 @@ class Restore:
         except OSError as e:
             raise RestoreError(f"private mount of {self.work}: {e}") from None
         self._starting.start()
-        self.shares = plan_shares(self.images)
-        self.tl.note(f"images checked: {len(self.shares)} NFS share(s), "
-                     f"{sum(len(s.manifest.entries) for s in self.shares)} stub entries")
+        self.shares = load_shares(self.images)
         for s in self.shares:
-            d = self.work / s.id
-            d.mkdir()
-            (d / "mnt").mkdir()
-            dump_manifest(s.manifest, d / "manifest.json")
-            s.staging = d / "mnt"
+            s.staging = self.work / s.id / "mnt"
+            s.staging.mkdir(parents=True)
+            # CRIU's root task copies our mount namespace when it is forked, before the
+            # SPFS mounts are there: each staging directory is a shared mount of its own
+            # (a peer group of one, in our private work dir) so that the SPFS mounted on it
+            # later propagates into that copy, where CRIU binds it from. Detaching it
+            # propagates too: no copy keeps SPFS alive.
+            try:
+                mount(str(s.staging), str(s.staging), None, MS_BIND, None)
+                mount("none", str(s.staging), None, MS_SHARED, None)
+            except OSError as e:
+                raise RestoreError(f"shared mount of {s.staging}: {e}") from None
 
     def _start_manager(self) -> None:
         self._forked = self.manager.start(self.config.mount_deadline, self.config.verbose,
                                           self.config.standby)
 
     def mount_spfs(self) -> None:
-        """Mount each share's SPFS on its staging directory, once spfs-manager is up."""
+        """Check the images, then mount each share's SPFS on its staging directory once
+        spfs-manager is up."""
+        check_images(self.images, self.shares)
+        self.tl.note(f"images checked: {len(self.shares)} NFS share(s), "
+                     f"{sum(len(s.manifest.entries) for s in self.shares if s.manifest)} "
+                     f"stub entries")
+        for s in self.shares:
+            assert s.staging is not None and s.manifest is not None
+            dump_manifest(s.manifest, s.staging.parent / "manifest.json")
         self._starting.join(MOUNT_TIMEOUT)
         self._starting.raise_error()
         for s in self.shares:
@@ -221,9 +254,9 @@ class Restore:
 
     # -- 3
     def run_criu(self) -> None:
-        """CRIU starts while SPFS is being mounted: its start (exec, images) overlaps the
-        mounts, and its pre-restore stage, before it creates any namespace or mount, waits
-        for them."""
+        """CRIU starts while the images are checked and SPFS mounted: its start (exec, its
+        own reading of the images, the root task) overlaps them, and its setup-namespaces
+        stage, before it builds the mount namespace, waits for them."""
         stages = StageServer(self.work / "stages", self._on_stage)
         stages.start()
         self._mounting.start()
@@ -237,24 +270,31 @@ class Restore:
             if not stages.wait_handled("post-resume", STAGE_TIMEOUT):
                 stages.errors.append(f"post-resume not handled in {STAGE_TIMEOUT:.0f} s")
         except CriuError as e:
-            # a stage we failed (SPFS not mounted, ...) is why CRIU gave up: say so first
-            raise RestoreError("; ".join([*stages.errors, str(e)])) from None
+            # a stage we failed (images refused, SPFS not mounted, ...) is why CRIU gave up:
+            # say so first; so is a refusal of the images CRIU failed on before it waited
+            self._mounting.join(MOUNT_TIMEOUT)
+            refused = self._mounting.error_text()
+            errors = [*stages.errors, str(e)]
+            if refused and not any(refused in err for err in errors):
+                errors.insert(0, refused)
+            raise RestoreError("; ".join(errors)) from None
         finally:
             stages.stop()
             self._mounting.join(MOUNT_TIMEOUT)  # CRIU may have failed before it waited
-            if self._queueing is not None:
-                self._queueing.join(STAGE_TIMEOUT)
+            for work in (self._queueing, self._stubbing):
+                if work is not None:
+                    work.join(STAGE_TIMEOUT)
         if stages.errors:
             # processes run, but not as planned: SPFS may still be in restore mode
             raise RestoreError("action script stages failed: " + "; ".join(stages.errors))
 
     def raise_mount_error(self) -> None:
         """A CRIU that ran to the end waited for the mounts; this is for one that did not
-        reach pre-restore (then its own error was raised first)."""
+        reach setup-namespaces (then its own error was raised first)."""
         self._mounting.raise_error()
 
     def _on_stage(self, stage: str, pid: int) -> None:
-        if stage == "pre-restore":
+        if stage == "setup-namespaces":
             self._mounting.join(MOUNT_TIMEOUT)
             self._mounting.raise_error()
         elif stage == "post-restore":
@@ -270,18 +310,30 @@ class Restore:
                                         "queue-replaces",
                                         f"replaces not queued in {STAGE_TIMEOUT:.0f} s")
             self._queueing.start()
+        elif stage == "network-unlock":
+            # CRIU is done with the files (the ghosts are cleaned before this stage); what
+            # it still does before pre-resume (creds, sigreturn) overlaps the switch to stub
+            self._stubbing = Background(self._to_stub, "spfs-stub",
+                                        f"SPFS not in stub mode in {STAGE_TIMEOUT:.0f} s")
+            self._stubbing.start()
         elif stage == "pre-resume":
             self.init_pid = pid
-            if self._queueing is None:
-                raise RestoreError("pre-resume without post-restore")
-            self._queueing.join(STAGE_TIMEOUT)
-            self._queueing.raise_error()
-            self.manager.request(cmd="mode", all=True, mode="stub")
-            self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
+            if self._stubbing is None:
+                raise RestoreError("pre-resume without network-unlock")
+            self._stubbing.join(STAGE_TIMEOUT)
+            self._stubbing.raise_error()
         elif stage == "post-resume":
             self.tl.note("processes resumed")
             self.manager.request(cmd="replace", all=True, mode="release")
             self.tl.note("replace released (spfs-manager mounts NFS in the container)")
+
+    def _to_stub(self) -> None:
+        if self._queueing is None:
+            raise RestoreError("network-unlock without post-restore")
+        self._queueing.join(STAGE_TIMEOUT)
+        self._queueing.raise_error()
+        self.manager.request(cmd="mode", all=True, mode="stub")
+        self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
 
     def _queue_replaces(self, pid: int) -> None:
         cgroup = self.config.freeze_cgroup or freezer_cgroup_of(pid)
@@ -298,14 +350,20 @@ class Restore:
         log.info("replaces queued (held) for pid %d, freezer cgroup %s", pid, cgroup)
 
     def detach_staging(self) -> None:
-        """The container has its own binds of each SPFS; the host's staging mounts go
-        (by the syscall: an umount process would hold the restore for its start)."""
+        """The container has its own binds of each SPFS; the host's staging mounts (SPFS
+        and the shared bind under it) go (by the syscall: an umount process would hold the
+        restore for its start)."""
         for s in self.shares:
-            if s.staging is not None and os.path.ismount(s.staging):
+            if s.staging is None:
+                continue
+            for _ in range(STAGING_LAYERS):
+                if not _mounted_at(s.staging):
+                    break
                 try:
                     umount2(str(s.staging), MNT_DETACH)
                 except OSError as e:
                     log.warning("detaching %s: %s", s.staging, e)
+                    break
 
     # -- 4
     def follow(self) -> bool:
@@ -388,7 +446,7 @@ class Restore:
         if not self.owns_work or not self.work.exists():
             return
         for s in self.shares:
-            if s.staging is not None and os.path.ismount(s.staging):
+            if s.staging is not None and _mounted_at(s.staging):
                 log.warning("%s still mounted: leaving %s", s.staging, self.work)
                 return
         # (a bind of a directory onto itself: os.path.ismount cannot tell)
@@ -406,6 +464,12 @@ class Restore:
 
 
 WORK_ROOT = Path("/run/criu-spfs")
+STAGING_LAYERS = 2  # SPFS on the staging directory's own shared bind
+
+
+def _mounted_at(path: Path) -> bool:
+    """By mountinfo: os.path.ismount cannot tell a bind of a directory onto itself."""
+    return top_mount_at(read_mountinfo(), str(path)) is not None
 
 
 def _fresh_work_dir() -> Path:

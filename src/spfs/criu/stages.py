@@ -3,8 +3,8 @@
 CRIU runs action scripts at each stage; a Python start per stage costs ~0.6 s under
 emulation, so the script stays a dash script with no helper process, and hands the stages
 that matter to the waiting criu-spfs through two FIFOs in a private directory
-(`SPFS_CRIU_CONTROL`): it writes "STAGE INIT_PID" to `request` and, for pre-restore and
-pre-resume, reads the line "STAGE ok" (or "STAGE <what went wrong>") from `reply`.
+(`SPFS_CRIU_CONTROL`): it writes "STAGE INIT_PID" to `request` and, for setup-namespaces
+and pre-resume, reads the line "STAGE ok" (or "STAGE <what went wrong>") from `reply`.
 
 We hold both FIFOs open read-write for the whole restore, so no open of the script's ever
 blocks, a request line stays in the pipe while we finish the previous stage, and an answer
@@ -13,10 +13,11 @@ always answered, and if we die the script's read ends at EOF (we were the only w
 fails the stage; the script checks we are alive (`SPFS_CRIU_PID`) before it opens `reply`.
 An answer for another stage (one whose script was killed before it read) is skipped.
 
-post-restore and post-resume are not answered, so CRIU does not wait for them: what
-post-restore starts (detaching the staging mounts, queueing the replaces) pre-resume waits
-for and reports; after post-resume the processes already run and CRIU could not undo
-anything. `wait_handled` lets the caller wait for a stage instead.
+post-restore, network-unlock and post-resume are not answered, so CRIU does not wait for
+them: what the first two start (detaching the staging mounts, queueing the replaces, the
+switch to stub) pre-resume waits for and reports; after post-resume the processes already
+run and CRIU could not undo anything. `wait_handled` lets the caller wait for a stage
+instead.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "SPFS_CRIU_CONTROL"
 PID_VAR = "SPFS_CRIU_PID"
-STAGES = ("pre-restore", "post-restore", "pre-resume", "post-resume")
-UNANSWERED = ("post-restore", "post-resume")
+STAGES = ("setup-namespaces", "post-restore", "network-unlock", "pre-resume", "post-resume")
+UNANSWERED = ("post-restore", "network-unlock", "post-resume")
 MAX_LINE = 256
 
 StageHandler = Callable[[str, int], None]
@@ -112,9 +113,7 @@ class StageServer:
 
     def _answer(self, line: str) -> str:
         stage, _, pid_text = line.partition(" ")
-        # pre-restore comes before CRIU has any process: pid 0
-        if stage not in STAGES or not pid_text.isdigit() or (
-                int(pid_text) <= 0 and stage != "pre-restore"):
+        if stage not in STAGES or not pid_text.isdigit() or int(pid_text) <= 0:
             return f"bad stage request {line[:80]!r}"
         try:
             self.handler(stage, int(pid_text))
