@@ -232,6 +232,7 @@ class Restore:
     def _start_manager(self) -> None:
         self._forked = self.manager.start(self.config.mount_deadline, self.config.verbose,
                                           self.config.standby)
+        self.tl.note("spfs-manager started" + (" by spfs-standby" if self._forked else ""))
 
     def mount_spfs(self) -> None:
         """Check the images, then mount each share's SPFS on its staging directory once
@@ -249,8 +250,7 @@ class Restore:
             assert s.staging is not None
             self.manager.request(cmd="mount", id=s.id, mode="restore", mountpoint=str(s.staging),
                                  manifest=str(s.staging.parent / "manifest.json"))
-        self.tl.note("spfs-manager started" + (" by spfs-standby" if self._forked else "") +
-                     ", SPFS mounted in restore mode")
+        self.tl.note(f"SPFS mounted in restore mode ({len(self.shares)} share(s))")
 
     # -- 3
     def run_criu(self) -> None:
@@ -261,6 +261,7 @@ class Restore:
         stages.start()
         self._mounting.start()
         argv = criu_restore_argv(self.config.criu, self.images, self.shares, self.config.extra)
+        self.tl.note("criu restore started")
         try:
             seconds = run_criu(argv, self.images / "restore.log", RESTORE_TIMEOUT,
                                dict(os.environ) | self.config.env | stages.env)

@@ -9,6 +9,7 @@ child is reaped. A client that goes away leaves its child running.
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import json
 import logging
@@ -159,6 +160,10 @@ class StandbyServer:
     def _fork(self, request: SpawnRequest, fds: list[int]) -> int:
         for handler in logging.getLogger().handlers:
             handler.flush()
+        # Everything allocated so far (the imports, mostly) out of the collector's reach: a
+        # collection in the child would otherwise write to every object's header and copy
+        # nearly every page of the heap, which under emulation costs more than the fork.
+        gc.freeze()
         sys.stdout.flush()
         sys.stderr.flush()
         child = os.fork()
