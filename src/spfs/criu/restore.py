@@ -329,6 +329,10 @@ class Restore:
             self.tl.note("replace released (spfs-manager mounts NFS in the container)")
 
     def _to_stub(self) -> None:
+        # (setup-namespaces waited for the mounts already; CRIU skips that stage for a tree
+        # without namespaces of its own, which has no external mounts to bind either)
+        self._mounting.join(MOUNT_TIMEOUT)
+        self._mounting.raise_error()
         if self._queueing is None:
             raise RestoreError("network-unlock without post-restore")
         self._queueing.join(STAGE_TIMEOUT)
