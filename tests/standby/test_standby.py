@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from spfs.criu.manager_link import ManagerLink
+from spfs.criu.manager_link import ManagerError, ManagerLink
 from spfs.standby import client, service
 from spfs.standby.child import run_child
 from spfs.standby.protocol import SpawnRequest
@@ -236,6 +236,10 @@ def test_manager_forked_by_the_standby_forks_its_spfs_there_too(
         link.request(cmd="mount", id="s", mode="stub", mountpoint=str(mp))
         mount = next(m for m in link.status() if m["id"] == "s")
         assert _ppid(mount["spfs_pid"]) == standby_pid
+        # no detaching fork of its own: the standby's child is the manager, stdio on
+        # /dev/null once it said it was ready
+        assert _ppid(link.pid) == standby_pid
+        assert all(os.readlink(f"/proc/{link.pid}/fd/{fd}") == "/dev/null" for fd in (0, 1, 2))
         assert is_mounted(mp)
         log = (tmp_path / "logs" / "spfs-manager.log").read_text()
         assert f"standby forked {mount['spfs_pid']}" in log
@@ -245,6 +249,14 @@ def test_manager_forked_by_the_standby_forks_its_spfs_there_too(
         if is_mounted(mp):
             subprocess.run(["umount", "-l", str(mp)], check=False)
     wait_for(lambda: not is_mounted(mp), 15, "SPFS gone with the manager")
+
+
+def test_a_manager_failing_to_start_in_the_standby_reports_why(
+        standby: tuple[str, int], tmp_path: Path) -> None:
+    # a control socket path longer than AF_UNIX allows: the manager cannot bind it
+    link = ManagerLink(tmp_path / ("w" * 120), tmp_path / "logs")
+    with pytest.raises(ManagerError, match="spfs-manager failed to start.*AF_UNIX|too long"):
+        link.start(standby=standby[0])
 
 
 def test_forked_programs_are_named_and_found_as_spfs_helpers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ class ManagerLink:
         when one answers at *standby* (then True), else started as a new Python."""
         self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        args = ["-d", "--exit-with-spfs", "--warm-spfs", "-w", str(self.work_dir),
+        args = ["--exit-with-spfs", "--warm-spfs", "-w", str(self.work_dir),
                 "-s", self.socket_path, "--log-dir", str(self.log_dir)]
         if mount_deadline is not None:
             args += ["--mount-deadline", str(mount_deadline)]
@@ -57,7 +58,8 @@ class ManagerLink:
             code, stderr = self._start_by_standby(standby, [*args, "--standby", standby])
             forked = code is not None
         if code is None:
-            code, stderr = self._start_process([sys.executable, "-m", "spfs.manager.cli", *args])
+            code, stderr = self._start_process([sys.executable, "-m", "spfs.manager.cli", "-d",
+                                                *args])
         if code != 0:
             raise ManagerError(f"spfs-manager failed to start ({code}): {stderr.strip()[-2000:]}")
         self.pid = int((self.work_dir / "spfs-manager.pid").read_text())
@@ -76,26 +78,40 @@ class ManagerLink:
 
     @staticmethod
     def _start_by_standby(standby: str, args: list[str]) -> tuple[int | None, str]:
-        """(exit status of the detaching parent, its stderr); (None, "") when the standby
-        cannot do it, so the caller starts the manager itself."""
+        """(0, "") once the manager, forked by the standby (already in a session of its own:
+        no detaching fork), says on its ready fd that its socket accepts connections; (its
+        exit status, its stderr) if it ended before; (None, "") when the standby cannot do
+        it, so the caller starts the manager itself."""
         err_read, err_write = os.pipe()
+        ready_read, ready_write = os.pipe()
         try:
-            child = standby_client.spawn(standby, "spfs-manager", args, fds={2: err_write})
+            child = standby_client.spawn(standby, "spfs-manager", [*args, "--ready-fd", "3"],
+                                         fds={2: err_write, 3: ready_write}, new_session=True)
         except (standby_client.StandbyUnavailable, standby_client.StandbyError) as exc:
             log.warning("%s; starting spfs-manager ourselves", exc)
+            os.close(err_read)
+            os.close(ready_read)
             return None, ""
         finally:
             os.close(err_write)
-        with os.fdopen(err_read, "rb") as err:
-            try:
-                code = child.wait(START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                raise ManagerError(f"spfs-manager did not start in {START_TIMEOUT:.0f} s") \
-                    from None
-            # the detached manager has its stderr on /dev/null: EOF comes with the exit
-            stderr = err.read(65536).decode(errors="replace") if code != 0 else ""
-        return code, stderr
+            os.close(ready_write)
+        try:
+            with os.fdopen(ready_read, "rb") as ready, os.fdopen(err_read, "rb") as err:
+                if not select.select([ready], [], [], START_TIMEOUT)[0]:
+                    child.kill()
+                    raise ManagerError(f"spfs-manager did not start in {START_TIMEOUT:.0f} s")
+                if ready.read(1) == b"R":
+                    return 0, ""
+                # it ended before it was ready: its stderr (EOF with the exit) says why
+                try:
+                    code = child.wait(START_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    raise ManagerError("spfs-manager closed its ready fd but did not exit") \
+                        from None
+                return code or 1, err.read(65536).decode(errors="replace")
+        finally:
+            child.close()
 
     def _send(self, fields: dict[str, Any]) -> dict[str, Any]:
         packet = json.dumps({k: v for k, v in fields.items() if v is not None}).encode()

@@ -30,7 +30,7 @@ from spfs.manager.server import ControlServer
 from spfs.manager.spfs_daemon import DEFAULT_SPFS_COMMAND, SpfsProcessLauncher, SpfsTimeouts
 from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
 from spfs.manager.swapper import SwapEngineAdapter, import_swap_engine
-from spfs.sys.daemon import detach
+from spfs.sys.daemon import detach, stdio_to_devnull
 
 log = logging.getLogger("spfs.manager")
 
@@ -53,6 +53,10 @@ def daemon_parser() -> argparse.ArgumentParser:
                         help="more logging (repeatable)")
     parser.add_argument("-d", "--daemon", action="store_true",
                         help="detach once the control socket accepts connections")
+    parser.add_argument("--ready-fd", type=int, metavar="FD",
+                        help="instead of detaching: write 'R' to FD and close it once the "
+                             "control socket accepts connections, stdio then on /dev/null "
+                             "(for a caller that already runs us detached: spfs-standby)")
     parser.add_argument("--exit-with-spfs", action="store_true",
                         help="exit when the last SPFS daemon has exited")
     parser.add_argument("--mount-deadline", type=float, default=300.0,
@@ -148,6 +152,18 @@ def build_manager(args: argparse.Namespace, work_dir: str, log_dir: str,
     return Manager(config, launcher, pipeline, SwapEngineAdapter())
 
 
+def _announce_ready(fd: int) -> None:
+    try:
+        os.write(fd, b"R")
+    except OSError as exc:
+        log.warning("ready fd %d: %s", fd, exc)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     work_dir = os.path.abspath(args.work_dir or f"/run/spfs-manager-{os.getpid()}")
     os.makedirs(work_dir, mode=0o700, exist_ok=True)
@@ -176,6 +192,11 @@ def run_daemon(args: argparse.Namespace) -> int:
         detach(lambda child: _write_pid(pid_file, child))
     else:
         _write_pid(pid_file, os.getpid())
+    if args.ready_fd is not None:
+        # What detaching gives the caller, without a fork of this whole interpreter (which
+        # costs tens of ms of copied pages under emulation, in the middle of a restore)
+        stdio_to_devnull()
+        _announce_ready(args.ready_fd)
     # Both take seconds on a slow machine and are needed only later: not before the caller
     # may go on (and not before the fork of detach, which threads would not survive).
     launcher.warm_up()
