@@ -274,3 +274,63 @@ def test_forked_programs_are_named_and_found_as_spfs_helpers(
         child.kill()
         if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _children_of(pid: int) -> set[int]:
+    out = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if _ppid(int(name)) == pid:
+                    out.add(int(name))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+def _spares(standby_pid: int) -> set[int]:
+    """The standby's children that are no program yet: they keep its name."""
+    return {pid for pid in _children_of(standby_pid)
+            if Path(f"/proc/{pid}/comm").read_text().strip() not in ("spfs", "spfs-manager")}
+
+
+def test_a_request_takes_a_spare_forked_before_it_and_a_new_one_follows(
+        standby: tuple[str, int], tmp_path: Path) -> None:
+    socket_path, standby_pid = standby
+    wait_for(lambda: len(_spares(standby_pid)) == 2, 15, "a spare per program")
+    before = _spares(standby_pid)
+    # nothing of the standby's own sockets (the listener above all: a dead standby must
+    # refuse connections, not queue them) in a spare
+    assert all(not _socket_inodes(standby_pid) & _socket_inodes(p) for p in before)
+    child, mnt, target = _spawn_spfs(socket_path, tmp_path)
+    try:
+        assert child.pid in before  # no fork for the request: a spare became spfs
+        (target / "f").write_bytes(b"spare")
+        assert (mnt / "f").read_bytes() == b"spare"
+        wait_for(lambda: len(_spares(standby_pid)) == 2, 15, "the spfs spare replaced")
+        assert child.pid not in _spares(standby_pid)
+        child.terminate()
+        assert child.wait(15) == 0  # its status still comes back from the standby
+    finally:
+        child.kill()
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_dead_spare_is_no_loss_and_spares_end_with_the_standby(
+        standby: tuple[str, int], tmp_path: Path) -> None:
+    socket_path, standby_pid = standby
+    wait_for(lambda: len(_spares(standby_pid)) == 2, 15, "a spare per program")
+    for pid in _spares(standby_pid):
+        os.kill(pid, signal.SIGKILL)
+    # whichever way the standby learns of it, the request is served (by a fork, then)
+    assert client.spawn(socket_path, "spfs", ["--help"]).wait(15) == 0
+    wait_for(lambda: len(_spares(standby_pid)) == 2, 15, "spares forked again")
+    spares = _spares(standby_pid)
+    os.kill(standby_pid, signal.SIGKILL)
+    # EOF on their channel: nobody is left to ask them for anything
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and "zombie" not in
+                             Path(f"/proc/{p}/status").read_text() for p in spares),
+             15, "spares gone with the standby")
+    with pytest.raises(client.StandbyUnavailable):
+        client.spawn(socket_path, "spfs", ["--help"])
