@@ -211,3 +211,33 @@ def test_a_handler_bug_costs_one_request_only(tmp_path):
         stop.set()
         thread.join(5)
         server.close()
+
+
+def test_a_connection_closed_without_a_reply_is_an_error_not_an_empty_reply(tmp_path) -> None:
+    # a manager that stops (its last SPFS gone) between accepting a client and answering
+    # it: criu-spfs's follower must see a connection error and read the final status the
+    # manager left, not fail on an empty JSON reply
+    from spfs.criu.manager_link import ManagerLink
+    from spfs.manager.client_cmd import send_request
+    link = ManagerLink(tmp_path, tmp_path)
+    path = link.socket_path
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(4)
+
+    def accept_and_close(n: int) -> None:
+        for _ in range(n):
+            conn, _ = listener.accept()
+            conn.recv(MAX_PACKET_BYTES)
+            conn.close()
+
+    closer = threading.Thread(target=accept_and_close, args=(2,), daemon=True)
+    closer.start()
+    try:
+        with pytest.raises(ConnectionResetError, match="without a reply"):
+            send_request(path, b'{"cmd": "status"}', 10)
+        with pytest.raises(ConnectionResetError):
+            link.status()
+    finally:
+        closer.join(10)
+        listener.close()

@@ -29,7 +29,12 @@ def send_request(socket_path: str, packet: bytes, timeout: float = DEFAULT_TIMEO
         sock.settimeout(timeout)
         sock.connect(socket_path)
         sock.send(packet)
-        return sock.recv(MAX_PACKET_BYTES)
+        reply = sock.recv(MAX_PACKET_BYTES)
+    if not reply:
+        # the manager stopping (its last SPFS gone) between accepting us and answering
+        raise ConnectionResetError(errno.ECONNRESET, "spfs-manager closed the connection "
+                                                     "without a reply")
+    return reply
 
 
 def text_packet(request: str, data: str | None) -> bytes:
