@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -51,7 +52,11 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def _spawn_spfs(socket_path: str, tmp_path: Path) -> tuple[client.StandbyChild, Path, Path]:
+@contextmanager
+def _spfs_spawned(socket_path: str, tmp_path: Path
+                  ) -> Iterator[tuple[client.StandbyChild, Path, Path]]:
+    """spfs forked by the standby on tmp_path/mnt, proxying tmp_path/target, ready; killed
+    and its mount detached afterwards, whatever the test did."""
     mnt, target = tmp_path / "mnt", tmp_path / "target"
     mnt.mkdir()
     target.mkdir()
@@ -69,15 +74,19 @@ def _spawn_spfs(socket_path: str, tmp_path: Path) -> tuple[client.StandbyChild, 
         assert os.read(ready_read, 1) == b""
     finally:
         os.close(ready_read)
-    return child, mnt, target
+    try:
+        yield child, mnt, target
+    finally:
+        child.kill()
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_forked_spfs_serves_a_real_mount_and_its_exit_status_comes_back(
         standby: tuple[str, int], tmp_path: Path) -> None:
     socket_path, standby_pid = standby
     t0 = time.monotonic()
-    child, mnt, target = _spawn_spfs(socket_path, tmp_path)
-    try:
+    with _spfs_spawned(socket_path, tmp_path) as (child, mnt, target):
         print(f"spfs forked and ready in {time.monotonic() - t0:.3f} s")
         assert _ppid(child.pid) == standby_pid
         (target / "f").write_bytes(b"through the forked daemon")
@@ -88,8 +97,6 @@ def test_forked_spfs_serves_a_real_mount_and_its_exit_status_comes_back(
         child.terminate()
         assert child.wait(15) == 0
         wait_for(lambda: not is_mounted(mnt), 10, "unmounted")
-    finally:
-        child.kill()
 
 
 def test_exit_status_and_stderr_of_a_failing_program(standby: tuple[str, int]) -> None:
@@ -206,8 +213,7 @@ def test_no_standby_is_unavailable_not_an_error(tmp_path: Path) -> None:
 
 def test_children_outlive_a_killed_standby(standby: tuple[str, int], tmp_path: Path) -> None:
     socket_path, standby_pid = standby
-    child, mnt, target = _spawn_spfs(socket_path, tmp_path)
-    try:
+    with _spfs_spawned(socket_path, tmp_path) as (child, mnt, target):
         os.kill(standby_pid, signal.SIGKILL)
         time.sleep(0.3)
         assert child.poll() is None
@@ -217,10 +223,6 @@ def test_children_outlive_a_killed_standby(standby: tuple[str, int], tmp_path: P
         assert child.wait(15) == client.UNKNOWN_EXIT  # nobody was left to tell its status
         assert not os.path.exists(f"/proc/{child.pid}") or \
             "zombie" in Path(f"/proc/{child.pid}/status").read_text()
-    finally:
-        child.kill()
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_manager_forked_by_the_standby_forks_its_spfs_there_too(
@@ -262,18 +264,13 @@ def test_a_manager_failing_to_start_in_the_standby_reports_why(
 def test_forked_programs_are_named_and_found_as_spfs_helpers(
         standby: tuple[str, int], tmp_path: Path) -> None:
     from spfs.lab.ct.inspect import spfs_helpers_running
-    child, mnt, _ = _spawn_spfs(standby[0], tmp_path)
-    try:
+    with _spfs_spawned(standby[0], tmp_path) as (child, mnt, _):
         assert Path(f"/proc/{child.pid}/comm").read_text().strip() == "spfs"
         helpers = spfs_helpers_running()
         assert any(h.startswith(f"{child.pid}:") for h in helpers), helpers
         assert not any(h.startswith(f"{standby[1]}:") for h in helpers)  # the standby itself
         child.terminate()
         assert child.wait(15) == 0
-    finally:
-        child.kill()
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _children_of(pid: int) -> set[int]:
@@ -302,8 +299,7 @@ def test_a_request_takes_a_spare_forked_before_it_and_a_new_one_follows(
     # nothing of the standby's own sockets (the listener above all: a dead standby must
     # refuse connections, not queue them) in a spare
     assert all(not _socket_inodes(standby_pid) & _socket_inodes(p) for p in before)
-    child, mnt, target = _spawn_spfs(socket_path, tmp_path)
-    try:
+    with _spfs_spawned(socket_path, tmp_path) as (child, mnt, target):
         assert child.pid in before  # no fork for the request: a spare became spfs
         (target / "f").write_bytes(b"spare")
         assert (mnt / "f").read_bytes() == b"spare"
@@ -311,10 +307,6 @@ def test_a_request_takes_a_spare_forked_before_it_and_a_new_one_follows(
         assert child.pid not in _spares(standby_pid)
         child.terminate()
         assert child.wait(15) == 0  # its status still comes back from the standby
-    finally:
-        child.kill()
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_dead_spare_is_no_loss_and_spares_end_with_the_standby(
