@@ -141,11 +141,14 @@ def criu_restore_argv(criu: str, images: Path, shares: list[ShareRestore],
 
 
 class Background:
-    """One call in a thread; its exception is kept for whoever waits for it."""
+    """One call in a thread, waited for at most *timeout*; its exception is kept for
+    whoever waits for it."""
 
-    def __init__(self, work: Callable[[], None], name: str, late: str) -> None:
+    def __init__(self, work: Callable[[], None], name: str, late: str,
+                 timeout: float) -> None:
         self._work = work
-        self._late = late  # the error when it is still running at raise_error
+        self.timeout = timeout
+        self._late = f"{late} in {timeout:.0f} s"  # the error if still running at the end
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -158,9 +161,14 @@ class Background:
     def start(self) -> None:
         self._thread.start()
 
-    def join(self, timeout: float) -> None:
+    def join(self) -> None:
         if self._thread.ident is not None:
-            self._thread.join(timeout)
+            self._thread.join(self.timeout)
+
+    def finish(self) -> None:
+        """Wait for it, then raise what it failed with (or that it is still running)."""
+        self.join()
+        self.raise_error()
 
     def raise_error(self) -> None:
         if self._thread.is_alive():
@@ -186,12 +194,12 @@ class Restore:
         self.init_pid = 0
         self.frozen_ms: float | None = None
         self.owns_work = False
-        self._mounting = Background(self.mount_spfs, "spfs-mounts",
-                                    f"SPFS not mounted in {MOUNT_TIMEOUT:.0f} s")
+        self._mounting = Background(self.mount_spfs, "spfs-mounts", "SPFS not mounted",
+                                    MOUNT_TIMEOUT)
         self._queueing: Background | None = None
         self._stubbing: Background | None = None
         self._starting = Background(self._start_manager, "manager-start",
-                                    f"spfs-manager not started in {MOUNT_TIMEOUT:.0f} s")
+                                    "spfs-manager not started", MOUNT_TIMEOUT)
         self._forked = False
 
     # -- 1, 2
@@ -244,8 +252,7 @@ class Restore:
         for s in self.shares:
             assert s.staging is not None and s.manifest is not None
             dump_manifest(s.manifest, s.staging.parent / "manifest.json")
-        self._starting.join(MOUNT_TIMEOUT)
-        self._starting.raise_error()
+        self._starting.finish()
         for s in self.shares:
             assert s.staging is not None
             self.manager.request(cmd="mount", id=s.id, mode="restore", mountpoint=str(s.staging),
@@ -273,7 +280,7 @@ class Restore:
         except CriuError as e:
             # a stage we failed (images refused, SPFS not mounted, ...) is why CRIU gave up:
             # say so first; so is a refusal of the images CRIU failed on before it waited
-            self._mounting.join(MOUNT_TIMEOUT)
+            self._mounting.join()
             refused = self._mounting.error_text()
             errors = [*stages.errors, str(e)]
             if refused and not any(refused in err for err in errors):
@@ -281,10 +288,10 @@ class Restore:
             raise RestoreError("; ".join(errors)) from None
         finally:
             stages.stop()
-            self._mounting.join(MOUNT_TIMEOUT)  # CRIU may have failed before it waited
+            self._mounting.join()  # CRIU may have failed before it waited
             for work in (self._queueing, self._stubbing):
                 if work is not None:
-                    work.join(STAGE_TIMEOUT)
+                    work.join()
         if stages.errors:
             # processes run, but not as planned: SPFS may still be in restore mode
             raise RestoreError("action script stages failed: " + "; ".join(stages.errors))
@@ -296,8 +303,7 @@ class Restore:
 
     def _on_stage(self, stage: str, pid: int) -> None:
         if stage == "setup-namespaces":
-            self._mounting.join(MOUNT_TIMEOUT)
-            self._mounting.raise_error()
+            self._mounting.finish()
         elif stage == "post-restore":
             self.init_pid = pid
             self.tl.note(f"criu: processes restored (init pid {pid})")
@@ -308,21 +314,20 @@ class Restore:
             self.detach_staging()
             # queued while CRIU cleans up and unlocks the network; pre-resume only waits
             self._queueing = Background(functools.partial(self._queue_replaces, pid),
-                                        "queue-replaces",
-                                        f"replaces not queued in {STAGE_TIMEOUT:.0f} s")
+                                        "queue-replaces", "replaces not queued",
+                                        STAGE_TIMEOUT)
             self._queueing.start()
         elif stage == "network-unlock":
             # CRIU is done with the files (the ghosts are cleaned before this stage); what
             # it still does before pre-resume (creds, sigreturn) overlaps the switch to stub
-            self._stubbing = Background(self._to_stub, "spfs-stub",
-                                        f"SPFS not in stub mode in {STAGE_TIMEOUT:.0f} s")
+            self._stubbing = Background(self._to_stub, "spfs-stub", "SPFS not in stub mode",
+                                        STAGE_TIMEOUT)
             self._stubbing.start()
         elif stage == "pre-resume":
             self.init_pid = pid
             if self._stubbing is None:
                 raise RestoreError("pre-resume without network-unlock")
-            self._stubbing.join(STAGE_TIMEOUT)
-            self._stubbing.raise_error()
+            self._stubbing.finish()
         elif stage == "post-resume":
             self.tl.note("processes resumed")
             self.manager.request(cmd="replace", all=True, mode="release")
@@ -331,12 +336,10 @@ class Restore:
     def _to_stub(self) -> None:
         # (setup-namespaces waited for the mounts already; CRIU skips that stage for a tree
         # without namespaces of its own, which has no external mounts to bind either)
-        self._mounting.join(MOUNT_TIMEOUT)
-        self._mounting.raise_error()
+        self._mounting.finish()
         if self._queueing is None:
             raise RestoreError("network-unlock without post-restore")
-        self._queueing.join(STAGE_TIMEOUT)
-        self._queueing.raise_error()
+        self._queueing.finish()
         self.manager.request(cmd="mode", all=True, mode="stub")
         self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
 
@@ -429,8 +432,8 @@ class Restore:
     # -- failure
     def abort(self) -> None:
         """No SPFS mount, daemon or staging dir left behind by a failed restore."""
-        self._starting.join(MOUNT_TIMEOUT)  # a manager still starting is stopped too
-        self._mounting.join(MOUNT_TIMEOUT)
+        self._starting.join()  # a manager still starting is stopped too
+        self._mounting.join()
         self.detach_staging()
         spfs_pids = []
         if self.manager.alive():
