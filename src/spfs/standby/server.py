@@ -65,7 +65,6 @@ class StandbyServer:
     modules: dict[str, ModuleType] = field(default_factory=dict)
     children: dict[int, socket.socket] = field(default_factory=dict)  # pid -> its lifeline
     spares: dict[str, Spare] = field(default_factory=dict)  # program -> its spare
-    keep_spares: bool = True
     _refill_at: float | None = None
     _listener: socket.socket | None = None
     _selector: selectors.DefaultSelector = field(default_factory=selectors.DefaultSelector)
@@ -109,7 +108,7 @@ class StandbyServer:
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
         self._selector.register(read_end, selectors.EVENT_READ, "signal")
         log.info("standby %d serving on %s", os.getpid(), self.socket_path)
-        self._refill_at = time.monotonic() if self.keep_spares else None
+        self._refill_at = time.monotonic()
         try:
             while not self._stopping:
                 if self._refill_at is not None and time.monotonic() >= self._refill_at:
@@ -179,8 +178,7 @@ class StandbyServer:
         finally:
             for fd in fds:
                 os.close(fd)
-        if self.keep_spares:
-            self._refill_at = time.monotonic() + SPARE_AFTER_IDLE_S
+        self._refill_at = time.monotonic() + SPARE_AFTER_IDLE_S
         log.info("pid %d: %s %s -> child %d (%s)", pid, request.program,
                  json.dumps(request.argv), child, how)
         send_message(conn, {"pid": child})
@@ -304,8 +302,7 @@ class StandbyServer:
                     log.warning("spare %s %d exited with %d", program, pid, code)
                     spare.channel.close()
                     del self.spares[program]
-                    if self.keep_spares:
-                        self._refill_at = time.monotonic() + SPARE_AFTER_IDLE_S
+                    self._refill_at = time.monotonic() + SPARE_AFTER_IDLE_S
             conn = self.children.pop(pid, None)
             log.info("child %d exited with %d", pid, code)
             if conn is not None:
