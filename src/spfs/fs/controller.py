@@ -23,7 +23,6 @@ from typing import Any
 import trio
 
 from spfs.fs import invalidation
-from spfs.fs.handles import close_quietly
 from spfs.fs.inode_budget import InodeBudget
 from spfs.fs.inodes import ROOT_INODE
 from spfs.fs.manifest import ManifestEntry, load_manifest, parse_entries
@@ -33,6 +32,7 @@ from spfs.fs.proxy_backend import ProxyBackend
 from spfs.fs.creds import CallerCredentials
 from spfs.fs.rebind import drop_restore_nodes, rebind_inodes, reopen_handles
 from spfs.fs.target_dir import TargetDir, open_target
+from spfs.sys.fds import close_quietly
 
 log = logging.getLogger(__name__)
 

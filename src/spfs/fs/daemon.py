@@ -27,7 +27,7 @@ from spfs.fs.control_server import ControlServer, bind_control_socket
 from spfs.fs.controller import FsController
 from spfs.fs.creds import CallerCredentials
 from spfs.fs.gate import ModeGate
-from spfs.fs.handles import HandleTable, close_quietly
+from spfs.fs.handles import HandleTable
 from spfs.fs.inode_budget import InodeBudget, default_soft_limit
 from spfs.fs.inodes import ROOT_INODE, InodeTable, ProxyObject
 from spfs.fs.manifest import Manifest, load_manifest
@@ -35,6 +35,7 @@ from spfs.fs.modes import Mode
 from spfs.fs.operations import SpfsOperations
 from spfs.fs.restore_backend import RestoreBackend
 from spfs.fs.target_dir import TargetDir, open_target
+from spfs.sys.fds import close_quietly
 
 log = logging.getLogger(__name__)
 

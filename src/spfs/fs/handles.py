@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 
 import pyfuse3
 
@@ -48,11 +47,3 @@ class HandleTable:
 
     def pop(self, fh: int) -> Handle | None:
         return self.handles.pop(fh, None)
-
-
-def close_quietly(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

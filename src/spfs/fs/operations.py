@@ -25,11 +25,12 @@ from pyfuse3 import FUSEError
 
 from spfs.fs import attrs
 from spfs.fs.gate import ModeGate
-from spfs.fs.handles import Handle, HandleTable, close_quietly
+from spfs.fs.handles import Handle, HandleTable
 from spfs.fs.inodes import ROOT_INODE, Found, InodeTable
 from spfs.fs.modes import Mode
 from spfs.fs.proxy_backend import ProxyBackend
 from spfs.fs.restore_backend import RestoreBackend
+from spfs.sys.fds import close_quietly
 
 log = logging.getLogger(__name__)
 

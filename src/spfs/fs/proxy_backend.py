@@ -21,9 +21,10 @@ from pyfuse3 import FUSEError
 
 from spfs.fs import attrs, syscalls
 from spfs.fs.creds import CallerCredentials
-from spfs.fs.handles import Handle, HandleTable, close_quietly
+from spfs.fs.handles import Handle, HandleTable
 from spfs.fs.inode_budget import InodeBudget
 from spfs.fs.inodes import Found, Inode, InodeTable, ProxyObject
+from spfs.sys.fds import close_quietly
 
 _LOOKUP_RESOLVE = (syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
                    | syscalls.RESOLVE_NO_MAGICLINKS)

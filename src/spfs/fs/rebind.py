@@ -23,10 +23,11 @@ import logging
 import os
 import stat
 
-from spfs.fs.handles import HandleTable, close_quietly
+from spfs.fs.handles import HandleTable
 from spfs.fs.inodes import ROOT_INODE, Inode, InodeTable, ProxyObject
 from spfs.fs.proxy_backend import open_beneath, reopen
 from spfs.fs.target_dir import TargetDir
+from spfs.sys.fds import close_quietly
 
 log = logging.getLogger(__name__)
 

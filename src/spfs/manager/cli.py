@@ -31,6 +31,7 @@ from spfs.manager.spfs_daemon import DEFAULT_SPFS_COMMAND, SpfsProcessLauncher, 
 from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
 from spfs.manager.swapper import SwapEngineAdapter, import_swap_engine
 from spfs.sys.daemon import detach, stdio_to_devnull
+from spfs.sys.fds import close_quietly
 
 log = logging.getLogger("spfs.manager")
 
@@ -158,10 +159,7 @@ def _announce_ready(fd: int) -> None:
     except OSError as exc:
         log.warning("ready fd %d: %s", fd, exc)
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        close_quietly(fd)
 
 
 def run_daemon(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Descriptors of a freshly forked helper: what it keeps, and nothing else."""
+"""Descriptors: closing one that may already be gone, and what a freshly forked helper
+keeps (nothing else)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,12 @@ def close_all_but(keep: Iterable[int]) -> None:
                 os.close(fd)
             except OSError:
                 pass  # the listing's own descriptor, already closed
+
+
+def close_quietly(fd: int | None) -> None:
+    """Close *fd* if there is one; one already closed is no error."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
