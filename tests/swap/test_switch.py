@@ -379,3 +379,39 @@ def test_a_replan_takes_over_the_earlier_plans_watchdog(mounts, victim_bin, cgro
     assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
     mounts.stop_victims()
     check_report(mounts.reports()[proc.pid], mounts.b / "w")
+
+
+def test_fds_closed_between_discovery_and_prepare_are_dropped(mounts):
+    """A description every holder closed after discovery is dropped by prepare, not a
+    failure of the switch; a number reused meanwhile for another file of A is adopted late."""
+    for name in ("w.txt", "x.txt", "y.txt", "z.txt"):
+        (mounts.a / name).write_text(name)
+    go = mounts.ctrl / "go"
+    # w.txt stays open: a task left with nothing on A is not stopped at all.
+    script = (f"import os, time\nw = os.open('{mounts.a}/w.txt', os.O_RDONLY)\nx = os.open('{mounts.a}/x.txt', os.O_RDONLY)\n"
+              f"z = os.open('{mounts.a}/z.txt', os.O_RDONLY)\n"
+              f"open('{mounts.ctrl}/numbers', 'w').write(f'{{x}} {{z}}')\n"
+              f"open('{mounts.ctrl}/ready.1', 'w').close()\n"
+              f"while not os.path.exists('{go}'): time.sleep(0.01)\n"
+              f"os.close(x)\nos.close(z)\nassert os.open('{mounts.a}/y.txt', os.O_RDONLY) == x\n"
+              f"open('{mounts.ctrl}/closed', 'w').close()\ntime.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd="/")
+    mounts.procs.append(proc)
+    mounts.wait_ready(1)
+    x, z = map(int, (mounts.ctrl / "numbers").read_text().split())
+    mounts.mirror()
+    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid])
+    assert {r.desc.rel for r in plan.processes[0].fds} == {"w.txt", "x.txt", "z.txt"}
+    go.touch()
+    deadline = time.monotonic() + 10
+    while not (mounts.ctrl / "closed").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the holder did not close its fds"
+        time.sleep(0.01)
+    swap.prepare(plan)
+    assert [d.rel for d in plan.descriptions] == ["w.txt"]
+    assert [r.desc.rel for r in plan.processes[0].fds] == ["w.txt"]
+    report = swap.commit(plan)
+    assert report.ok, report.error
+    assert os.readlink(f"/proc/{proc.pid}/fd/{x}") == str(mounts.b / "y.txt")
+    assert not os.path.exists(f"/proc/{proc.pid}/fd/{z}")
+    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0

@@ -4,6 +4,7 @@ before anything is stopped, so the stop window only installs what is already ope
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -187,9 +188,12 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
         log.info("the swap watchdog %d of the earlier plan serves this one",
                  prepared.watchdog.proc.pid if prepared.watchdog else 0)
     try:
-        for desc in plan.descriptions:
-            pid, fd = desc.holders[0]
-            desc.old_fd = prepared.track(pidfd_getfd(prepared.pidfd(pid), fd))
+        for desc in list(plan.descriptions):
+            old_fd = _take_description(prepared, desc)
+            if old_fd is None:
+                _forget_description(plan, desc)
+                continue
+            desc.old_fd = prepared.track(old_fd)
             desc.new_fd = prepared.track(open_on_target(plan, desc, prepared.fifo_keepers))
             if desc.flags & O_ASYNC or stat.S_ISFIFO(desc.mode):
                 _copy_owner(desc.old_fd, desc.new_fd)
@@ -237,6 +241,45 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
     plan.advance(Phase.PREPARED)
     log.info("prepared %d descriptions on %s", len(plan.descriptions), plan.target)
     return prepared
+
+
+def _take_description(prepared: Prepared, desc: Description) -> int | None:
+    """Our own reference to `desc`, from the first holder that still has it; None when
+    every holder closed it since discovery (a program may open and close a file at any
+    moment: that is no reason to fail the switch)."""
+    for pid, fd in list(desc.holders):
+        try:
+            copy = pidfd_getfd(prepared.pidfd(pid), fd)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            desc.holders.remove((pid, fd))
+            continue
+        st = os.fstat(copy)
+        if (st.st_dev, st.st_ino) == (desc.dev, desc.ino):
+            return copy
+        # The number was closed and reused for another file: that one is found again
+        # as a late fd when the stopped tasks are re-validated.
+        os.close(copy)
+        desc.holders.remove((pid, fd))
+    return None
+
+
+def _forget_description(plan: SwapPlan, desc: Description) -> None:
+    """Drop a description no task holds any more. Its fd numbers leave the discovered fd
+    tables too, so that a file opened again under one of them counts as opened late."""
+    plan.descriptions.remove(desc)
+    for p in plan.processes:
+        gone = {r.fd for r in p.fds if r.desc is desc}
+        if not gone:
+            continue
+        p.fds = [r for r in p.fds if r.desc is not desc]
+        p.epoll = [e for e in p.epoll if e.desc is not desc]
+        for sharer in plan.processes:  # the table's owner and every task sharing its table
+            if sharer is p or sharer.fd_table_of == p.pid:
+                sharer.fd_numbers = [n for n in sharer.fd_numbers if n not in gone]
+    log.info("%s was closed by every task that held it since discovery: nothing to move",
+             desc.rel or ".")
 
 
 def _watches(prepared: Prepared, cgroup: str | None) -> bool:
