@@ -232,31 +232,44 @@ def test_unlinked_file_moves_when_the_caller_names_its_replacement(mounts):
     holder.kill()
 
 
+class FdChanger:
+    """A Python process on A that runs `before`, says ready, and runs `after` when told to
+    (then sleeps): fd-table changes at a moment the test chooses."""
+
+    def __init__(self, mounts, before: str, after: str) -> None:
+        self.mounts = mounts
+        script = (f"import os, time\n{before}\nopen('{mounts.ctrl}/ready.1', 'w').close()\n"
+                  f"while not os.path.exists('{mounts.ctrl}/go'): time.sleep(0.01)\n"
+                  f"{after}\nopen('{mounts.ctrl}/changed', 'w').close()\ntime.sleep(30)\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", script], cwd="/")
+        mounts.procs.append(self.proc)
+        mounts.wait_ready(1)
+
+    def change(self) -> None:
+        (self.mounts.ctrl / "go").touch()
+        deadline = time.monotonic() + 10
+        while not (self.mounts.ctrl / "changed").exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "the fds did not change"
+            time.sleep(0.01)
+
+
 def test_fd_table_changes_between_discovery_and_stop_are_followed(mounts):
     """An fd closed, and another reopened on a different file of A under the same number,
     after discovery: the stale reference is dropped and the new one adopted."""
     (mounts.a / "x.txt").write_text("x")
     (mounts.a / "y.txt").write_text("y")
-    go = mounts.ctrl / "go"
-    script = (f"import os, time\nfd = os.open('{mounts.a}/x.txt', os.O_RDONLY)\nos.dup2(fd, 9)\n"
-              f"gone = os.open('{mounts.a}/x.txt', os.O_RDONLY)\n"
-              f"open('{mounts.ctrl}/ready.1', 'w').close()\n"
-              f"while not os.path.exists('{go}'): time.sleep(0.01)\n"
-              f"os.close(gone)\nos.dup2(os.open('{mounts.a}/y.txt', os.O_RDONLY), 9)\n"
-              f"open('{mounts.ctrl}/swapped', 'w').close()\ntime.sleep(30)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd="/")
-    mounts.procs.append(proc)
-    mounts.wait_ready(1)
+    changer = FdChanger(mounts, f"fd = os.open('{mounts.a}/x.txt', os.O_RDONLY)\nos.dup2(fd, 9)\n"
+                                f"gone = os.open('{mounts.a}/x.txt', os.O_RDONLY)",
+                        f"os.close(gone)\nos.dup2(os.open('{mounts.a}/y.txt', os.O_RDONLY), 9)")
+    pid = changer.proc.pid
     mounts.mirror()
-    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid])
+    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[pid])
     assert {r.desc.rel for r in plan.processes[0].fds} == {"x.txt"}
     swap.prepare(plan)
-    go.touch()
-    while not (mounts.ctrl / "swapped").exists():
-        time.sleep(0.01)
+    changer.change()
     report = swap.commit(plan)
     assert report.ok, report.error
-    assert os.readlink(f"/proc/{proc.pid}/fd/9") == str(mounts.b / "y.txt")
+    assert os.readlink(f"/proc/{pid}/fd/9") == str(mounts.b / "y.txt")
     assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
 
 
@@ -386,32 +399,23 @@ def test_fds_closed_between_discovery_and_prepare_are_dropped(mounts):
     failure of the switch; a number reused meanwhile for another file of A is adopted late."""
     for name in ("w.txt", "x.txt", "y.txt", "z.txt"):
         (mounts.a / name).write_text(name)
-    go = mounts.ctrl / "go"
     # w.txt stays open: a task left with nothing on A is not stopped at all.
-    script = (f"import os, time\nw = os.open('{mounts.a}/w.txt', os.O_RDONLY)\nx = os.open('{mounts.a}/x.txt', os.O_RDONLY)\n"
-              f"z = os.open('{mounts.a}/z.txt', os.O_RDONLY)\n"
-              f"open('{mounts.ctrl}/numbers', 'w').write(f'{{x}} {{z}}')\n"
-              f"open('{mounts.ctrl}/ready.1', 'w').close()\n"
-              f"while not os.path.exists('{go}'): time.sleep(0.01)\n"
-              f"os.close(x)\nos.close(z)\nassert os.open('{mounts.a}/y.txt', os.O_RDONLY) == x\n"
-              f"open('{mounts.ctrl}/closed', 'w').close()\ntime.sleep(30)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd="/")
-    mounts.procs.append(proc)
-    mounts.wait_ready(1)
+    changer = FdChanger(mounts, f"w = os.open('{mounts.a}/w.txt', os.O_RDONLY)\n"
+                                f"x = os.open('{mounts.a}/x.txt', os.O_RDONLY)\n"
+                                f"z = os.open('{mounts.a}/z.txt', os.O_RDONLY)\n"
+                                f"open('{mounts.ctrl}/numbers', 'w').write(f'{{x}} {{z}}')",
+                        f"os.close(x)\nos.close(z)\nassert os.open('{mounts.a}/y.txt', os.O_RDONLY) == x")
+    pid = changer.proc.pid
     x, z = map(int, (mounts.ctrl / "numbers").read_text().split())
     mounts.mirror()
-    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid])
+    plan = swap.discover(str(mounts.a), str(mounts.b), pids=[pid])
     assert {r.desc.rel for r in plan.processes[0].fds} == {"w.txt", "x.txt", "z.txt"}
-    go.touch()
-    deadline = time.monotonic() + 10
-    while not (mounts.ctrl / "closed").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the holder did not close its fds"
-        time.sleep(0.01)
+    changer.change()
     swap.prepare(plan)
     assert [d.rel for d in plan.descriptions] == ["w.txt"]
     assert [r.desc.rel for r in plan.processes[0].fds] == ["w.txt"]
     report = swap.commit(plan)
     assert report.ok, report.error
-    assert os.readlink(f"/proc/{proc.pid}/fd/{x}") == str(mounts.b / "y.txt")
-    assert not os.path.exists(f"/proc/{proc.pid}/fd/{z}")
+    assert os.readlink(f"/proc/{pid}/fd/{x}") == str(mounts.b / "y.txt")
+    assert not os.path.exists(f"/proc/{pid}/fd/{z}")
     assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
