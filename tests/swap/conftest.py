@@ -28,6 +28,13 @@ def victim_bin(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def exe_reader_bin(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bin") / "exe_reader"
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(VICTIMS / "exe_reader.c")], check=True)
+    return out
+
+
 def _umount(path: Path) -> None:
     if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)

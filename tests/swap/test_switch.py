@@ -419,3 +419,26 @@ def test_fds_closed_between_discovery_and_prepare_are_dropped(mounts):
     assert os.readlink(f"/proc/{pid}/fd/{x}") == str(mounts.b / "y.txt")
     assert not os.path.exists(f"/proc/{pid}/fd/{z}")
     assert subprocess.run(["umount", str(mounts.a)]).returncode == 0
+
+
+def test_switch_back_and_forth_under_programs_that_open_and_close_all_the_time(
+        mounts, exe_reader_bin, cgroup):
+    """Programs whose fd tables change between every two syscalls of discovery and prepare
+    (they open, read and close their own executable, which lives on the source): a hundred
+    switches A -> B -> A ... all succeed, and the programs always read an ELF file."""
+    exe = mounts.install_binary(exe_reader_bin)
+    procs = [mounts.spawn(exe, cgroup=cgroup, cwd=Path("/")) for _ in range(4)]
+    mounts.wait_ready(len(procs))
+    mounts.mirror()
+    source, target = mounts.a, mounts.b
+    fail = mounts.ctrl / "fail"
+    for round_ in range(100):
+        plan = swap.discover(str(source), str(target), cgroup=str(cgroup))
+        swap.prepare(plan)
+        report = swap.commit(plan)
+        assert report.ok, f"round {round_}: {report.error}"
+        assert not fail.exists(), f"round {round_}: {fail.read_text()}"
+        assert {os.readlink(f"/proc/{p.pid}/exe") for p in procs} == {str(target / exe.name)}
+        source, target = target, source
+    mounts.stop_victims()
+    assert [p.returncode for p in procs] == [0] * len(procs)

@@ -4,6 +4,7 @@ deduplicated with kcmp (sorted with kcmp as the comparator: O(n log n) calls).""
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -16,6 +17,7 @@ from spfs.swap import procfs, unixsock
 from spfs.swap.model import (Description, DirRef, EpollReg, ExeRef, FdRef, InotifyReg, Location, MapRef,
                              ProcessPlan, SwapPlan, Unmovable)
 from spfs.swap.ptrace import KCMP_FILE, KCMP_FILES, KCMP_FS, KCMP_VM, kcmp
+from spfs.sys.pidfd import getfd_from as pidfd_getfd
 
 log = logging.getLogger(__name__)
 
@@ -226,15 +228,58 @@ class _Scanner:
                 plan.exe = ExeRef(rel, procfs.mm_fields(pid))
 
 
-def _dedupe_descriptions(found: list[_FoundFd], unmovable: list[Unmovable],
-                         path_map: dict[str, str]) -> tuple[list[Description], dict[tuple[int, int], Description]]:
+def _own_copy(f: _FoundFd) -> int | None:
+    """Our reference to the description behind f, or None if f was closed (or reused for
+    another file) since the scan."""
+    try:
+        pidfd = os.pidfd_open(f.pid)
+    except ProcessLookupError:
+        return None
+    try:
+        copy = pidfd_getfd(pidfd, f.fd)
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ESRCH):
+            return None
+        raise
+    finally:
+        os.close(pidfd)
+    st = os.fstat(copy)
+    if (st.st_dev, st.st_ino) != (f.st.st_dev, f.st.st_ino):
+        os.close(copy)
+        return None
+    return copy
+
+
+def _split_by_description(group: list[_FoundFd], vanished: set[tuple[int, int]]) -> list[list[_FoundFd]]:
+    """The fds on one inode, grouped by open file description. Compared through our own
+    copies: a program may close an fd at any moment, a copy stays until we close it."""
+    copies: dict[int, int] = {}
+    try:
+        live = []
+        for f in group:
+            copy = _own_copy(f)
+            if copy is None:
+                vanished.add((f.pid, f.fd))
+            else:
+                copies[id(f)] = copy
+                live.append(f)
+        me = os.getpid()
+        return _kcmp_sort(live, lambda a, b: kcmp(me, me, KCMP_FILE, copies[id(a)], copies[id(b)]))
+    finally:
+        for fd in copies.values():
+            os.close(fd)
+
+
+def _dedupe_descriptions(found: list[_FoundFd], unmovable: list[Unmovable], path_map: dict[str, str],
+                         vanished: set[tuple[int, int]]
+                         ) -> tuple[list[Description], dict[tuple[int, int], Description]]:
     by_inode: dict[tuple[int, int], list[_FoundFd]] = defaultdict(list)
     for f in found:
         by_inode[(f.st.st_dev, f.st.st_ino)].append(f)
     descriptions: list[Description] = []
     owner: dict[tuple[int, int], Description] = {}
     for group in by_inode.values():
-        sets = _kcmp_sort(group, lambda a, b: kcmp(a.pid, b.pid, KCMP_FILE, a.fd, b.fd)) if len(group) > 1 else [group]
+        sets = _split_by_description(group, vanished) if len(group) > 1 else [group]
         for same in sets:
             first = same[0]
             rel = first.rel
@@ -294,7 +339,10 @@ def discover(source: str, target: str, *, cgroup: str | None = None, pids: list[
         found.extend(pfound)
         anon[pid] = panon
     unmovable = scanner.unmovable
-    descriptions, owner = _dedupe_descriptions(found, unmovable, path_map)
+    vanished: set[tuple[int, int]] = set()
+    descriptions, owner = _dedupe_descriptions(found, unmovable, path_map, vanished)
+    for p in processes:  # an fd opened again under a vanished number is a late one
+        p.fd_numbers = [n for n in p.fd_numbers if (p.pid, n) not in vanished]
     by_pid = {p.pid: p for p in processes}
     for f in found:
         desc = owner.get((f.pid, f.fd))
