@@ -59,11 +59,18 @@ def lock_held_by_other(ct: str, kind: str, path: str) -> bool:
     return proc.returncode == 0
 
 
+# Exits 1 unless every pid given is a live process: a zombie (a workload that gave its
+# verdict and exited, not reaped yet) answers kill -0 like a live one.
+_ALIVE_CHECK = ('for p; do s=$(cat /proc/$p/stat 2>/dev/null) || exit 1; s=${s##*") "}; '
+                'case $s in Z*|X*) exit 1;; esac; done')
+
+
 def _all_alive(loads: list[Workload]) -> bool:
     by_ct: dict[str, list[str]] = {}
     for w in loads:
         by_ct.setdefault(w.ct, []).append(str(w.pid))
-    return all(exec_in(ct, ["kill", "-0", *pids], capture=True, timeout=30).returncode == 0
+    return all(exec_in(ct, ["sh", "-c", _ALIVE_CHECK, "sh", *pids], capture=True,
+                       timeout=30).returncode == 0
                for ct, pids in by_ct.items())
 
 

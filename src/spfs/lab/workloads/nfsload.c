@@ -673,16 +673,22 @@ static uint64_t text_checksum(void)
 
 static int check_exe(off_t size)
 {
-    char magic[4];
+    unsigned char magic[4] = { 0 };
     int fd = open("/proc/self/exe", O_RDONLY);
     if (fd < 0)
         return report("FAIL: open /proc/self/exe: %s", strerror(errno));
     struct stat st;
     ssize_t r = read(fd, magic, sizeof(magic));
+    int read_errno = errno;
     int bad_stat = fstat(fd, &st);
     close(fd);
     if (r != sizeof(magic) || memcmp(magic, "\177ELF", 4))
-        return report("FAIL: /proc/self/exe does not start with ELF magic");
+        return report("FAIL: /proc/self/exe does not start with ELF magic (read gave %zd: %s; "
+                      "bytes %02x %02x %02x %02x; st_dev %llx st_size %lld; %s)", r,
+                      r < 0 ? strerror(read_errno) : "no error", magic[0], magic[1], magic[2],
+                      magic[3], bad_stat ? 0ULL : (unsigned long long)st.st_dev,
+                      bad_stat ? -1LL : (long long)st.st_size,
+                      stop ? "after SIGTERM" : "still running");
     if (bad_stat || st.st_size != size)
         return report("FAIL: /proc/self/exe size changed");
     return 0;
