@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Answers applications meet in normal work (a lookup of a missing name, an existing file,
+# a missing xattr, ...): not logged.
+EXPECTED_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA,
+                             errno.ENOTDIR, errno.EISDIR, errno.EAGAIN, errno.ENOTTY,
+                             errno.EACCES, errno.EPERM, errno.ERANGE, errno.EOPNOTSUPP,
+                             errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP})
+
 
 def is_spfs_xattr(name: bytes) -> bool:
     """`security.spfs.link_remap`, `user.spfs.x`, ...: the second component is `spfs`."""
@@ -51,6 +58,10 @@ def _run_guarded(method: Callable[..., T], self: "SpfsOperations", args: tuple[A
     except FUSEError:
         raise
     except OSError as exc:
+        if exc.errno not in EXPECTED_ERRNOS:
+            # Rare and telling (a read of the target failing, a stale handle): worth a line
+            # when an application later reports bad data.
+            log.info("%s answered %s", method.__name__, exc)
         raise FUSEError(exc.errno or errno.EIO) from None
     except Exception:
         log.exception("%s%r failed", method.__name__, args)
