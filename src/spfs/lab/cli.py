@@ -16,7 +16,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fresh_workloads() -> None:
+    """The guest runs the workloads built here: a source edited since the last build would
+    otherwise be tested through its old binary."""
+    from spfs.lab.paths import LabPaths
+    from spfs.lab.workloads import ensure_workloads
+    ensure_workloads(LabPaths.default())
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    _fresh_workloads()
     argv = list(args.command)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -43,6 +52,7 @@ def _cmd_ct(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _fresh_workloads()
     from spfs.lab.demo import run_demo
     return run_demo(args)
 
