@@ -164,8 +164,8 @@ SOCKETS_AND_UNLINKED = {"unix-listen": "listen.sock", "unix-dgram": "dgram.sock"
 @pytest.mark.parametrize("vers", ["4.1", "3"])
 def test_4_6_every_kind_of_program(make_ct, images, vers: str) -> None:
     """Regular fds (read, write, append, O_DIRECT), directory fds, shared and private
-    mappings, cwd, chroot on NFS, an executable on NFS, a FIFO with data in the pipe, epoll
-    on it."""
+    mappings, cwd, chroot on NFS, an executable on NFS, an unread fd on an ELF file, a FIFO
+    with data in the pipe, epoll on it."""
     ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
     base = f"/mnt/nfs/k6-{vers}"
     _mkdirs(ct, base, f"{base}/cwd", f"{base}/chroot", f"{base}/bin")
@@ -174,6 +174,8 @@ def test_4_6_every_kind_of_program(make_ct, images, vers: str) -> None:
     assert copy.returncode == 0, copy.stderr
     loads = [workload.start(ct.name, kind, f"{base}/{path}") for kind, path in EVERY_KIND.items()]
     loads.append(workload.start(ct.name, "exe", f"{base}/exe.log", binary=f"{base}/bin/nfsload"))
+    # an unread fd on an ELF file: CRIU 3.17/3.18 move its offset, criu-spfs puts it back
+    loads.append(workload.start(ct.name, "elf-fd", f"{base}/bin/nfsload"))
     migrate_with(ct, images, loads, settle=2.0)
 
 

@@ -1,7 +1,8 @@
 """What criu-spfs needs from a CRIU image directory, read with Debian's pycriu.
 
 Only the images that say which files on which mounts the restored processes will open, map,
-execute or use as cwd/root: mountpoints-*, files, remap-fpath, fs-*, mm-*. Everything is
+execute or use as cwd/root (mountpoints-*, files, remap-fpath, fs-*, mm-*), and which fds
+hold them (pstree, ids-*, fdinfo-*). Everything is
 validated as it is read: an image dir is input from another host, not trusted.
 """
 
@@ -42,6 +43,8 @@ class RegFile:
     flags: int
     mode: int | None   # full st_mode, or None where CRIU recorded none
     size: int | None   # None for O_WRONLY|O_APPEND fds: CRIU does not check their size
+    pos: int | None = None   # the offset of the description at dump time
+    build_id: bool = False   # CRIU recorded an ELF build-id to check the file against
 
     @property
     def type(self) -> str | None:
@@ -70,6 +73,8 @@ class ImageSet:
     dir_refs: set[int] = field(default_factory=set)     # cwd and root file ids
     mapped: set[int] = field(default_factory=set)       # file ids of file mappings
     executables: set[int] = field(default_factory=set)  # /proc/PID/exe file ids
+    # fd tables: a pid of each (in the dumped pid namespace) -> its (fd, file id) pairs
+    fd_tables: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -106,6 +111,39 @@ def _path(d: dict[str, Any], key: str, where: str) -> str:
     return v
 
 
+def _present(path: Path) -> Path:
+    if not path.is_file():
+        raise ImageError(f"{path.name}: missing")
+    return path
+
+
+def _offset(reg: dict[str, Any], where: str) -> int | None:
+    pos = reg.get("pos")
+    if pos is None or pos == (1 << 64) - 1:  # CRIU's "no position" (-1 as u64)
+        return None
+    return _int(reg, "pos", where)
+
+
+def _fd_tables(image_dir: Path) -> dict[int, list[tuple[int, int]]]:
+    """One pid per fd table (threads and CLONE_FILES children share it) with its fds, from
+    pstree.img, ids-PID.img and fdinfo-FILES_ID.img."""
+    tables: dict[int, list[tuple[int, int]]] = {}
+    seen: set[int] = set()
+    for task in _entries(_present(image_dir / "pstree.img")):
+        pid = _int(task, "pid", "pstree.img")
+        ids = next(_entries(_present(image_dir / f"ids-{pid}.img")), None)
+        if not isinstance(ids, dict):
+            raise ImageError(f"ids-{pid}.img: no entry")
+        files_id = _int(ids, "files_id", f"ids-{pid}.img")
+        if files_id in seen:
+            continue
+        seen.add(files_id)
+        fdinfo = _present(image_dir / f"fdinfo-{files_id}.img")
+        tables[pid] = [(_int(e, "fd", fdinfo.name), _int(e, "id", fdinfo.name))
+                       for e in _entries(fdinfo) if e.get("type") == "REG"]
+    return tables
+
+
 def load_images(image_dir: Path) -> ImageSet:
     image_dir = Path(image_dir)
     if not (image_dir / "inventory.img").exists():
@@ -127,7 +165,8 @@ def load_images(image_dir: Path) -> ImageSet:
         f = RegFile(_int(reg, "id", where), _path(reg, "name", where),
                     _int(reg, "mnt_id", where, optional=True), _int(reg, "flags", where) or 0,
                     _int(reg, "mode", where, optional=True),
-                    _int(reg, "size", where, optional=True))
+                    _int(reg, "size", where, optional=True),
+                    _offset(reg, where), bool(reg.get("build_id")))
         out.files[f.id] = f
     remap_img = image_dir / "remap-fpath.img"
     if remap_img.exists():
@@ -139,6 +178,7 @@ def load_images(image_dir: Path) -> ImageSet:
         for e in _entries(img):
             out.dir_refs.update(x for x in (_int(e, "cwd_id", img.name, True),
                                             _int(e, "root_id", img.name, True)) if x is not None)
+    out.fd_tables = _fd_tables(image_dir)
     for img in image_dir.glob("mm-*.img"):
         for e in _entries(img):
             exe = _int(e, "exe_file_id", img.name, optional=True)

@@ -9,8 +9,9 @@ for each NFS share until spfs-manager has put the real NFS back, live.
    mounted) and mount one SPFS per share in restore mode on its staging directory.
 3. CRIU binds the staging directories only when it builds the container's mount namespace:
    its setup-namespaces stage, just before, waits for the mounts (or fails the restore
-   with the reason). post-restore queues a held replace per share (the container's
-   namespaces and cgroup exist now), network-unlock (CRIU is done with the files) turns
+   with the reason). post-restore puts back the file offsets CRIU moved (fd_offsets.py)
+   and queues a held replace per share (the container's namespaces and cgroup exist
+   now), network-unlock (CRIU is done with the files) turns
    every SPFS to stub, pre-resume waits for that, post-resume releases the replaces.
 4. The staging mounts are detached (the container holds its own binds); the manager mounts
    NFS in the container, proxies, freezes, swaps and moves mounts, and exits after the last
@@ -35,7 +36,8 @@ from typing import Callable
 
 from spfs.criu.cgroups import freezer_cgroup_of
 from spfs.criu.dump import ACTION_SCRIPT
-from spfs.criu.images import ImageError, load_images
+from spfs.criu.fd_offsets import DumpedOffset, offsets_to_put_back, put_back
+from spfs.criu.images import ImageError, ImageSet, load_images
 from spfs.criu.manager_link import ManagerError, ManagerLink
 from spfs.criu.record import RecordedShare, RecordError, load_record
 from spfs.criu.runner import CriuError, run_criu
@@ -105,7 +107,7 @@ def load_shares(images: Path) -> list[ShareRestore]:
         raise RestoreError(f"refusing the image directory {images}: {e}") from None
 
 
-def check_images(images: Path, shares: list[ShareRestore]) -> None:
+def check_images(images: Path, shares: list[ShareRestore]) -> ImageSet:
     """Each share's manifest and linked remaps from the images, everything checked; raises
     RestoreError naming what is wrong."""
     try:
@@ -126,6 +128,7 @@ def check_images(images: Path, shares: list[ShareRestore]) -> None:
             restore.remaps = linked_remaps(image_set, dumped.root_dev)
     except (ImageError, ManifestError) as e:
         raise RestoreError(f"refusing the image directory {images}: {e}") from None
+    return image_set
 
 
 def criu_restore_argv(criu: str, images: Path, shares: list[ShareRestore],
@@ -192,6 +195,7 @@ class Restore:
         self.manager = ManagerLink(self.work / "manager", self.images / "spfs-manager")
         self.shares: list[ShareRestore] = []
         self.init_pid = 0
+        self.offsets: list[DumpedOffset] = []
         self.frozen_ms: float | None = None
         self.owns_work = False
         self._mounting = Background(self.mount_spfs, "spfs-mounts", "SPFS not mounted",
@@ -245,7 +249,7 @@ class Restore:
     def mount_spfs(self) -> None:
         """Check the images, then mount each share's SPFS on its staging directory once
         spfs-manager is up."""
-        check_images(self.images, self.shares)
+        self.offsets = offsets_to_put_back(check_images(self.images, self.shares))
         self.tl.note(f"images checked: {len(self.shares)} NFS share(s), "
                      f"{sum(len(s.manifest.entries) for s in self.shares if s.manifest)} "
                      f"stub entries")
@@ -312,8 +316,8 @@ class Restore:
             # alive after the replace). CRIU runs the last --action-script first, so
             # scripts given after ours may already run at this stage, but not at later ones.
             self.detach_staging()
-            # queued while CRIU cleans up and unlocks the network; pre-resume only waits
-            self._queueing = Background(functools.partial(self._queue_replaces, pid),
+            # done while CRIU cleans up and unlocks the network; pre-resume only waits
+            self._queueing = Background(functools.partial(self._after_restore, pid),
                                         "queue-replaces", "replaces not queued",
                                         STAGE_TIMEOUT)
             self._queueing.start()
@@ -332,6 +336,19 @@ class Restore:
             self.tl.note("processes resumed")
             self.manager.request(cmd="replace", all=True, mode="release")
             self.tl.note("replace released (spfs-manager mounts NFS in the container)")
+
+    def _after_restore(self, init_pid: int) -> None:
+        # before the switch to stub (which waits for this step): SPFS still answers
+        self._put_back_offsets(init_pid)
+        self._queue_replaces(init_pid)
+
+    def _put_back_offsets(self, init_pid: int) -> None:
+        moved, problems = put_back(self.offsets, init_pid)
+        if moved:
+            self.tl.note(f"{moved} file offset(s) put back where they were dumped (CRIU "
+                         f"moved them while checking ELF build-ids)")
+        for problem in problems:
+            self.tl.note(f"warning: a file offset may be off: {problem}")
 
     def _to_stub(self) -> None:
         # (setup-namespaces waited for the mounts already; CRIU skips that stage for a tree

@@ -52,6 +52,7 @@ def main() -> int:
                           timeout=60)
         loads = [workload.start(name, kind, path) for kind, path in DEMO_LOADS]
         loads.append(workload.start(name, "exe", "/mnt/a/exe.log", binary="/mnt/a/bin/nfsload"))
+        loads.append(workload.start(name, "elf-fd", "/mnt/a/bin/nfsload"))
         workload.wait_running(loads, settle=2.0)
         tl.note(f"{len(loads)} workloads running: " + ", ".join(w.kind for w in loads))
         with tl.step("suspend: criu-spfs dump (NFS mounts recorded and external; network "

@@ -11,7 +11,7 @@ from spfs.lab.ct.spec import CtState
 from spfs.lab.ct.util import CtError, wait_for
 
 KINDS = ("append", "mmap", "posix", "flock", "ofd", "cwd", "rw", "read", "odirect", "dirfd",
-         "mmap-private", "chroot", "exe", "fifo", "epoll", "unix-listen", "unix-dgram",
+         "mmap-private", "chroot", "exe", "elf-fd", "fifo", "epoll", "unix-listen", "unix-dgram",
          "unlinked")
 LOCK_KINDS = ("posix", "flock", "ofd")
 _seq = itertools.count(1)

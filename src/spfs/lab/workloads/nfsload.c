@@ -22,6 +22,9 @@
  *   nfsload chroot   DIR  RESULT  chroot(DIR); files created/read/unlinked under "/"
  *   nfsload exe      FILE RESULT  run from a copy of nfsload on NFS: /proc/self/exe readable,
  *                                 checksum of our own text never changes; appends to FILE
+ *   nfsload elf-fd   FILE RESULT  FILE is an ELF executable (nfsload's copy on NFS): an
+ *                                 O_RDONLY fd on it stays at offset 0, unread, all along;
+ *                                 at the end it must read the ELF magic from there
  *   nfsload fifo     FIFO RESULT  O_RDWR fd on a FIFO with a backlog of unread records
  *   nfsload epoll    FIFO RESULT  epoll on a FIFO fd; each byte written is reported with
  *                                 our epoll data
@@ -718,6 +721,28 @@ static int run_exe(const char *path)
     return report("PASS");
 }
 
+/* ---- elf-fd: an fd on an ELF file, dumped between its open() and its first read() ---- */
+
+static int run_elf_fd(const char *path)
+{
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return report("FAIL: open %s: %s", path, strerror(errno));
+    while (!stop) {
+        off_t at = lseek(fd, 0, SEEK_CUR);
+        if (at != 0)  /* CRIU 3.17/3.18 leave it at 5 after checking the build-id */
+            return report("FAIL: the offset of the unread fd is %lld, not 0", (long long)at);
+        iterations++;
+        nap(20);
+    }
+    unsigned char magic[4] = { 0 };
+    ssize_t r = read(fd, magic, sizeof(magic));
+    if (r != sizeof(magic) || memcmp(magic, "\177ELF", 4))
+        return report("FAIL: the first read gave %zd bytes, %02x %02x %02x %02x", r, magic[0],
+                      magic[1], magic[2], magic[3]);
+    return report("PASS");
+}
+
 /* ---- fifo and epoll: data sitting unread in a pipe across the migration ---- */
 
 #define FIFO_REC 16
@@ -997,6 +1022,7 @@ static const struct kind kinds[] = {
     { "odirect", run_odirect }, { "dirfd", run_dirfd },
     { "mmap-private", run_mmap_private },
     { "chroot", run_chroot },   { "exe", run_exe },
+    { "elf-fd", run_elf_fd },
     { "fifo", run_fifo },       { "epoll", run_epoll },
     { "unix-listen", run_unix_listen },
     { "unix-dgram", run_unix_dgram },
