@@ -24,6 +24,7 @@ DEMO_LOADS = (  # kind, path (v4.1 share a at /mnt/a and through its bind /srv, 
     ("fifo", "/mnt/a/data.fifo"), ("epoll", "/srv/epoll.fifo"), ("read", "/mnt/b/read.dat"),
     ("odirect", "/mnt/b/direct.dat"), ("posix", "/mnt/b/posix.lock"),
     ("flock", "/mnt/a/flock.lock"), ("ofd", "/mnt/a/ofd.lock"), ("cwd", "/mnt/b/sub"),
+    ("elf-fd", "/mnt/a/bin/nfsload"),  # the copy made before the workloads start
 )
 
 
@@ -52,7 +53,6 @@ def main() -> int:
                           timeout=60)
         loads = [workload.start(name, kind, path) for kind, path in DEMO_LOADS]
         loads.append(workload.start(name, "exe", "/mnt/a/exe.log", binary="/mnt/a/bin/nfsload"))
-        loads.append(workload.start(name, "elf-fd", "/mnt/a/bin/nfsload"))
         workload.wait_running(loads, settle=2.0)
         tl.note(f"{len(loads)} workloads running: " + ", ".join(w.kind for w in loads))
         with tl.step("suspend: criu-spfs dump (NFS mounts recorded and external; network "
