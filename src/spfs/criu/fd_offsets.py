@@ -22,9 +22,6 @@ from spfs.sys.pidfd import getfd_from
 
 log = logging.getLogger(__name__)
 
-O_PATH = getattr(os, "O_PATH", 0o10000000)
-
-
 @dataclass(frozen=True)
 class DumpedOffset:
     pid: int     # in the dumped (and restored) pid namespace
@@ -39,7 +36,7 @@ def offsets_to_put_back(images: ImageSet) -> list[DumpedOffset]:
     for pid, fds in images.fd_tables.items():
         for fd, file_id in fds:
             f = images.files.get(file_id)
-            if f is None or not f.build_id or f.pos is None or f.flags & O_PATH:
+            if f is None or not f.build_id or f.pos is None or f.flags & os.O_PATH:
                 continue
             out.append(DumpedOffset(pid, fd, f.pos, f.name))
     return out

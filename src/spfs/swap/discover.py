@@ -17,7 +17,7 @@ from spfs.swap import procfs, unixsock
 from spfs.swap.model import (Description, DirRef, EpollReg, ExeRef, FdRef, InotifyReg, Location, MapRef,
                              ProcessPlan, SwapPlan, Unmovable)
 from spfs.swap.ptrace import KCMP_FILE, KCMP_FILES, KCMP_FS, KCMP_VM, kcmp
-from spfs.sys.pidfd import getfd_from as pidfd_getfd
+from spfs.sys.pidfd import getfd_if_same_file
 
 log = logging.getLogger(__name__)
 
@@ -236,18 +236,13 @@ def _own_copy(f: _FoundFd) -> int | None:
     except ProcessLookupError:
         return None
     try:
-        copy = pidfd_getfd(pidfd, f.fd)
+        return getfd_if_same_file(pidfd, f.fd, f.st.st_dev, f.st.st_ino)
     except OSError as exc:
-        if exc.errno in (errno.EBADF, errno.ESRCH):
+        if exc.errno == errno.ESRCH:  # exiting meanwhile
             return None
         raise
     finally:
         os.close(pidfd)
-    st = os.fstat(copy)
-    if (st.st_dev, st.st_ino) != (f.st.st_dev, f.st.st_ino):
-        os.close(copy)
-        return None
-    return copy
 
 
 def _split_by_description(group: list[_FoundFd], vanished: set[tuple[int, int]]) -> list[list[_FoundFd]]:

@@ -347,7 +347,9 @@ class Engine:
         if desc is None:
             link = os.readlink(f"/proc/{p.pid}/fd/{fd}")
             rel = late_relative_path(self.plan, p.pid, link, info.mnt_id, st)
-            desc = Description(index=max((d.index for d in self.plan.descriptions), default=-1) + 1, rel=rel, flags=info.flags, mode=st.st_mode,
+            # prepare may have dropped descriptions: a count could repeat an index
+            index = max((d.index for d in self.plan.descriptions), default=-1) + 1
+            desc = Description(index=index, rel=rel, flags=info.flags, mode=st.st_mode,
                                dev=st.st_dev, ino=st.st_ino)
             desc.old_fd = self.prepared.track(pidfd.getfd_from(self.prepared.pidfd(p.pid), fd))
             desc.new_fd = self.prepared.track(open_on_target(self.plan, desc, self.prepared.fifo_keepers))

@@ -4,7 +4,6 @@ before anything is stopped, so the stop window only installs what is already ope
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -18,7 +17,7 @@ from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.donor import Donor, same_pid_namespace
 from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
-from spfs.sys.pidfd import getfd_from as pidfd_getfd
+from spfs.sys.pidfd import getfd_from as pidfd_getfd, getfd_if_same_file
 
 log = logging.getLogger(__name__)
 
@@ -248,19 +247,11 @@ def _take_description(prepared: Prepared, desc: Description) -> int | None:
     every holder closed it since discovery (a program may open and close a file at any
     moment: that is no reason to fail the switch)."""
     for pid, fd in list(desc.holders):
-        try:
-            copy = pidfd_getfd(prepared.pidfd(pid), fd)
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
-            desc.holders.remove((pid, fd))
-            continue
-        st = os.fstat(copy)
-        if (st.st_dev, st.st_ino) == (desc.dev, desc.ino):
+        copy = getfd_if_same_file(prepared.pidfd(pid), fd, desc.dev, desc.ino)
+        if copy is not None:
             return copy
-        # The number was closed and reused for another file: that one is found again
-        # as a late fd when the stopped tasks are re-validated.
-        os.close(copy)
+        # A number reused for another file meanwhile: that one is found again as a late
+        # fd when the stopped tasks are re-validated.
         desc.holders.remove((pid, fd))
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 from spfs.sys.libc import check, libc
@@ -22,3 +23,20 @@ def getfd(pid: int, fd: int) -> int:
         return getfd_from(pidfd, fd)
     finally:
         os.close(pidfd)
+
+
+def getfd_if_same_file(pidfd: int, fd: int, dev: int, ino: int) -> int | None:
+    """A copy of descriptor `fd` of the process behind `pidfd` if it is still open on the
+    file (dev, ino); None if the process closed it, or its number now names another file
+    (a program may close and open files at any moment)."""
+    try:
+        copy = getfd_from(pidfd, fd)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return None
+        raise
+    st = os.fstat(copy)
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        os.close(copy)
+        return None
+    return copy
