@@ -20,14 +20,15 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from spfs.fs import attrs, syscalls
+from spfs.sys import beneath
 from spfs.fs.creds import CallerCredentials
 from spfs.fs.handles import Handle, HandleTable
 from spfs.fs.inode_budget import InodeBudget
 from spfs.fs.inodes import Found, Inode, InodeTable, ProxyObject
 from spfs.sys.fds import close_quietly
 
-_LOOKUP_RESOLVE = (syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
-                   | syscalls.RESOLVE_NO_MAGICLINKS)
+_LOOKUP_RESOLVE = (beneath.RESOLVE_BENEATH | beneath.RESOLVE_NO_SYMLINKS
+                   | beneath.RESOLVE_NO_MAGICLINKS)
 # Flags that make no sense when re-opening an existing object through its O_PATH descriptor.
 _REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_NOFOLLOW | os.O_DIRECT
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -40,8 +41,8 @@ def _check_name(name: bytes) -> None:
 
 def open_beneath(dirfd: int, relpath: bytes) -> tuple[int, os.stat_result]:
     """O_PATH descriptor and stat of *relpath* below *dirfd*, never leaving it."""
-    fd = syscalls.openat2(dirfd, relpath, _O_PATH_FLAGS,
-                          syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS)
+    fd = beneath.openat2(dirfd, relpath, _O_PATH_FLAGS,
+                          beneath.RESOLVE_BENEATH | beneath.RESOLVE_NO_MAGICLINKS)
     try:
         return fd, os.fstat(fd)
     except BaseException:
@@ -111,7 +112,7 @@ class ProxyBackend:
             known = self._bound_socket(parent_ino, name) or known
         if known is not None and known.kind == stat.S_IFMT(st.st_mode):
             return known, attrs.from_stat(known.ino, st, self.timeouts)
-        fd = syscalls.try_openat2(dirfd, name, _O_PATH_FLAGS, _LOOKUP_RESOLVE)
+        fd = beneath.try_openat2(dirfd, name, _O_PATH_FLAGS, _LOOKUP_RESOLVE)
         if fd == -errno.ENOENT:
             return None  # removed since the fstatat
         if fd < 0:

@@ -1,6 +1,6 @@
 """Thin ctypes wrappers for the Linux syscalls Python's os module lacks.
 
-Everything here exists on Linux 6.1 (the lab guest): openat2 (5.6), renameat2 (3.15),
+Everything here exists on Linux 6.1 (the lab guest): renameat2 (3.15),
 setns (3.0). setfsuid/setfsgid/setgroups are issued as raw syscalls because the kernel
 applies them to the calling thread only, whereas glibc's setgroups() (and Python's
 os.setgroups) broadcasts the change to every thread of the process.
@@ -9,7 +9,6 @@ os.setgroups) broadcasts the change to every thread of the process.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 
 from spfs.sys.libc import check as _check
@@ -22,45 +21,10 @@ SYS_SETGROUPS = 116
 SYS_SETFSUID = 122
 SYS_SETFSGID = 123
 SYS_RENAMEAT2 = 316
-SYS_OPENAT2 = 437
-
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-
-def try_openat2(dirfd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
-    """openat2(2): the new descriptor, or -errno (no exception: a missing name is an
-    ordinary answer on the lookup path)."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    while True:
-        res = _syscall(SYS_OPENAT2, dirfd, ctypes.c_char_p(path), ctypes.byref(how),
-                       ctypes.sizeof(how))
-        if res >= 0:
-            return res
-        err = ctypes.get_errno()
-        if err != errno.EAGAIN:  # openat2 may ask for a retry when a rename raced
-            return -err
-
-
-def openat2(dirfd: int, path: bytes | str, flags: int, resolve: int, mode: int = 0) -> int:
-    """openat2(2): open *path* relative to *dirfd* under the RESOLVE_* restrictions."""
-    if isinstance(path, str):
-        path = os.fsencode(path)
-    res = try_openat2(dirfd, path, flags, resolve, mode)
-    if res < 0:
-        raise OSError(-res, os.strerror(-res), os.fsdecode(path))
-    return res
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:

@@ -17,6 +17,7 @@ from spfs.swap import procfs, unixsock
 from spfs.swap.model import (Description, DirRef, EpollReg, ExeRef, FdRef, InotifyReg, Location, MapRef,
                              ProcessPlan, SwapPlan, Unmovable)
 from spfs.swap.ptrace import KCMP_FILE, KCMP_FILES, KCMP_FS, KCMP_VM, kcmp
+from spfs.sys import beneath
 from spfs.sys.pidfd import getfd_if_same_file
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class _Scanner:
                 if rel is None:
                     self.unmovable.append(Unmovable(pid, kind, f"{link} is outside the source subtree"))
                 else:
-                    plan.dirs.append(DirRef(pid, kind, rel))
+                    plan.dirs.append(DirRef(pid, kind, rel, st.st_dev, st.st_ino))
         plan.ranges = [(v.start, v.end) for v in vmas]
         plan.nspid = status.nspid[-1]
         self._scan_mappings(plan, vmas)
@@ -201,12 +202,14 @@ class _Scanner:
         for vma in on_source:
             name = vma.path.removesuffix(DELETED)
             rel = self.sb_relative(pid, name, None)
+            mapped = False
             try:
                 gone = os.stat(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}").st_nlink == 0
             except OSError:
                 gone = False
             if gone:
                 rel = self.path_map.get(rel or "")
+                mapped = True
                 if rel is None:
                     self.unmovable.append(Unmovable(pid, f"mapping {vma.start:#x}-{vma.end:#x}",
                                                     f"{name} is unlinked on the source and not in the path map"))
@@ -214,7 +217,7 @@ class _Scanner:
             if rel is None:
                 self.unmovable.append(Unmovable(pid, f"mapping {vma.start:#x}-{vma.end:#x}", "outside the source subtree"))
                 continue
-            plan.maps.append(MapRef(pid, vma, rel, flags.get(vma.start, ())))
+            plan.maps.append(MapRef(pid, vma, rel, flags.get(vma.start, ()), mapped))
         try:
             exe_st = os.stat(f"/proc/{pid}/exe")
         except (FileNotFoundError, PermissionError):
@@ -225,7 +228,7 @@ class _Scanner:
             if rel is None or exe_st.st_nlink == 0:
                 self.unmovable.append(Unmovable(pid, f"exe {link}", "unlinked or outside the source subtree"))
             else:
-                plan.exe = ExeRef(rel, procfs.mm_fields(pid))
+                plan.exe = ExeRef(rel, procfs.mm_fields(pid), exe_st.st_dev, exe_st.st_ino)
 
 
 def _own_copy(f: _FoundFd) -> int | None:
@@ -278,6 +281,7 @@ def _dedupe_descriptions(found: list[_FoundFd], unmovable: list[Unmovable], path
         for same in sets:
             first = same[0]
             rel = first.rel
+            unlinked = first.deleted
             if first.deleted:
                 mapped = path_map.get(rel or "") if rel is not None else None
                 if mapped is None:
@@ -297,7 +301,7 @@ def _dedupe_descriptions(found: list[_FoundFd], unmovable: list[Unmovable], path
                 continue
             desc = Description(index=len(descriptions), rel=rel, flags=first.info.flags, mode=first.st.st_mode,
                                dev=first.st.st_dev, ino=first.st.st_ino, holders=[(f.pid, f.fd) for f in same],
-                               sock=first.sock)
+                               sock=first.sock, mapped=unlinked)
             desc.locks = [lk for f in same for lk in f.info.locks if lk.kind in ("FLOCK", "OFDLCK")]
             descriptions.append(desc)
             for f in same:
@@ -364,9 +368,19 @@ def fd_path(pid: int, link: str, st: os.stat_result) -> str:
     a file really is called that."""
     if not link.endswith(DELETED):
         return link
-    if st.st_nlink == 0 or not os.path.lexists(f"/proc/{pid}/root{link}"):
+    if st.st_nlink == 0 or not _exists_in_root(pid, link):
         return link[: -len(DELETED)]
     return link
+
+
+def _exists_in_root(pid: int, path: str) -> bool:
+    """Whether `path` names something in process `pid`'s own tree (resolved there, so a
+    symlink the process planted cannot send the look-up into ours)."""
+    try:
+        os.close(beneath.open_in_root(pid, path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
 
 
 def late_relative_path(plan: SwapPlan, pid: int, link: str, mnt_id: int, st: os.stat_result) -> str:

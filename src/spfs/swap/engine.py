@@ -24,6 +24,7 @@ from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
 from spfs.swap.discover import cgroup_pids, cgroup_tids, late_relative_path
 from spfs.swap.model import Description, FdRef, Phase, ProcessPlan, SwapError, SwapPlan
 from spfs.swap.prepare import Prepared, open_on_target
+from spfs.sys.beneath import ShareChanged, magic_path
 from spfs.swap.remote import REGION, Injector, Tracee, choose_marker_signal
 from spfs.sys import pidfd
 
@@ -350,23 +351,26 @@ class Engine:
             # prepare may have dropped descriptions: a count could repeat an index
             index = max((d.index for d in self.plan.descriptions), default=-1) + 1
             desc = Description(index=index, rel=rel, flags=info.flags, mode=st.st_mode,
-                               dev=st.st_dev, ino=st.st_ino)
+                               dev=st.st_dev, ino=st.st_ino, mapped=st.st_nlink == 0)
             desc.old_fd = self.prepared.track(pidfd.getfd_from(self.prepared.pidfd(p.pid), fd))
-            desc.new_fd = self.prepared.track(open_on_target(self.plan, desc, self.prepared.fifo_keepers))
+            try:
+                desc.new_fd = self.prepared.track(open_on_target(self.plan, self.prepared, desc))
+            except ShareChanged as exc:
+                raise SwapError(f"process {p.pid} fd {fd}: {exc}") from exc
             self.plan.descriptions.append(desc)
         desc.holders.append((p.pid, fd))
         owner.fds.append(FdRef(p.pid, fd, desc, cloexec=bool(info.flags & os.O_CLOEXEC)))
         log.info("process %d opened fd %d (%s) after discovery: adopted", p.pid, fd, desc.rel)
 
     def _move_manager_side_state(self) -> None:
-        handover.move_description_state(self.plan, self.prepared.fifo_keepers)
+        handover.move_description_state(self.plan, self.prepared)
         watchdog = self.prepared.watchdog
-        source = os.path.realpath(self.plan.source.path)
-        target_dev = os.stat(self.plan.target).st_dev
+        target_dev = self.prepared.target.dev
 
         def tell_watchdog(reg) -> None:
             present = [w.wd for w in procfs.fdinfo(os.getpid(), reg.copy_fd).inotify]
-            watchdog.watch_moving(reg.copy_fd, reg.watch.mask, os.path.join(source, reg.rel), target_dev, present)
+            # the watchdog was forked holding the same descriptor number (prepare.py)
+            watchdog.watch_moving(reg.copy_fd, reg.watch.mask, magic_path(reg.source_fd), target_dev, present)
 
         handover.move_inotify_watches(self.plan, self.stop_set, forward=True,
                                       before_move=tell_watchdog if watchdog is not None else None)

@@ -14,10 +14,15 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from spfs.swap import inotify, procfs, tables, unixsock
 from spfs.swap.model import Description, InotifyReg, ProcessPlan, SwapError, SwapPlan
+from spfs.sys.beneath import magic_path
 from spfs.sys.libc import libc as _libc
+
+if TYPE_CHECKING:
+    from spfs.swap.prepare import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ def find_locks(plan: SwapPlan, stopped: list[ProcessPlan]) -> None:
                         ref.posix_locks.append(lock)
 
 
-def move_description_state(plan: SwapPlan, fifo_keepers: dict[str, int]) -> None:
+def move_description_state(plan: SwapPlan, prepared: "Prepared") -> None:
     """Offsets, flock and OFD locks, FIFO and datagram contents: set on B from here."""
     copied_fifos: set[str] = set()
     for desc in plan.descriptions:
@@ -72,30 +77,28 @@ def move_description_state(plan: SwapPlan, fifo_keepers: dict[str, int]) -> None
                 raise SwapError(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
                                 "moved to a new listener: run the switch again")
             if not desc.sock.listening:
-                unixsock.copy_datagrams(desc.old_fd, desc.new_fd, os.path.join(plan.target, desc.rel))
-        if stat.S_ISFIFO(desc.mode):
-            path = os.path.join(plan.target, desc.rel)
-            if path not in copied_fifos:
-                copied_fifos.add(path)
-                _copy_pipe_content(desc.old_fd, fifo_keepers[path])
+                unixsock.copy_datagrams(desc.old_fd, desc.new_fd, prepared.target, desc.rel)
+        if stat.S_ISFIFO(desc.mode) and desc.rel not in copied_fifos:
+            copied_fifos.add(desc.rel)
+            _copy_pipe_content(desc.old_fd, prepared.fifo_keepers[desc.rel])
 
 
 def move_inotify_watches(plan: SwapPlan, processes: list[ProcessPlan], forward: bool,
                          before_move: Callable[[InotifyReg], None] | None = None) -> None:
     """Watches on A are re-added on B through our copy of the inotify fd (see inotify.py);
     backwards for a revert.  before_move(reg) runs before each forward move (the watchdog
-    learns how to undo it)."""
-    source = os.path.realpath(plan.source.path)
+    learns how to undo it).  Both ends are reached through the O_PATH descriptors prepare
+    opened below the shares' roots, never by a path."""
     for p in processes:
         for reg in p.inotify:
             if forward:
                 if before_move is not None:
                     before_move(reg)
-                reg.new_wd = inotify.add_watch(reg.copy_fd, os.path.join(plan.target, reg.rel), reg.watch.mask)
+                reg.new_wd = inotify.add_watch(reg.copy_fd, magic_path(reg.target_fd), reg.watch.mask)
                 inotify.remove_watch(reg.copy_fd, reg.watch.wd)
             elif reg.new_wd >= 0:
                 with contextlib.suppress(OSError):
-                    inotify.add_watch(reg.copy_fd, os.path.join(source, reg.rel), reg.watch.mask)
+                    inotify.add_watch(reg.copy_fd, magic_path(reg.source_fd), reg.watch.mask)
                     inotify.remove_watch(reg.copy_fd, reg.new_wd)
 
 

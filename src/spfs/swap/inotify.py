@@ -24,16 +24,12 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def watched_path(mount_fd: int, watch: InotifyWatch) -> str:
-    """The path (in our view) of a watched inode, from the file handle in fdinfo."""
+def open_watched(mount_fd: int, watch: InotifyWatch) -> int:
+    """An O_PATH descriptor of a watched inode, from the file handle in fdinfo."""
     handle = struct.pack("<Ii", len(watch.handle), watch.handle_type) + watch.handle
     buf = ctypes.create_string_buffer(handle, len(handle))
-    fd = _check(_libc.syscall(NR_OPEN_BY_HANDLE_AT, mount_fd, buf, os.O_PATH | os.O_CLOEXEC),
-                "open_by_handle_at")
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
+    return _check(_libc.syscall(NR_OPEN_BY_HANDLE_AT, mount_fd, buf, os.O_PATH | os.O_CLOEXEC),
+                  "open_by_handle_at")
 
 
 def add_watch(inotify_fd: int, path: str, mask: int) -> int:

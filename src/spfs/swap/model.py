@@ -58,6 +58,7 @@ class Description:
     old_fd: int = -1  # the manager's own reference to the A description (pidfd_getfd)
     new_fd: int = -1  # the description opened on B
     sock: object | None = None  # unixsock.BoundSocket for a unix socket bound on A
+    mapped: bool = False  # unlinked on A: rel is the path map's name on B, nothing to check on A
 
 
 @dataclass
@@ -85,6 +86,8 @@ class InotifyReg:
     rel: str = ""
     copy_fd: int = -1  # the manager's fd on the same inotify instance
     new_wd: int = -1
+    source_fd: int = -1  # O_PATH of the watched object on A (to watch it again on a revert)
+    target_fd: int = -1  # O_PATH of its counterpart on B
 
 
 @dataclass
@@ -94,6 +97,8 @@ class DirRef:
     pid: int
     kind: str  # "cwd" or "root"
     rel: str
+    dev: int = 0  # the directory on A, as discovery saw it
+    ino: int = 0
     old_fd: int = -1
     new_fd: int = -1
 
@@ -106,6 +111,7 @@ class MapRef:
     vma: Vma
     rel: str
     vm_flags: tuple[str, ...] = ()  # smaps VmFlags
+    mapped: bool = False  # unlinked on A: rel is the path map's name on B
     old_fd: int = -1
     new_fd: int = -1
     dirty: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of private anon pages
@@ -115,6 +121,8 @@ class MapRef:
 class ExeRef:
     rel: str
     mm_fields: tuple[int, ...]  # /proc/PID/stat fields 26, 27, 45, 46, 47, 28, 48..51 (prctl_mm_map order)
+    dev: int = 0  # the executable on A, as discovery saw it
+    ino: int = 0
     old_fd: int = -1
     new_fd: int = -1
 

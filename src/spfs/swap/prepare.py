@@ -17,6 +17,7 @@ from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.donor import Donor, same_pid_namespace
 from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
+from spfs.sys.beneath import ACROSS_MOUNTS, Seen, Share, ShareChanged, magic_path
 from spfs.sys.pidfd import getfd_from as pidfd_getfd, getfd_if_same_file
 
 log = logging.getLogger(__name__)
@@ -27,39 +28,47 @@ O_ASYNC = 0o20000
 F_GETOWN_EX, F_SETOWN_EX, F_GETSIG, F_SETSIG = 16, 15, 11, 10
 
 
-def target_path(plan: SwapPlan, rel: str) -> str:
-    if os.path.isabs(rel):  # a path map entry may name an absolute place
-        return rel
-    return os.path.join(plan.target, rel) if rel else plan.target
-
-
-def open_on_target(plan: SwapPlan, desc: Description, fifo_keepers: dict[str, int]) -> int:
-    path = target_path(plan, desc.rel)
+def open_on_target(plan: SwapPlan, prepared: "Prepared", desc: Description) -> int:
+    """The description's counterpart on B, found below B's root; the name on A must still
+    be the object discovery saw (a task may rename or replace anything meanwhile)."""
+    source, target = prepared.source, prepared.target
     flags = (desc.flags & ~REOPEN_DROP) | os.O_CLOEXEC
     if stat.S_ISSOCK(desc.mode):
-        address = desc.sock.path if plan.target_replaces_source else None
-        fd = unixsock.recreate(desc.sock, path, desc.old_fd, desc.flags, address)
-        with contextlib.suppress(OSError):
-            unixsock.copy_file_attributes(os.path.join(plan.source.path, desc.rel), path)
+        sock = desc.sock
+        os.close(source.check_seen(desc.rel, Seen(source.dev, sock.file_ino, stat.S_IFSOCK), "socket file"))
+        address = sock.path if plan.target_replaces_source else _target_address(plan, desc.rel)
+        fd = unixsock.recreate(sock, target, desc.rel, desc.old_fd, desc.flags, address)
+        try:
+            unixsock.copy_file_attributes(source, target, desc.rel,
+                                          Seen(source.dev, sock.file_ino, stat.S_IFSOCK))
+        except ShareChanged:
+            os.close(fd)
+            raise
+        except OSError as exc:  # the socket works all the same, with the owner we gave it
+            log.warning("socket file %s: owner and mode not copied: %s", desc.rel, exc)
         return fd
+    if not desc.mapped:
+        os.close(source.check_seen(desc.rel, Seen(desc.dev, desc.ino, desc.mode), "open file"))
     if stat.S_ISFIFO(desc.mode):
         # Opening a FIFO blocks (or fails for a writer) without the other end: hold a
         # read-write keeper and open non-blocking, then restore the flags.
-        if path not in fifo_keepers:
-            fifo_keepers[path] = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        fd = os.open(path, flags | os.O_NONBLOCK)
+        if desc.rel not in prepared.fifo_keepers:
+            prepared.fifo_keepers[desc.rel] = target.open_kind(desc.rel, os.O_RDWR | os.O_NONBLOCK, desc.mode)
+        fd = target.open_kind(desc.rel, flags | os.O_NONBLOCK, desc.mode)
     else:
-        fd = os.open(path, flags)
+        fd = target.open_kind(desc.rel, flags, desc.mode)
     try:
-        st = os.fstat(fd)
-        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(desc.mode):
-            raise SwapError(f"{path} is not the same kind of file as on the source")
         if not desc.flags & os.O_PATH:
             fcntl.fcntl(fd, fcntl.F_SETFL, desc.flags & SETFL_BITS)
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _target_address(plan: SwapPlan, rel: str) -> str:
+    """The address a socket re-created on B reads when B is not mounted in A's place."""
+    return os.path.join(plan.target, rel) if rel else plan.target
 
 
 def _copy_owner(old_fd: int, new_fd: int) -> None:
@@ -77,7 +86,9 @@ def _copy_owner(old_fd: int, new_fd: int) -> None:
 class Prepared:
     """Manager-side fds of one switch; close() releases them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: Share, target: Share) -> None:
+        # Both shares are reached only below these roots (see spfs.sys.beneath).
+        self.source, self.target = source, target
         self.fds: list[int] = []
         self.pidfds: dict[int, int] = {}
         self.fifo_keepers: dict[str, int] = {}
@@ -138,11 +149,11 @@ class Prepared:
     def donor_pid(self, pid: int) -> int:
         return self.donor_of.get(pid, os.getpid())
 
-    def open_shared(self, path: str, flags: int) -> int:
-        """One description per (path, flags) for mappings and exe: they keep no offset."""
-        key = (path, flags)
+    def open_shared(self, rel: str, flags: int) -> int:
+        """One description per (name, flags) on B for mappings and exe: they keep no offset."""
+        key = (rel, flags)
         if key not in self.opened:
-            self.opened[key] = self.track(os.open(path, flags | os.O_CLOEXEC))
+            self.opened[key] = self.track(self.target.open_kind(rel, flags, stat.S_IFREG))
         return self.opened[key]
 
     def pidfd(self, pid: int) -> int:
@@ -175,6 +186,8 @@ class Prepared:
         self.fds.clear()
         self.opened.clear()
         self.pidfds.clear()
+        self.source.close()
+        self.target.close()
 
 
 def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
@@ -182,7 +195,7 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
     `reuse`: an abandoned earlier preparation whose watchdog this one may take over."""
     if plan.phase is not Phase.DISCOVERED:
         raise SwapError(f"prepare needs a freshly discovered plan (phase is {plan.phase.value})")
-    prepared = Prepared()
+    prepared = _open_shares(plan)
     if reuse is not None and _watches(reuse, plan.cgroup) and prepared.adopt_watchdog(reuse):
         log.info("the swap watchdog %d of the earlier plan serves this one",
                  prepared.watchdog.proc.pid if prepared.watchdog else 0)
@@ -193,7 +206,7 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
                 _forget_description(plan, desc)
                 continue
             desc.old_fd = prepared.track(old_fd)
-            desc.new_fd = prepared.track(open_on_target(plan, desc, prepared.fifo_keepers))
+            desc.new_fd = prepared.track(open_on_target(plan, prepared, desc))
             if desc.flags & O_ASYNC or stat.S_ISFIFO(desc.mode):
                 _copy_owner(desc.old_fd, desc.new_fd)
             if stat.S_ISFIFO(desc.mode):
@@ -209,7 +222,9 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
                 _prepare_inotify(plan, prepared, p.inotify)
             if p.exe is not None:
                 p.exe.old_fd = prepared.track(os.open(f"/proc/{p.pid}/exe", os.O_RDONLY | os.O_CLOEXEC))
-                p.exe.new_fd = prepared.open_shared(target_path(plan, p.exe.rel), os.O_RDONLY)
+                os.close(prepared.source.check_seen(p.exe.rel, Seen(p.exe.dev, p.exe.ino, stat.S_IFREG),
+                                                    f"executable of process {p.pid}"))
+                p.exe.new_fd = prepared.open_shared(p.exe.rel, os.O_RDONLY)
             if any(d.kind == "root" for d in p.dirs) and not any(d.kind == "cwd" for d in p.dirs):
                 cwd = DirRef(p.pid, "cwd-kept", "")
                 cwd.old_fd = cwd.new_fd = prepared.track(os.open(f"/proc/{p.pid}/cwd", os.O_PATH | os.O_CLOEXEC))
@@ -217,6 +232,9 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
     except SwapError:
         prepared.close()
         raise
+    except ShareChanged as exc:
+        prepared.close()
+        raise SwapError(f"prepare refused: {exc}") from exc
     except OSError as exc:
         prepared.close()
         raise SwapError(f"prepare failed: {exc}") from exc
@@ -233,7 +251,8 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
         if prepared.watchdog is None:
             prepared.watchdog = Watchdog(Freezer(plan.cgroup) if plan.cgroup else None,
                                          prepared.decision_read,
-                                         tuple(prepared.inotify_copies.values()))
+                                         (*prepared.inotify_copies.values(),
+                                          *(r.source_fd for p in plan.processes for r in p.inotify)))
     except (OSError, RuntimeError) as exc:
         prepared.close()
         raise SwapError(f"cannot start the swap watchdog (for {plan.cgroup or 'held signals'}): {exc}") from exc
@@ -295,21 +314,45 @@ def _start_donors(plan: SwapPlan, prepared: Prepared) -> None:
         prepared.donor_of[p.pid] = by_ns[ns].ns_pid
 
 
+def _open_shares(plan: SwapPlan) -> Prepared:
+    try:
+        source = Share.open(plan.source.path, "source", resolve=ACROSS_MOUNTS, expect_dev=plan.source.dev)
+    except OSError as exc:
+        raise SwapError(f"cannot open the source {plan.source.path}: {exc}") from exc
+    try:
+        target = Share.open(plan.target, "target")
+    except OSError as exc:
+        source.close()
+        raise SwapError(f"cannot open the target {plan.target}: {exc}") from exc
+    return Prepared(source, target)
+
+
 def _prepare_inotify(plan: SwapPlan, prepared: Prepared, regs: list) -> None:
+    source, target = prepared.source, prepared.target
     source_root = os.path.realpath(plan.source.path)
-    mount_fd = prepared.track(os.open(plan.source.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    # open_by_handle_at wants a real descriptor on the mount, not an O_PATH one
+    mount_fd = prepared.track(os.open(magic_path(source.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     for reg in regs:
         key = (reg.pid, reg.ifd)
         if key not in prepared.inotify_copies:
             prepared.inotify_copies[key] = prepared.track(pidfd_getfd(prepared.pidfd(reg.pid), reg.ifd))
         reg.copy_fd = prepared.inotify_copies[key]
-        path = inotify.watched_path(mount_fd, reg.watch)
-        rel = os.path.relpath(path, source_root)
+        watched = inotify.open_watched(mount_fd, reg.watch)
+        try:
+            st = os.fstat(watched)
+            rel = os.path.relpath(os.readlink(magic_path(watched)), source_root)
+        finally:
+            os.close(watched)
         if rel.startswith(".."):
             raise SwapError(f"inotify watch {reg.watch.wd} of process {reg.pid} is outside the source subtree")
         reg.rel = "" if rel == "." else rel
-        if not os.path.exists(target_path(plan, reg.rel)):
-            raise SwapError(f"{target_path(plan, reg.rel)} (watched by process {reg.pid}) does not exist")
+        # the name is only a hint: below the source root it must lead to the watched inode
+        reg.source_fd = prepared.track(source.check_seen(reg.rel, Seen(st.st_dev, st.st_ino, st.st_mode),
+                                                         f"inotify watch {reg.watch.wd} of process {reg.pid}"))
+        try:
+            reg.target_fd = prepared.track(target.open_kind(reg.rel, os.O_PATH | os.O_NOFOLLOW, st.st_mode))
+        except FileNotFoundError:
+            raise SwapError(f"{reg.rel or '.'} (watched by process {reg.pid}) does not exist on the target") from None
 
 
 def _prepare_mapping(plan: SwapPlan, prepared: Prepared, m: MapRef) -> None:
@@ -317,9 +360,13 @@ def _prepare_mapping(plan: SwapPlan, prepared: Prepared, m: MapRef) -> None:
     mode = os.O_RDWR if (m.vma.shared and "w" in m.vma.perms) else os.O_RDONLY
     m.old_fd = prepared.track(os.open(f"/proc/{m.pid}/map_files/{m.vma.start:x}-{m.vma.end:x}",
                                       mode | os.O_CLOEXEC))
-    m.new_fd = prepared.open_shared(target_path(plan, m.rel), mode)
+    if not m.mapped:
+        os.close(prepared.source.check_seen(m.rel, Seen(m.vma.dev, m.vma.ino, stat.S_IFREG),
+                                            f"mapping {m.vma.start:#x} of process {m.pid}"))
+    m.new_fd = prepared.open_shared(m.rel, mode)
 
 
 def _prepare_dir(plan: SwapPlan, prepared: Prepared, d: DirRef) -> None:
     d.old_fd = prepared.track(os.open(f"/proc/{d.pid}/{d.kind}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-    d.new_fd = prepared.track(os.open(target_path(plan, d.rel), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    os.close(prepared.source.check_seen(d.rel, Seen(d.dev, d.ino, stat.S_IFDIR), f"{d.kind} of process {d.pid}"))
+    d.new_fd = prepared.track(prepared.target.open_kind(d.rel, os.O_PATH | os.O_DIRECTORY, stat.S_IFDIR))

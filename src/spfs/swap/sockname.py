@@ -26,12 +26,14 @@ _PRIVATE_ROOT = "/tmp"  # a tmpfs is mounted over it, in the child's namespace o
 _CHILD_TIMEOUT_S = 10.0
 
 
-def bind_named(sock: socket.socket, address: str, directory: str) -> None:
-    """Bind `sock` so its file is made in `directory` and its address reads `address`."""
-    parent, name = posixpath.split(address)
-    if not posixpath.isabs(address) or parent in ("", "/") or not name:
+def bind_named(sock: socket.socket, address: str, dir_fd: int, name: str) -> None:
+    """Bind `sock` so its file is made as `name` in the directory `dir_fd` holds (opened
+    below a share's root: no path of ours is looked up) and its address reads `address`."""
+    parent, last = posixpath.split(address)
+    if not posixpath.isabs(address) or parent in ("", "/") or not last:
         raise OSError(errno.EINVAL, f"cannot bind under the address {address!r}")
-    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if last != name:
+        raise OSError(errno.EINVAL, f"the address {address!r} does not end in the socket's name {name!r}")
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.fork()
@@ -48,12 +50,12 @@ def bind_named(sock: socket.socket, address: str, directory: str) -> None:
         write_end = -1
         answer = _read_answer(read_end, pid)
     finally:
-        os.close(dir_fd)
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
     if answer:
-        raise OSError(answer, f"binding at {address!r} in {directory}: {os.strerror(answer)}")
+        raise OSError(answer, f"binding at {address!r} in the directory opened below the target: "
+                              f"{os.strerror(answer)}")
 
 
 def _bind_in_private_root(sock: socket.socket, address: str, parent: str, dir_fd: int) -> None:

@@ -11,6 +11,7 @@ listener on A (they keep A busy until they close), SCM payloads.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
@@ -25,6 +26,7 @@ from pyroute2.netlink.diag import UDIAG_SHOW_NAME, UDIAG_SHOW_RQLEN, UDIAG_SHOW_
 
 from spfs.swap import sockname
 from spfs.sys import namespaces
+from spfs.sys.beneath import Seen, Share, chmod_chown, magic_path
 
 T = TypeVar("T")
 SO_PEEK_OFF = 42
@@ -32,6 +34,7 @@ SIOCGSKNS = 0x894C  # a socket's network namespace, as an fd
 TCP_LISTEN = 10
 TCP_CLOSE = 7
 COPIED_OPTIONS = (socket.SO_PASSCRED, socket.SO_RCVBUF, socket.SO_SNDBUF)
+SUN_PATH_MAX = 108
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class BoundSocket:
     listening: bool
     path: str  # as bound
     backlog: int
+    file_ino: int = 0  # the socket file's inode on the source (its device is the source's)
 
 
 def in_netns(ns_fd: int | None, work: Callable[[], T]) -> T:
@@ -105,14 +109,14 @@ def _bound_here(dev: int) -> dict[int, BoundSocket]:
             listening = msg["udiag_state"] == TCP_LISTEN
             out[msg["udiag_ino"]] = BoundSocket(msg["udiag_ino"], msg["udiag_type"], listening,
                                                 msg.get_attr("UNIX_DIAG_NAME") or "",
-                                                rq.get("udiag_wqueue", socket.SOMAXCONN) if listening else 0)
+                                                rq.get("udiag_wqueue", socket.SOMAXCONN) if listening else 0,
+                                                vfs["udiag_vfs_ino"])
     return out
 
 
-def recreate(sock: BoundSocket, path: str, old_fd: int, flags: int,
-             address: str | None = None) -> int:
-    """A socket like the old one, bound at `path` (a stale socket file there is replaced);
-    its address reads `address` if given (see sockname.py), else `path`."""
+def recreate(sock: BoundSocket, target: Share, rel: str, old_fd: int, flags: int, address: str) -> int:
+    """A socket like the old one, its file made at `rel` on the target share (a stale
+    socket file there is replaced), its address reading `address` (see sockname.py)."""
     with socket.socket(fileno=os.dup(old_fd)) as old:
         options = {opt: old.getsockopt(socket.SOL_SOCKET, opt) for opt in COPIED_OPTIONS}
     try:  # the new socket lives where the old one does (CRIU dumps a netns's sockets)
@@ -125,15 +129,17 @@ def recreate(sock: BoundSocket, path: str, old_fd: int, flags: int,
         if ns_fd is not None:
             os.close(ns_fd)
     try:
+        target.unlink(rel, kinds=(stat.S_IFSOCK,))
+        dir_fd, name = target.parent(rel)
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        if address is not None and address != path:
-            sockname.bind_named(new, address, os.path.dirname(path))
-        else:
-            new.bind(path)
+            if address.startswith("/proc/"):
+                # a target reached through a magic link: no address could name its place
+                # for the process anyway, and a private root cannot be built under /proc
+                new.bind(_through(dir_fd, name))
+            else:
+                sockname.bind_named(new, address, dir_fd, name)
+        finally:
+            os.close(dir_fd)
         for opt, value in options.items():
             new.setsockopt(socket.SOL_SOCKET, opt, value)
         if sock.listening:
@@ -145,10 +151,28 @@ def recreate(sock: BoundSocket, path: str, old_fd: int, flags: int,
         raise
 
 
-def copy_file_attributes(source_file: str, target_file: str) -> None:
-    st = os.lstat(source_file)
-    os.chmod(target_file, stat.S_IMODE(st.st_mode))
-    os.chown(target_file, st.st_uid, st.st_gid)
+def copy_file_attributes(source: Share, target: Share, rel: str, seen: Seen) -> None:
+    """Owner and mode of the socket file on the source, given to the new one on the
+    target; both found below their shares' roots, the source one checked against what
+    discovery saw."""
+    source_fd = source.check_seen(rel, seen, "socket file")
+    try:
+        st = os.fstat(source_fd)
+    finally:
+        os.close(source_fd)
+    target_fd = target.open_kind(rel, os.O_PATH | os.O_NOFOLLOW, stat.S_IFSOCK)
+    try:
+        chmod_chown(target_fd, st.st_mode, st.st_uid, st.st_gid)
+    finally:
+        os.close(target_fd)
+
+
+def _through(dir_fd: int, name: str) -> str:
+    """A socket address reaching `name` in the directory `dir_fd` holds, by its magic link."""
+    to = f"{magic_path(dir_fd)}/{name}"
+    if len(os.fsencode(to)) >= SUN_PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"socket file name {name!r} is too long for a socket address")
+    return to
 
 
 def has_queued_connections(listener_fd: int) -> bool:
@@ -157,22 +181,28 @@ def has_queued_connections(listener_fd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def copy_datagrams(old_fd: int, new_fd: int, new_path: str) -> int:
-    """Queue on the new socket, bound at `new_path` (its address may name another place,
-    see sockname.py), a copy of every datagram waiting on the old one (peeked)."""
-    with socket.socket(fileno=os.dup(old_fd)) as old, socket.socket(fileno=os.dup(new_fd)) as new:
-        previous = old.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
-        old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-        copied = 0
-        try:
-            while True:
-                try:
-                    data = old.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                # A socketpair-free self-send: connect-less sendto the new socket's own file.
-                new.sendto(data, new_path)
-                copied += 1
-        finally:
-            old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, previous)
-        return copied
+def copy_datagrams(old_fd: int, new_fd: int, target: Share, rel: str) -> int:
+    """Queue on the new socket, whose file is at `rel` on the target (its address may name
+    another place, see sockname.py), a copy of every datagram waiting on the old one
+    (peeked). Sent through the directory we opened below the target's root, so that no
+    lookup from our root can reach another socket."""
+    dir_fd, name = target.parent(rel)
+    try:
+        to = _through(dir_fd, name)
+        with socket.socket(fileno=os.dup(old_fd)) as old, socket.socket(fileno=os.dup(new_fd)) as new:
+            previous = old.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+            old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            copied = 0
+            try:
+                while True:
+                    try:
+                        data = old.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    new.sendto(data, to)
+                    copied += 1
+            finally:
+                old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, previous)
+            return copied
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,250 @@
+"""Objects on a share, reached only below the share's root directory descriptor.
+
+A container can rename, replace and symlink anything on its share at any moment, also
+while spfs-manager (host root) is moving the container's references onto the real mount.
+So no path on a share is ever resolved from the host root: every open goes through
+openat2 below a descriptor of the share's root, without symlinks, magic links or mount
+crossings, and every object is checked against what discovery saw (its device, inode and
+kind) before anything is done with it. Operations act on descriptors (fchmod/fchown via
+the descriptor's magic link, unlinkat on a parent opened here, bind through a parent
+opened here), never on a path a second lookup could redirect.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from spfs.sys.libc import libc as _libc
+
+SYS_OPENAT2 = 437  # the same number on every architecture (a new-style syscall)
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+# Below a share's root: no '..' out of it, no /proc magic link, no symlink (a symlink that
+# is itself the object is opened with O_PATH|O_NOFOLLOW), no other mount.
+STRICT = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV
+# The source share may carry other mounts inside (binds, tmpfs on a sub-directory): its
+# lookups may cross them, and the device check then refuses what is not on the share.
+ACROSS_MOUNTS = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS
+
+_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def try_openat2(dirfd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): the new descriptor, or -errno (no exception: a missing name is an
+    ordinary answer on a lookup path)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    while True:
+        res = _libc.syscall(SYS_OPENAT2, dirfd, ctypes.c_char_p(path), ctypes.byref(how),
+                            ctypes.sizeof(how))
+        if res >= 0:
+            return res
+        err = ctypes.get_errno()
+        if err != errno.EAGAIN:  # openat2 asks for a retry when a rename raced the walk
+            return -err
+
+
+def openat2(dirfd: int, path: bytes | str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): open *path* relative to *dirfd* under the RESOLVE_* restrictions."""
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    res = try_openat2(dirfd, path, flags, resolve, mode)
+    if res < 0:
+        raise OSError(-res, os.strerror(-res), os.fsdecode(path))
+    return res
+
+
+class ShareChanged(OSError):
+    """An object on a share is not the one discovery saw, or its path now leads off the
+    share (a symlink, another mount, another device): the operation must not go on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ESTALE, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def relative(path: str, what: str = "path") -> str:
+    """`path` if it is a plain relative path ('' for the root itself): no leading '/',
+    no '.', '..' or empty component, no NUL. Names from CRIU images and requests go
+    through here before they are resolved anywhere."""
+    if path == "":
+        return path
+    if "\0" in path or path.startswith("/") or any(part in ("", ".", "..") for part in path.split("/")):
+        raise ShareChanged(f"{what} {path[:120]!r} is not a relative path below the share's root")
+    return path
+
+
+def component(name: str, what: str = "name") -> str:
+    """`name` if it is one path component (a link_remap name, a socket file's name)."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise ShareChanged(f"{what} {name[:120]!r} is not a single file name")
+    return name
+
+
+def magic_path(fd: int) -> str:
+    """The path through which the kernel reaches exactly the object `fd` holds."""
+    return f"/proc/self/fd/{fd}"
+
+
+def kind_name(mode: int) -> str:
+    for check, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"),
+                        (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if check(mode):
+            return name
+    return f"file of type {stat.S_IFMT(mode):o}"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What discovery saw of an object on the source: its device, inode and kind."""
+
+    dev: int
+    ino: int
+    mode: int
+
+
+@dataclass
+class Share:
+    """One share (a mount's root directory), held open for the time of one operation."""
+
+    fd: int  # O_PATH|O_DIRECTORY of the share's root
+    dev: int
+    label: str  # for messages: "source" / "target" and where
+    resolve: int = STRICT
+
+    @classmethod
+    def open(cls, path: str, label: str, *, resolve: int = STRICT, expect_dev: int | None = None) -> "Share":
+        """The share whose root is at `path`. `path` itself is trusted (an operator's
+        argument, or a magic link to a descriptor we opened): only what lies below it is not."""
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dev = os.fstat(fd).st_dev
+            if expect_dev is not None and dev != expect_dev:
+                raise ShareChanged(f"{label} {path} is on device {_devname(dev)}, not on "
+                                   f"{_devname(expect_dev)}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, dev, f"{label} {path}", resolve)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = -1
+
+    # -- opening ---------------------------------------------------------------------
+    def open_at(self, rel: str, flags: int, mode: int = 0) -> int:
+        """`rel` below the root, opened with `flags`; off the share is ShareChanged."""
+        relative(rel)
+        res = try_openat2(self.fd, os.fsencode(rel or "."), flags | os.O_CLOEXEC, self.resolve, mode)
+        if res < 0:
+            err = -res
+            if err in (errno.ELOOP, errno.EXDEV):
+                raise ShareChanged(f"{rel!r} on the {self.label} leads off the share "
+                                   f"({os.strerror(err)}: a symlink or another mount on its path)")
+            raise OSError(err, f"{rel or '.'} on the {self.label}: {os.strerror(err)}")
+        try:
+            st = os.fstat(res)
+            if st.st_dev != self.dev:
+                raise ShareChanged(f"{rel!r} on the {self.label} is on device {_devname(st.st_dev)}, "
+                                   f"not on the share's {_devname(self.dev)}")
+        except BaseException:
+            os.close(res)
+            raise
+        return res
+
+    def open_kind(self, rel: str, flags: int, mode: int) -> int:
+        """Like open_at, and the object must be of the kind of `mode` (S_IFMT)."""
+        if stat.S_ISLNK(mode):
+            flags |= os.O_PATH | os.O_NOFOLLOW  # a symlink is only ever held, never followed
+        fd = self.open_at(rel, flags)
+        try:
+            found = os.fstat(fd).st_mode
+            if stat.S_IFMT(found) != stat.S_IFMT(mode):
+                raise ShareChanged(f"{rel!r} on the {self.label} is a {kind_name(found)}, "
+                                   f"not a {kind_name(mode)} as on the source")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def hold(self, rel: str) -> int:
+        """An O_PATH descriptor of the object at `rel` itself (a symlink is not followed)."""
+        return self.open_at(rel, _O_PATH_NOFOLLOW)
+
+    def check_seen(self, rel: str, seen: Seen, what: str) -> int:
+        """An O_PATH descriptor of `rel`, which must still be the object discovery saw;
+        otherwise (renamed, replaced, a symlink on its path) ShareChanged."""
+        fd = self.hold(rel)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (seen.dev, seen.ino) or \
+                    stat.S_IFMT(st.st_mode) != stat.S_IFMT(seen.mode):
+                raise ShareChanged(f"{what}: {rel or '.'!r} on the {self.label} is no longer the "
+                                   f"{kind_name(seen.mode)} it was at discovery (it was renamed or replaced)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def parent(self, rel: str) -> tuple[int, str]:
+        """An O_PATH descriptor of the directory holding `rel`, and the last component."""
+        relative(rel)
+        head, _, name = rel.rpartition("/")
+        component(name)
+        fd = self.open_at(head, os.O_PATH | os.O_DIRECTORY)
+        return fd, name
+
+    # -- acting on names ---------------------------------------------------------------
+    def unlink(self, rel: str, *, kinds: tuple[int, ...] = (stat.S_IFREG,)) -> bool:
+        """Remove the name `rel` if it is one of `kinds` (S_IFMT values); False if there
+        is no such name. Never follows a symlink: the name itself goes."""
+        dir_fd, name = self.parent(rel)
+        try:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if stat.S_IFMT(st.st_mode) not in kinds:
+                raise ShareChanged(f"{rel!r} on the {self.label} is a {kind_name(st.st_mode)}: not removed")
+            os.unlink(name, dir_fd=dir_fd)
+            return True
+        finally:
+            os.close(dir_fd)
+
+
+def chmod_chown(fd: int, mode: int, uid: int, gid: int) -> None:
+    """Owner and permission bits of the object `fd` holds (an O_PATH descriptor too)."""
+    os.chown(magic_path(fd), uid, gid)
+    os.chmod(magic_path(fd), stat.S_IMODE(mode))
+
+
+def open_in_root(pid: int, path: str, flags: int = os.O_PATH | os.O_CLOEXEC) -> int:
+    """`path` as process `pid` sees it: resolved with that process's root as '/', so
+    that an absolute symlink on the way stays in the process's own tree (a path built as
+    /proc/PID/root/PATH would resolve it from ours)."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return openat2(root, path.lstrip("/") or ".", flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    finally:
+        os.close(root)
+
+
+def _devname(dev: int) -> str:
+    return f"{os.major(dev)}:{os.minor(dev)}"
