@@ -15,6 +15,7 @@ import errno
 import os
 from dataclasses import dataclass
 
+from spfs.sys import beneath
 from spfs.sys import mountapi as m
 from spfs.sys.mountapi import Propagation
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
@@ -118,7 +119,7 @@ def _put_back(state: _MoveState, placements: list[Placement]) -> list[str]:
         path = placements[i].path
         try:
             if i in state.real_attached:
-                m.umount2(path, m.MNT_DETACH)
+                m.umount2(path, m.MNT_DETACH | m.UMOUNT_NOFOLLOW)
             m.move_mount(state.spfs_clones[i], path)
         except OSError as exc:
             problems.append(f"{path}: {exc}")
@@ -128,9 +129,15 @@ def _put_back(state: _MoveState, placements: list[Placement]) -> list[str]:
 def _real_mount_for(i: int, real_fd: int, placements: list[Placement]) -> int:
     if i == 0:
         return real_fd
-    # a clone of the attached real mount, rooted where this bind of SPFS was rooted
-    sub_dir = placements[i].sub_root.lstrip("/")
-    return m.clone_tree(os.path.join(placements[0].path, sub_dir))
+    # a clone of the attached real mount, rooted where this bind of SPFS was rooted; the
+    # directory is found below the real mount's root, never through a symlink the
+    # container may have put on its path
+    sub_dir = beneath.relative(placements[i].sub_root.strip("/"), "bind sub-root")
+    dir_fd = beneath.openat2(real_fd, sub_dir or ".", os.O_PATH | os.O_DIRECTORY, beneath.STRICT)
+    try:
+        return m.clone_tree("", dirfd=dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _move_work(real_fd: int, placements: list[Placement]) -> ChildResult:
@@ -141,7 +148,7 @@ def _move_work(real_fd: int, placements: list[Placement]) -> ChildResult:
         for i, placement in enumerate(placements):
             fd = _real_mount_for(i, real_fd, placements)
             _set_attrs(fd, placement.attr_flags)
-            m.umount2(placement.path, m.MNT_DETACH)
+            m.umount2(placement.path, m.MNT_DETACH | m.UMOUNT_NOFOLLOW)
             state.spfs_detached.append(i)
             m.move_mount(fd, placement.path)
             state.real_attached.append(i)

@@ -22,6 +22,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from spfs.manager.phases import ReplacePhase as P
 from spfs.manager.phases import ReplaceProgress
 from spfs.manager.protocol import SpfsMode
 from spfs.manager.realmount import RealFs
+from spfs.sys.beneath import Share
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +139,20 @@ class ReplacePipeline:
         now the processes hold the real files open, the names go (the NFS client turns each
         into a silly rename of its own).  A failure here costs a stray file, not the replace."""
         removed, problems = [], []
-        for name in job.remove_after:
+        try:
+            real = Share.open(ReplacePipeline._real_root(job), "real fs")
+        except OSError as exc:
+            real, problems = None, [f"the real fs root: {exc}"]
+        for name in job.remove_after if real is not None else ():
             try:
-                os.unlink(name, dir_fd=job.real_fd)
-                removed.append(name)
-            except FileNotFoundError:
-                pass
+                # below the real root only, no symlink on the way, and only a file's own
+                # name (a link_remap is a hard link, or a symlink itself) is removed
+                if real.unlink(name, kinds=(stat.S_IFREG, stat.S_IFLNK)):
+                    removed.append(name)
             except OSError as exc:
                 problems.append(f"{name}: {exc.strerror or exc}")
+        if real is not None:
+            real.close()
         if removed:
             job.progress.details["removed"] = removed
             log.info("replace %s: removed %s from the real fs", job.mount_id, ", ".join(removed))
@@ -201,6 +209,10 @@ class ReplacePipeline:
         assert job.real_fd is not None
         try:
             spfs_dev = _stat_dev(job.target, job.mountpoint, self.timeouts.move)
+            known = getattr(job.spfs, "dev", None)
+            if known and spfs_dev != known:
+                raise OSError(errno.ESTALE, f"{job.mountpoint} in the container is no longer this "
+                                            f"SPFS (device {spfs_dev:#x}, SPFS is {known:#x})")
             paths = self._all_paths(job, spfs_dev)
             placements = with_mountpoint_flags(self.mover.describe(job.target, paths),
                                                job.real_fs.flags)

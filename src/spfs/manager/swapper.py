@@ -6,13 +6,17 @@ treats like any other failure of the SWAPPING phase (rollback: SPFS stays in pla
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import logging
+import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 from spfs.manager.interfaces import SwapJob
+from spfs.sys.beneath import open_in_root
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +71,27 @@ def import_swap_engine() -> None:
         log.warning("%s", exc)
 
 
-def host_view(target_pid: int | None, path: str) -> str:
-    """A path of the container as the manager can open it."""
-    return path if target_pid is None else f"/proc/{target_pid}/root{path}"
+@contextlib.contextmanager
+def container_path(target_pid: int | None, path: str, expect_dev: int | None = None) -> Iterator[str]:
+    """A path of the container as the manager can use it: held by a descriptor opened with
+    the container's root as '/' (a symlink the container planted on the way resolves in
+    its own tree, never in ours), and named by that descriptor's magic link for as long as
+    the block runs. `expect_dev`: the device the object must be on (SPFS's)."""
+    if target_pid is None:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    else:
+        fd = open_in_root(target_pid, path)
+    try:
+        if expect_dev is not None and os.fstat(fd).st_dev != expect_dev:
+            raise OSError(errno.ESTALE, f"{path} in the container is no longer SPFS "
+                                        f"(device {os.fstat(fd).st_dev:#x}, not {expect_dev:#x})")
+        yield f"/proc/{os.getpid()}/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _spfs_root(job: SwapJob) -> contextlib.AbstractContextManager[str]:
+    return container_path(job.target.pid if job.target else None, job.spfs_paths[0], job.spfs_dev)
 
 
 class SwapEngineAdapter:
@@ -81,12 +103,14 @@ class SwapEngineAdapter:
         and prepare (short-lived files on the mount): then look again, and if the tasks keep
         changing, leave it to swap(), inside the freeze, where nothing moves (None)."""
         engine = _engine()
-        source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
         for attempt in range(1, attempts + 1):
             try:
-                return self._prepare_plan(engine, engine.discover(
-                    source, job.real_root, cgroup=job.cgroup, path_map=dict(job.path_map)))
+                with _spfs_root(job) as source:
+                    return self._prepare_plan(engine, engine.discover(
+                        source, job.real_root, cgroup=job.cgroup, path_map=dict(job.path_map)))
             except OSError as exc:
+                if exc.errno == errno.ESTALE:
+                    raise  # the mountpoint itself changed: looking again will not help
                 log.info("preparing the swap, attempt %d: %s", attempt, exc)
         log.warning("the tasks keep changing their references: the swap is planned inside "
                     "the freeze")
@@ -113,21 +137,21 @@ class SwapEngineAdapter:
         references it does not cover, or the engine finds the tasks changed, the plan is made
         again now, inside the freeze."""
         engine = _engine()
-        source = host_view(job.target.pid if job.target else None, job.spfs_paths[0])
         try:
             try:
-                now = engine.discover(source, job.real_root, cgroup=job.cgroup,
-                                      path_map=dict(job.path_map))
-                if prepared is None:
-                    prepared = self._prepare_plan(engine, now)
-                elif not _coverage(now) <= _coverage(prepared) or _pids(prepared) - _pids(now):
-                    log.info("references appeared or processes left since the swap was "
-                             "prepared: preparing again")
-                    earlier, prepared = prepared, None
-                    try:  # its watchdog goes on serving: no Python start while frozen
-                        prepared = self._prepare_plan(engine, now, reuse=earlier)
-                    finally:
-                        engine.abandon(earlier)
+                with _spfs_root(job) as source:
+                    now = engine.discover(source, job.real_root, cgroup=job.cgroup,
+                                          path_map=dict(job.path_map))
+                    if prepared is None:
+                        prepared = self._prepare_plan(engine, now)
+                    elif not _coverage(now) <= _coverage(prepared) or _pids(prepared) - _pids(now):
+                        log.info("references appeared or processes left since the swap was "
+                                 "prepared: preparing again")
+                        earlier, prepared = prepared, None
+                        try:  # its watchdog goes on serving: no Python start while frozen
+                            prepared = self._prepare_plan(engine, now, reuse=earlier)
+                        finally:
+                            engine.abandon(earlier)
             except BaseException:
                 if prepared is not None:
                     engine.abandon(prepared)
@@ -157,8 +181,10 @@ class SwapEngineAdapter:
         if source is None:
             raise OSError(errno.ENOTSUP, "switch by device= is not supported by the swap "
                                          "engine: give source=")
-        report = engine.switch(host_view(ns_pid, source), host_view(ns_pid, target),
-                               cgroup=cgroup, freeze=True, timeout=self.timeout)
+        with container_path(ns_pid, source) as source_path, \
+                container_path(ns_pid, target) as target_path:
+            report = engine.switch(source_path, target_path, cgroup=cgroup, freeze=True,
+                                   timeout=self.timeout)
         if not report.ok:
             raise OSError(errno.EIO, f"swap engine: {report.error}")
         return report.as_dict()

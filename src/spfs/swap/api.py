@@ -54,6 +54,7 @@ def commit(plan: SwapPlan, *, freeze: bool = True, timeout: float = 5.0, fail: F
         error = str(exc)
         log.error("switch failed: %s", exc)
     finally:
+        plan.prepared.committed = error is None and plan.phase in (Phase.RELEASED, Phase.COMMITTED)
         plan.prepared.close()  # releases A's descriptions (and flock/OFD locks on A)
     return report(plan, engine, error)
 

@@ -17,7 +17,7 @@ from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.donor import Donor, same_pid_namespace
 from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
-from spfs.sys.beneath import ACROSS_MOUNTS, Seen, Share, ShareChanged, magic_path
+from spfs.sys.beneath import ACROSS_MOUNTS, Aside, Seen, Share, ShareChanged, magic_path
 from spfs.sys.pidfd import getfd_from as pidfd_getfd, getfd_if_same_file
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,17 @@ def open_on_target(plan: SwapPlan, prepared: "Prepared", desc: Description) -> i
     flags = (desc.flags & ~REOPEN_DROP) | os.O_CLOEXEC
     if stat.S_ISSOCK(desc.mode):
         sock = desc.sock
-        os.close(source.check_seen(desc.rel, Seen(source.dev, sock.file_ino, stat.S_IFSOCK), "socket file"))
-        address = sock.path if plan.target_replaces_source else _target_address(plan, desc.rel)
-        fd = unixsock.recreate(sock, target, desc.rel, desc.old_fd, desc.flags, address)
+        # Read before the new socket is bound: in a replace the target is the very
+        # filesystem the source proxies onto, and binding replaces this file.
+        file_fd = source.check_seen(desc.rel, Seen(source.dev, sock.file_ino, stat.S_IFSOCK), "socket file")
         try:
-            unixsock.copy_file_attributes(source, target, desc.rel,
-                                          Seen(source.dev, sock.file_ino, stat.S_IFSOCK))
+            owner = os.fstat(file_fd)
+        finally:
+            os.close(file_fd)
+        address = sock.path if plan.target_replaces_source else _target_address(plan, desc.rel)
+        fd = unixsock.recreate(sock, target, desc.rel, desc.old_fd, desc.flags, address, prepared.asides)
+        try:
+            unixsock.give_file_attributes(target, desc.rel, owner)
         except ShareChanged:
             os.close(fd)
             raise
@@ -97,6 +102,9 @@ class Prepared:
         self.donors: list[Donor] = []
         self.inotify_copies: dict[tuple[int, int], int] = {}
         self.donor_of: dict[int, int] = {}  # pid -> pid of its fd donor, as seen by that pid
+        # socket files renamed out of the way on B: dropped once committed, else put back
+        self.asides: list[Aside] = []
+        self.committed = False
         # The decision pipe (tables.py): only we may hold its write end, so that our death
         # is an end of file for the parked tasks.  The done counter gets 1 per finished task.
         self.decision_read, self.decision_write = os.pipe2(os.O_CLOEXEC)
@@ -171,6 +179,16 @@ class Prepared:
                 os.close(fd)
         self.fifo_keepers.clear()
 
+    def settle_asides(self) -> None:
+        """Socket files set aside on B: gone if the switch committed, back otherwise (the
+        tasks still hold their old sockets, bound to exactly those files)."""
+        for aside in reversed(self.asides):
+            try:
+                aside.drop() if self.committed else aside.put_back()
+            except OSError as exc:
+                log.warning("socket file %s set aside as %s: %s", aside.name, aside.aside, exc)
+        self.asides.clear()
+
     def close(self) -> None:
         self.close_decision()
         for donor in self.donors:
@@ -184,6 +202,7 @@ class Prepared:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+        self.settle_asides()  # after our copies of the new sockets are closed
         self.opened.clear()
         self.pidfds.clear()
         self.source.close()
@@ -200,7 +219,8 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
         log.info("the swap watchdog %d of the earlier plan serves this one",
                  prepared.watchdog.proc.pid if prepared.watchdog else 0)
     try:
-        for desc in list(plan.descriptions):
+        # sockets last: re-creating one is the only step that changes the target
+        for desc in sorted(plan.descriptions, key=lambda d: stat.S_ISSOCK(d.mode)):
             old_fd = _take_description(prepared, desc)
             if old_fd is None:
                 _forget_description(plan, desc)

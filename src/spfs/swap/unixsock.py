@@ -26,7 +26,7 @@ from pyroute2.netlink.diag import UDIAG_SHOW_NAME, UDIAG_SHOW_RQLEN, UDIAG_SHOW_
 
 from spfs.swap import sockname
 from spfs.sys import namespaces
-from spfs.sys.beneath import Seen, Share, chmod_chown, magic_path
+from spfs.sys.beneath import Aside, Share, chmod_chown, magic_path
 
 T = TypeVar("T")
 SO_PEEK_OFF = 42
@@ -114,9 +114,12 @@ def _bound_here(dev: int) -> dict[int, BoundSocket]:
     return out
 
 
-def recreate(sock: BoundSocket, target: Share, rel: str, old_fd: int, flags: int, address: str) -> int:
-    """A socket like the old one, its file made at `rel` on the target share (a stale
-    socket file there is replaced), its address reading `address` (see sockname.py)."""
+def recreate(sock: BoundSocket, target: Share, rel: str, old_fd: int, flags: int, address: str,
+             asides: list[Aside]) -> int:
+    """A socket like the old one, its file made at `rel` on the target share, its address
+    reading `address` (see sockname.py). A socket file already there is set aside (added
+    to `asides`), not removed: in a replace it is the very file the old socket is bound to
+    (the source proxies onto the target), and a switch that is given up puts it back."""
     with socket.socket(fileno=os.dup(old_fd)) as old:
         options = {opt: old.getsockopt(socket.SOL_SOCKET, opt) for opt in COPIED_OPTIONS}
     try:  # the new socket lives where the old one does (CRIU dumps a netns's sockets)
@@ -129,7 +132,9 @@ def recreate(sock: BoundSocket, target: Share, rel: str, old_fd: int, flags: int
         if ns_fd is not None:
             os.close(ns_fd)
     try:
-        target.unlink(rel, kinds=(stat.S_IFSOCK,))
+        aside = target.set_aside(rel, kinds=(stat.S_IFSOCK,))
+        if aside is not None:
+            asides.append(aside)
         dir_fd, name = target.parent(rel)
         try:
             if address.startswith("/proc/"):
@@ -151,18 +156,12 @@ def recreate(sock: BoundSocket, target: Share, rel: str, old_fd: int, flags: int
         raise
 
 
-def copy_file_attributes(source: Share, target: Share, rel: str, seen: Seen) -> None:
-    """Owner and mode of the socket file on the source, given to the new one on the
-    target; both found below their shares' roots, the source one checked against what
-    discovery saw."""
-    source_fd = source.check_seen(rel, seen, "socket file")
-    try:
-        st = os.fstat(source_fd)
-    finally:
-        os.close(source_fd)
+def give_file_attributes(target: Share, rel: str, owner: os.stat_result) -> None:
+    """Owner and mode of the old socket file (`owner`) given to the new one at `rel` on
+    the target, found below the target's root."""
     target_fd = target.open_kind(rel, os.O_PATH | os.O_NOFOLLOW, stat.S_IFSOCK)
     try:
-        chmod_chown(target_fd, st.st_mode, st.st_uid, st.st_gid)
+        chmod_chown(target_fd, owner.st_mode, owner.st_uid, owner.st_gid)
     finally:
         os.close(target_fd)
 

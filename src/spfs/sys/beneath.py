@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 
@@ -212,6 +213,25 @@ class Share:
         return fd, name
 
     # -- acting on names ---------------------------------------------------------------
+    def set_aside(self, rel: str, *, kinds: tuple[int, ...]) -> "Aside | None":
+        """Rename the object at `rel` (one of `kinds`) to a hidden name in its directory,
+        so that it can be put back if what replaces it is given up; None if there is none."""
+        dir_fd, name = self.parent(rel)
+        try:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.close(dir_fd)
+                return None
+            if stat.S_IFMT(st.st_mode) not in kinds:
+                raise ShareChanged(f"{rel!r} on the {self.label} is a {kind_name(st.st_mode)}: left alone")
+            aside = f".{name[:200]}.spfs-aside-{secrets.token_hex(6)}"
+            os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return Aside(dir_fd, name, aside)
+
     def unlink(self, rel: str, *, kinds: tuple[int, ...] = (stat.S_IFREG,)) -> bool:
         """Remove the name `rel` if it is one of `kinds` (S_IFMT values); False if there
         is no such name. Never follows a symlink: the name itself goes."""
@@ -227,6 +247,34 @@ class Share:
             return True
         finally:
             os.close(dir_fd)
+
+
+@dataclass
+class Aside:
+    """An object renamed out of the way inside its directory (held by `dir_fd`)."""
+
+    dir_fd: int
+    name: str
+    aside: str
+
+    def put_back(self) -> None:
+        """The object under its own name again (replacing whatever took the name)."""
+        try:
+            os.rename(self.aside, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        finally:
+            self.close()
+
+    def drop(self) -> None:
+        """The object set aside is not wanted any more."""
+        try:
+            os.unlink(self.aside, dir_fd=self.dir_fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
 
 def chmod_chown(fd: int, mode: int, uid: int, gid: int) -> None:

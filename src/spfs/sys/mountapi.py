@@ -23,6 +23,7 @@ SYS_MOUNT_SETATTR = 442
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
 AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
@@ -71,6 +72,7 @@ MS_STRICTATIME = 1 << 24
 MS_LAZYTIME = 1 << 25
 
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 
 
 
@@ -127,8 +129,9 @@ def open_tree(dirfd: int, path: str, flags: int) -> int:
 
 
 def clone_tree(path: str, dirfd: int = AT_FDCWD) -> int:
-    """A detached copy of the mount at `path` (its sub-root kept), close-on-exec."""
-    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_EMPTY_PATH if not path else 0)
+    """A detached copy of the mount at `path` (its sub-root kept), close-on-exec; a symlink
+    at `path` itself is not followed."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_EMPTY_PATH if not path else AT_SYMLINK_NOFOLLOW)
     return open_tree(dirfd, path, flags)
 
 
