@@ -147,14 +147,16 @@ class Host:
         return got
 
 
-@pytest.fixture
-def arena() -> Iterator[tuple[Path, Path, Path, SpfsMount]]:
-    """tmp/real (tmpfs, the 'NFS'), tmp/mnt (SPFS proxying onto it), tmp/host."""
+@contextlib.contextmanager
+def share_arena(mount_real: list[str] | None = None) -> Iterator[tuple[Path, Path, Path, SpfsMount]]:
+    """tmp/real (the 'NFS': a tmpfs here, `mount_real` + its path in the lab), tmp/mnt
+    (SPFS proxying onto it, as in a replace), and tmp itself for the host's objects."""
     tmp = Path(tempfile.mkdtemp(prefix="spfs-race-"))
     tmp.chmod(0o755)
     real = tmp / "real"
     real.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(real)], check=True)
+    subprocess.run([*(mount_real or ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs"]), str(real)],
+                   check=True)
     mount = None
     try:
         for sub in "dpscm":
@@ -263,10 +265,11 @@ def expected(side: Path) -> dict[str, tuple[int, int]]:
 KINDS = ["file", "fifo", "socket", "cwd", "mapping", "rename", "mount"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_hostile_container_never_reaches_the_host(arena, kind: str) -> None:
-    tmp, real, spfs, _mount = arena
-    with host_objects(tmp) as host:
+def race(kind: str, runs: int, mount_real: list[str] | None = None) -> dict[str, object]:
+    """`runs` switches of a victim between SPFS and the real share, alternating, while an
+    attacker of `kind` races them; fails on the first run that touched a host object or
+    left a reference on the wrong object. Returns the record of the runs."""
+    with share_arena(mount_real) as (tmp, real, spfs, _mount), host_objects(tmp) as host:
         victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(spfs)], stdout=subprocess.PIPE, text=True)
         attacker = None
         try:
@@ -276,7 +279,7 @@ def test_hostile_container_never_reaches_the_host(arena, kind: str) -> None:
             where = "spfs"
             outcomes: Counter[str] = Counter()
             errors: Counter[str] = Counter()
-            for run in range(RUNS_PER_KIND):
+            for run in range(runs):
                 other = "real" if where == "spfs" else "spfs"
                 attacker.go()
                 report = swap.switch(str(sides[where]), str(sides[other]), pids=[victim.pid], timeout=10.0)
@@ -299,16 +302,23 @@ def test_hostile_container_never_reaches_the_host(arena, kind: str) -> None:
             probe.connect(str(host.root / "run" / "sock"))  # still the host's own listener
             probe.close()
             host.listener.accept()[0].close()
-            print(f"\n{kind}: {RUNS_PER_KIND} runs, {dict(outcomes)}, attacker flips {attacker.flips}, "
-                  f"abort reasons {dict(errors)}")
-            # the race was real: the attacker was busy during the runs and hit some of them
-            assert attacker.flips >= RUNS_PER_KIND
+            record = {"kind": kind, "runs": runs, **outcomes, "attacker_flips": attacker.flips,
+                      "abort_reasons": dict(errors)}
+            print(f"\n{json.dumps(record)}")
+            # the race was real: the attacker was busy during the runs, and some completed
+            assert attacker.flips >= runs
             assert outcomes["switched"] > 0, f"no run ever completed: {dict(errors)}"
+            return record
         finally:
             if attacker is not None:
                 attacker.close()
             victim.kill()
             victim.wait(10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hostile_container_never_reaches_the_host(kind: str) -> None:
+    race(kind, RUNS_PER_KIND)
 
 
 def _reason(error: str | None) -> str:

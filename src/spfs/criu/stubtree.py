@@ -11,6 +11,7 @@ links back to the silly name on restore: the manifest has link_remap.N, not the 
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 
 from spfs.criu.images import ImageError, ImageSet, MountRecord, RegFile
@@ -106,6 +107,9 @@ def build_manifest(images: ImageSet, root_dev: int) -> Manifest:
     return parse_manifest(doc, check_sources=False)
 
 
+_LINK_REMAP_NAME = re.compile(r"link_remap\.[0-9]{1,10}")
+
+
 @dataclass(frozen=True)
 class LinkedRemap:
     """An open file that was unlinked on NFS (silly-renamed) at dump time."""
@@ -124,5 +128,12 @@ def linked_remaps(images: ImageSet, root_dev: int) -> list[LinkedRemap]:
         if orig is None or remap is None or orig.mnt_id not in mounts:
             continue
         mount = mounts[orig.mnt_id]
-        found.append(LinkedRemap(_fs_path(orig, mount), _fs_path(orig, mount, remap.name)))
+        silly, link = _fs_path(orig, mount), _fs_path(orig, mount, remap.name)
+        # CRIU makes link_remap.N beside the file it stands for; the manager deletes this
+        # name on the real fs once the replace is done, so nothing else may pass for it
+        if posixpath.dirname(link) != posixpath.dirname(silly) or \
+                not _LINK_REMAP_NAME.fullmatch(posixpath.basename(link)):
+            raise ImageError(f"remap of file {orig.id}: {remap.name!r} is not a link_remap.N "
+                             f"beside {orig.name!r}")
+        found.append(LinkedRemap(silly, link))
     return found

@@ -1,0 +1,148 @@
+"""spfs.sys.beneath: a share's objects are reached below its root only (issue 12). Real
+files, symlinks, mounts and a chrooted process; each refusal is the kernel's own answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from spfs.sys.beneath import (Seen, Share, ShareChanged, component, open_in_root, relative)
+
+
+@pytest.fixture
+def share(tmp_path: Path):
+    root = tmp_path / "share"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "file").write_text("inside")
+    outside = tmp_path / "host"
+    outside.mkdir()
+    (outside / "file").write_text("outside")
+    (root / "up").symlink_to(outside)
+    (root / "rel").symlink_to("../host")
+    s = Share.open(str(root), "test share")
+    yield s, root, outside
+    s.close()
+
+
+def test_a_plain_name_opens_on_the_share(share) -> None:
+    s, root, _ = share
+    fd = s.open_at("dir/file", os.O_RDONLY)
+    try:
+        assert os.read(fd, 10) == b"inside"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("rel", ["up/file", "rel/file"])
+def test_a_symlink_on_the_way_leads_nowhere(share, rel: str) -> None:
+    s, _, _ = share
+    with pytest.raises(ShareChanged, match="leads off the share"):
+        s.open_at(rel, os.O_RDONLY)
+
+
+@pytest.mark.parametrize("rel", ["../host/file", "/etc/passwd", "dir/../dir/file", "dir//file", "./dir"])
+def test_names_that_are_not_plain_relative_paths_are_refused(share, rel: str) -> None:
+    s, _, _ = share
+    with pytest.raises(ShareChanged, match="not a relative path"):
+        s.open_at(rel, os.O_RDONLY)
+
+
+def test_a_symlink_itself_is_held_not_followed(share) -> None:
+    s, root, _ = share
+    fd = s.hold("up")
+    try:
+        assert stat.S_ISLNK(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    fd = s.open_kind("up", 0, stat.S_IFLNK)
+    os.close(fd)
+    with pytest.raises(ShareChanged, match="leads off the share"):  # a final symlink is no directory
+        s.open_kind("up", os.O_PATH, stat.S_IFDIR)
+
+
+def test_another_mount_on_the_way_is_refused(share, tmp_path: Path) -> None:
+    s, root, outside = share
+    subprocess.run(["mount", "--bind", str(outside), str(root / "dir")], check=True)
+    try:
+        with pytest.raises(ShareChanged, match="leads off the share"):
+            s.open_at("dir/file", os.O_RDONLY)
+    finally:
+        subprocess.run(["umount", str(root / "dir")], check=True)
+
+
+def test_check_seen_tells_a_replaced_object(share) -> None:
+    s, root, _ = share
+    st = os.stat(root / "dir" / "file")
+    os.close(s.check_seen("dir/file", Seen(st.st_dev, st.st_ino, st.st_mode), "file"))
+    (root / "dir" / "file").rename(root / "dir" / "old")
+    (root / "dir" / "file").write_text("a decoy")
+    with pytest.raises(ShareChanged, match="no longer the file it was at discovery"):
+        s.check_seen("dir/file", Seen(st.st_dev, st.st_ino, st.st_mode), "file")
+
+
+def test_set_aside_and_put_back_keep_the_inode(share) -> None:
+    s, root, _ = share
+    before = os.stat(root / "dir" / "file").st_ino
+    aside = s.set_aside("dir/file", kinds=(stat.S_IFREG,))
+    assert aside is not None and not (root / "dir" / "file").exists()
+    (root / "dir" / "file").write_text("new")
+    aside.put_back()
+    assert os.stat(root / "dir" / "file").st_ino == before
+    assert s.set_aside("dir/none", kinds=(stat.S_IFREG,)) is None
+    with pytest.raises(ShareChanged, match="left alone"):
+        s.set_aside("up", kinds=(stat.S_IFSOCK,))
+    assert (root / "up").is_symlink()
+
+
+def test_unlink_removes_the_name_only(share) -> None:
+    s, root, outside = share
+    assert s.unlink("up", kinds=(stat.S_IFREG, stat.S_IFLNK))
+    assert not (root / "up").exists() and (outside / "file").read_text() == "outside"
+    with pytest.raises(ShareChanged, match="leads off the share"):
+        s.unlink("rel/file")
+    assert (outside / "file").exists()
+
+
+def test_component_refuses_paths() -> None:
+    assert component("link_remap.3") == "link_remap.3"
+    for bad in ("", ".", "..", "a/b", "x\0y"):
+        with pytest.raises(ShareChanged):
+            component(bad)
+    assert relative("") == "" and relative("a/b") == "a/b"
+
+
+def test_open_in_root_resolves_absolute_symlinks_in_the_process_root(tmp_path: Path) -> None:
+    """A chrooted process's /link -> /etc is its own /etc, never ours."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "marker").write_text("the process's own /etc")
+    (root / "link").symlink_to("/etc")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the chrooted child
+        try:
+            os.close(read_end)
+            os.chroot(root)
+            os.write(write_end, b"x")
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 1) == b"x"
+        fd = open_in_root(pid, "/link/marker", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            assert os.read(fd, 100) == b"the process's own /etc"
+        finally:
+            os.close(fd)
+        with pytest.raises(FileNotFoundError):
+            open_in_root(pid, "/link/passwd", os.O_RDONLY | os.O_CLOEXEC)  # ours has one
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
