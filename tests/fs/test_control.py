@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -168,3 +169,24 @@ def test_large_entry_lists_are_sent_in_several_messages(spfs_factory: Callable[.
     names = os.listdir(mount.mountpoint / "many")
     assert len(names) == 3000
     assert os.stat(mount.mountpoint / "many" / f"{'n' * 200}02999").st_size == 2999
+
+
+def test_a_known_directory_that_became_a_symlink_is_not_followed_on_a_switch(
+        proxy: SpfsMount, tmp: Path) -> None:
+    """Rebinding after a switch resolves known names without symlinks (issue 12): a directory
+    that is a symlink in the new target goes stale instead of being bound to whatever the
+    symlink names."""
+    (proxy.target / "d" / "sub").mkdir(parents=True)
+    other = tmp / "other-target"
+    (other / "elsewhere" / "sub").mkdir(parents=True)
+    (other / "elsewhere" / "sub" / "inside").write_text("not the directory that was open")
+    (other / "d").symlink_to("elsewhere")
+    held = os.open(proxy.mountpoint / "d" / "sub", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        proxy.set_mode("stub")
+        proxy.set_mode("proxy", other)
+        with pytest.raises(OSError) as caught:
+            os.listdir(held)
+        assert caught.value.errno == errno.ESTALE
+    finally:
+        os.close(held)

@@ -40,9 +40,9 @@ def _check_name(name: bytes) -> None:
 
 
 def open_beneath(dirfd: int, relpath: bytes) -> tuple[int, os.stat_result]:
-    """O_PATH descriptor and stat of *relpath* below *dirfd*, never leaving it."""
-    fd = beneath.openat2(dirfd, relpath, _O_PATH_FLAGS,
-                          beneath.RESOLVE_BENEATH | beneath.RESOLVE_NO_MAGICLINKS)
+    """O_PATH descriptor and stat of *relpath* below *dirfd*, never leaving it, and never
+    through a symlink (a name known as a directory may have become one since)."""
+    fd = beneath.openat2(dirfd, relpath, _O_PATH_FLAGS, _LOOKUP_RESOLVE)
     try:
         return fd, os.fstat(fd)
     except BaseException:
