@@ -68,7 +68,7 @@ class SpfsMount:
 
 
 def start_spfs(mountpoint: Path, mode: str, tmp: Path, *extra: str,
-               wait_ready: bool = True) -> SpfsMount:
+               wait_ready: bool = True, ready_timeout: float = 20) -> SpfsMount:
     mountpoint.mkdir(exist_ok=True)
     socket_path = str(tmp / "ctl.sock")
     log = tmp / "spfs.log"
@@ -81,7 +81,7 @@ def start_spfs(mountpoint: Path, mode: str, tmp: Path, *extra: str,
                       proc=proc)
     try:
         if wait_ready:
-            ready, _, _ = select.select([read_end], [], [], 20)
+            ready, _, _ = select.select([read_end], [], [], ready_timeout)
             assert ready and os.read(read_end, 1) == b"", "spfs did not become ready"
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
     except BaseException:

@@ -70,18 +70,15 @@ ATTACKER = textwrap.dedent("""
             "rename": "d", "mount": "d"}[kind]
     host_dir = {"file": "etc", "fifo": "etc", "socket": "run", "cwd": "dir", "mapping": "etc",
                 "rename": "etc", "mount": "etc"}[kind]
-    path, aside = f"{share}/{name}", f"{share}/{name}.aside"
+    path, aside, decoy = f"{share}/{name}", f"{share}/{name}.aside", f"{share}/decoy"
     flips = 0
 
     def attack():
         global flips
-        if kind == "rename":          # a parent renamed, a decoy of the same name in its place
-            os.rename(path, aside)
-            os.mkdir(path)
-            with open(f"{path}/f", "w") as f:
-                f.write("decoy")
-            os.unlink(f"{path}/f")
-            os.rmdir(path)
+        if kind == "rename":          # a parent renamed, a decoy of the same shape in its place
+            os.rename(path, aside)    # (renames only: an unlink on NFS may leave .nfs files)
+            os.rename(decoy, path)
+            os.rename(path, decoy)
             os.rename(aside, path)
         elif kind == "mount":         # a host directory mounted over it, on either side
             for where in (path, f"{real}/{name}"):
@@ -94,6 +91,14 @@ ATTACKER = textwrap.dedent("""
             os.rename(aside, path)
         flips += 1
 
+    def put_back():  # the share as it was, from wherever an attack was cut short
+        if os.path.islink(path):
+            os.unlink(path)
+        if os.path.lexists(aside):
+            if os.path.isdir(path):       # the decoy stands in its place
+                os.rename(path, decoy)
+            os.rename(aside, path)
+
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
@@ -103,18 +108,17 @@ ATTACKER = textwrap.dedent("""
             try:
                 attack()
             except OSError:
-                pass  # the swap moved things under us: try again
+                put_back()  # the swap moved things under us: start again from the top
             if select.select([0], [], [], 0)[0]:
                 break
         os.set_blocking(0, True)
-        if os.path.islink(path) or not os.path.isdir(path):   # put the share back
-            if os.path.islink(path):
-                os.unlink(path)
-            os.rename(aside, path)
-        assert os.path.isdir(path) and not os.path.lexists(aside), os.listdir(share)
+        put_back()
+        intact = os.path.isdir(path) and not os.path.islink(path) and not os.path.lexists(aside)
+        assert intact, os.listdir(share)
         sys.stdin.readline()  # the "stop" that ended the burst
         print(f"stopped {flips}", flush=True)
 """)
+
 
 
 @dataclass
@@ -165,7 +169,9 @@ def share_arena(mount_real: list[str] | None = None) -> Iterator[tuple[Path, Pat
         os.mkfifo(real / "p" / "fifo")
         (real / "m" / "map").write_bytes(b"share map".ljust(4096, b"\0"))
         (real / "c" / "marker").write_text("the share's cwd")
-        mount = start_spfs(tmp / "mnt", "stub", tmp)
+        (real / "decoy").mkdir()
+        (real / "decoy" / "f").write_text("a decoy")
+        mount = start_spfs(tmp / "mnt", "stub", tmp, ready_timeout=120)
         mount.set_mode("proxy", proxy_dir=real)
         yield tmp, real, tmp / "mnt", mount
     finally:
