@@ -110,3 +110,14 @@ def test_the_standby_touches_nothing_in_a_symlinked_dir(tmp_path: Path) -> None:
     with pytest.raises(UnsafeDirectory, match="is a symbolic link"):
         StandbyServer(str(tmp_path / "run" / "standby.sock")).bind()
     assert (victim / "standby.sock").read_text().startswith("not a socket")
+
+
+def test_missing_parents_are_made_0755_even_under_umask_0(tmp_path: Path) -> None:
+    umask = os.umask(0)
+    try:
+        os.close(open_private_dir(str(tmp_path / "a" / "b" / "run")))
+    finally:
+        os.umask(umask)
+    assert [stat.S_IMODE(os.lstat(p).st_mode) for p in
+            (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "run")] == \
+        [0o755, 0o755, 0o700]

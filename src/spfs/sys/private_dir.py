@@ -57,13 +57,26 @@ def _check_ancestors(real: str) -> None:
         parent = os.path.dirname(parent)
 
 
+def _make_parents(path: str) -> None:
+    """Missing ancestors made 0755 whatever the umask (os.makedirs would give them 0777
+    under umask 0, which the ancestor check then refuses)."""
+    missing: list[str] = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            pass
+
+
 def open_private_dir(path: str) -> int:
     """An O_PATH descriptor of directory *path*, created mode 0700 if missing (its missing
     parents with the default mode); UnsafeDirectory if it is a symlink or not a directory,
     is not ours, is open to group or others, lies under an ancestor others may write, or is
     on NFS or FUSE."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    _make_parents(os.path.dirname(os.path.abspath(path)))
     try:
         os.mkdir(path, 0o700)  # the umask can only narrow it
     except FileExistsError:
