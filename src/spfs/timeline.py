@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -46,5 +47,11 @@ class Timeline:
     def save(self, path: Path, **extra: object) -> None:
         doc: object = self.as_list() if not extra else {"steps": self.as_list(), **extra}
         tmp = path.with_name(path.name + ".new")
-        tmp.write_text(json.dumps(doc, indent=2))
+        # it may go into an image dir from another host: a symlink (or anything) left at
+        # the temporary name is replaced, never written through
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc, indent=2))
         tmp.replace(path)

@@ -14,6 +14,7 @@ import pytest
 
 from spfs.criu import nlm_locks
 from spfs.swap import procfs
+from spfs.sys.regular import NotRegularFile
 
 HOLDER = """
 import fcntl, os, struct, sys, time
@@ -71,3 +72,21 @@ def test_marked_entries_become_ofd_in_file_locks_img(tmp_path: Path) -> None:
     with (tmp_path / "filelocks.img").open("rb") as f:
         flags = [(e["pid"], e["fd"], e["flag"]) for e in pycriu.images.load(f)["entries"]]
     assert flags == [(7, 4, nlm_locks.FL_OFD), (8, 4, nlm_locks.FL_POSIX), (7, 5, 2)]
+
+
+def test_marking_neither_follows_nor_writes_through_symlinks(tmp_path: Path) -> None:
+    entries = [{"flag": nlm_locks.FL_POSIX, "type": fcntl.F_WRLCK, "pid": 7, "fd": 4,
+                "start": 0, "len": 0}]
+    images = tmp_path / "img"
+    images.mkdir()
+    with (images / "filelocks.img").open("wb") as f:
+        pycriu.images.dump({"magic": "FILE_LOCKS", "entries": entries}, f)
+    victim = tmp_path / "victim"
+    victim.write_text("host file")
+    (images / "filelocks.new").symlink_to(victim)  # left at the temporary name
+    assert nlm_locks.mark_in_images(images, [nlm_locks.OfdLock(pid=1007, nspid=7, fd=4)]) == 1
+    assert victim.read_text() == "host file"
+    (images / "filelocks.img").unlink()
+    (images / "filelocks.img").symlink_to(victim)
+    with pytest.raises(NotRegularFile, match="filelocks.img is a symbolic link"):
+        nlm_locks.mark_in_images(images, [nlm_locks.OfdLock(pid=1007, nspid=7, fd=4)])

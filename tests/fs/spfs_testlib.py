@@ -70,7 +70,7 @@ class SpfsMount:
 def start_spfs(mountpoint: Path, mode: str, tmp: Path, *extra: str,
                wait_ready: bool = True, ready_timeout: float = 20) -> SpfsMount:
     mountpoint.mkdir(exist_ok=True)
-    socket_path = str(tmp / "ctl.sock")
+    socket_path = str(tmp / "ctl" / "ctl.sock")  # the daemon makes ctl/ 0700 (tmp is 0755)
     log = tmp / "spfs.log"
     read_end, write_end = os.pipe()
     cmd = [*SPFS, str(mountpoint), "--mode", mode, "--socket-path", socket_path,

@@ -54,7 +54,9 @@ def test_malformed_requests_get_errors_and_change_nothing(proxy: SpfsMount, data
 
 
 def test_non_root_clients_are_refused(proxy: SpfsMount) -> None:
-    os.chmod(proxy.socket, 0o666)  # so that only SO_PEERCRED stands in the way
+    # so that only SO_PEERCRED stands in the way
+    os.chmod(os.path.dirname(proxy.socket), 0o711)
+    os.chmod(proxy.socket, 0o666)
     result = run_as(NOBODY, f"""
 from spfs.fs import control_client
 try:

@@ -18,8 +18,11 @@ from typing import Callable, Iterator
 import pytest
 
 from spfs.fs.creds import CallerCredentials
+from spfs.fs.daemon import DaemonConfig, StartupError, run
+from spfs.fs.modes import Mode
+from spfs.sys import thread_creds as tc
 
-from spfs_testlib import NOBODY
+from spfs_testlib import NOBODY, is_mounted, run_as
 
 
 @dataclasses.dataclass
@@ -99,3 +102,71 @@ def test_root_callers_run_as_the_daemon() -> None:
         with CallerCredentials().of(Caller(0, 0, os.getpid())):  # type: ignore[arg-type]
             return thread_creds()
     assert on_a_thread(request)[:2] == ("0", "0")  # type: ignore[index]
+
+
+def _fsuid_in_kernel() -> int:
+    """The calling thread's fsuid as the kernel shows it: 4th field of the Uid line."""
+    for line in Path("/proc/thread-self/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[4])
+    raise AssertionError("no Uid line")
+
+
+def test_fsuid_switch_takes_effect_on_this_thread_only() -> None:
+    switched = threading.Event()
+    release = threading.Event()
+    seen: dict[str, int] = {}
+
+    def switch() -> None:
+        tc.set_thread_fsuid(1000)
+        seen["kernel"], seen["read_back"] = _fsuid_in_kernel(), tc.current_fsuid()
+        switched.set()
+        release.wait(20)
+        tc.set_thread_fsuid(0)
+        seen["after"] = _fsuid_in_kernel()
+
+    thread = threading.Thread(target=switch)
+    thread.start()
+    try:
+        assert switched.wait(20)
+        assert seen == {"kernel": 1000, "read_back": 1000}
+        assert _fsuid_in_kernel() == 0  # this thread kept its own
+    finally:
+        release.set()
+        thread.join(20)
+    assert not thread.is_alive() and seen["after"] == 0
+
+
+def test_a_switch_the_kernel_refuses_is_reported() -> None:
+    # A real refusal: a process without CAP_SETUID may not set its fsuid to 0 (setfsuid
+    # still returns success, the previous fsuid); the read-back must catch it.
+    result = run_as(NOBODY, "from spfs.sys import thread_creds as tc\n"
+                            "try:\n    tc.set_thread_fsuid(0)\n"
+                            "except tc.CredentialSwitchError as e:\n    print('refused:', e)\n")
+    assert result.returncode == 0, result.stderr
+    assert f"refused: setfsuid(0) left this thread's fsuid at {NOBODY}" in result.stdout
+
+
+def test_the_start_probe_fails_where_the_switch_does_not_work() -> None:
+    result = run_as(NOBODY, "from spfs.sys import thread_creds as tc\n"
+                            "try:\n    tc.probe()\n"
+                            "except tc.CredentialSwitchError as e:\n    print('refused:', e)\n")
+    assert result.returncode == 0, result.stderr
+    assert "refused: the per-thread credential switch does not work here" in result.stdout
+    tc.probe()  # and works as root, on this (known) architecture
+
+
+def test_an_unknown_architecture_is_refused_before_any_syscall() -> None:
+    with pytest.raises(tc.UnsupportedArchitecture, match="'sparc64'.*aarch64, x86_64"):
+        tc.probe("sparc64")
+
+
+def test_the_daemon_refuses_to_start_on_an_unknown_architecture(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = tmp_path / "ctl.sock"
+    config = DaemonConfig(str(mnt), Mode.STUB, socket_path=str(sock), machine="sparc64")
+    with pytest.raises(StartupError, match="no per-thread setgroups syscall number known "
+                                           "for 'sparc64'"):
+        run(config)
+    assert not is_mounted(mnt) and not sock.exists()

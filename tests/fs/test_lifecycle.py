@@ -74,7 +74,7 @@ def test_sigterm_with_open_file_keeps_serving_it_then_exits(proxy: SpfsMount) ->
 
 
 def test_daemonizes_without_foreground(tmp: Path) -> None:
-    mnt, sock = tmp / "mnt", str(tmp / "d.sock")
+    mnt, sock = tmp / "mnt", str(tmp / "ctl" / "d.sock")
     mnt.mkdir()
     result = subprocess.run([*SPFS, str(mnt), "--mode", "proxy", "--proxy-dir",
                              str(tmp / "target"), "--socket-path", sock,
@@ -96,7 +96,8 @@ def test_daemonizes_without_foreground(tmp: Path) -> None:
 def test_stale_socket_is_replaced_but_a_live_one_is_refused(
         spfs_factory: Callable[..., SpfsMount], tmp: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stale.bind(str(tmp / "ctl.sock"))  # bound, never listening: like a killed daemon's
+    (tmp / "ctl").mkdir(mode=0o700)
+    stale.bind(str(tmp / "ctl" / "ctl.sock"))  # bound, never listening: like a killed daemon's
     stale.close()
     first = spfs_factory("proxy", "--proxy-dir", str(tmp / "target"))
     assert first.status()["mode"] == "proxy"

@@ -3,11 +3,17 @@
 Only the images that say which files on which mounts the restored processes will open, map,
 execute or use as cwd/root (mountpoints-*, files, remap-fpath, fs-*, mm-*), and which fds
 hold them (pstree, ids-*, fdinfo-*). Everything is
-validated as it is read: an image dir is input from another host, not trusted.
+validated as it is read: an image dir is input from another host, not trusted. Its files are
+read through one descriptor of the directory, never followed if they are symlinks, only if
+they are regular files (a FIFO would block the reader, a device's open runs its driver),
+and under one byte budget for the whole directory (pycriu inflates every byte into dicts).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import io
+import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +21,13 @@ from typing import Any, Iterator
 
 import pycriu
 
+from spfs.sys.regular import FileTooLarge, NotRegularFile, kind_of, read_regular
+
 VMA_FILE_PRIVATE = 1 << 6
 VMA_FILE_SHARED = 1 << 7
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
+MAX_TOTAL_IMAGE_BYTES = 512 * 1024 * 1024  # what load_images reads, all files together
+MAX_DIR_ENTRIES = 100_000
 
 
 class ImageError(ValueError):
@@ -77,22 +87,113 @@ class ImageSet:
     fd_tables: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
 
-def _load(path: Path) -> dict[str, Any]:
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise ImageError(f"{path.name}: larger than {MAX_IMAGE_BYTES} bytes")
+@dataclass(frozen=True)
+class ImageLimits:
+    file_bytes: int = MAX_IMAGE_BYTES
+    total_bytes: int = MAX_TOTAL_IMAGE_BYTES
+    dir_entries: int = MAX_DIR_ENTRIES
+
+
+def check_image_dir(image_dir: Path, limits: ImageLimits = ImageLimits()) -> None:
+    """By type only, without opening any file: every name in the image dir is a regular
+    file or a directory of regular files (spfs-manager's logs), so that neither CRIU nor
+    we block on a FIFO, open a device or follow a symlink out of it. criu-spfs restore
+    runs this before it starts or mounts anything."""
     try:
-        with open(path, "rb") as f:
-            return pycriu.images.load(f)
-    except Exception as e:  # pycriu raises bare Exceptions and protobuf errors alike
-        raise ImageError(f"{path.name}: cannot decode: {e}") from None
+        top = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(f"{image_dir}: {e.strerror}") from None
+    try:
+        subdirs = _check_names(top, "", limits.dir_entries)
+        for name in subdirs:
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=top)
+            except OSError as e:
+                raise ImageError(f"{name}: {e.strerror}") from None
+            try:
+                if _check_names(sub, name + "/", limits.dir_entries):
+                    raise ImageError(f"{name}: has a directory in it")
+            finally:
+                os.close(sub)
+    finally:
+        os.close(top)
 
 
-def _entries(path: Path) -> Iterator[dict[str, Any]]:
-    data = _load(path)
-    entries = data.get("entries")
-    if not isinstance(entries, list):
-        raise ImageError(f"{path.name}: no entry list")
-    yield from entries
+def _check_names(dir_fd: int, prefix: str, most: int) -> list[str]:
+    """The directories among the names of *dir_fd*; ImageError for anything else that is
+    not a regular file."""
+    subdirs: list[str] = []
+    with os.scandir(dir_fd) as it:
+        for count, entry in enumerate(it, 1):
+            if count > most:
+                raise ImageError(f"{prefix or 'image dir'}: more than {most} names")
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as e:
+                raise ImageError(f"{prefix}{entry.name}: {e.strerror}") from None
+            if stat.S_ISDIR(mode):
+                subdirs.append(entry.name)
+            elif not stat.S_ISREG(mode):
+                raise ImageError(f"{prefix}{entry.name}: {kind_of(mode)}, not a regular file")
+    return subdirs
+
+
+class _ImageDir:
+    """The image dir, open once: every image is read by name relative to it (so the
+    directory cannot be swapped under us), with one budget for all of them."""
+
+    def __init__(self, image_dir: Path, limits: ImageLimits) -> None:
+        self.path = image_dir
+        self.limits = limits
+        self.left = limits.total_bytes
+        try:
+            self.fd = os.open(image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            names = os.listdir(self.fd)
+        except OSError as e:
+            raise ImageError(f"{image_dir}: {e.strerror}") from None
+        if len(names) > limits.dir_entries:
+            os.close(self.fd)
+            raise ImageError(f"{image_dir}: more than {limits.dir_entries} names")
+        self.names = set(names)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def glob(self, pattern: str) -> list[str]:
+        return sorted(fnmatch.filter(self.names, pattern))
+
+    def read(self, name: str) -> bytes:
+        if name not in self.names:
+            raise ImageError(f"{name}: missing")
+        cap = min(self.limits.file_bytes, self.left)
+        try:
+            data = read_regular(name, cap, self.fd)
+        except FileTooLarge:
+            if cap < self.limits.file_bytes:
+                raise ImageError(f"{name}: the images read add up to more than "
+                                 f"{self.limits.total_bytes} bytes") from None
+            raise ImageError(f"{name}: larger than {self.limits.file_bytes} bytes") from None
+        except NotRegularFile as e:
+            raise ImageError(f"{e.strerror}") from None
+        except OSError as e:
+            raise ImageError(f"{name}: {e.strerror}") from None
+        self.left -= len(data)
+        return data
+
+    def entries(self, name: str) -> Iterator[dict[str, Any]]:
+        data = self.read(name)
+        try:
+            image = pycriu.images.load(io.BytesIO(data))
+        except Exception as e:  # pycriu raises bare Exceptions and protobuf errors alike
+            raise ImageError(f"{name}: cannot decode: {e}") from None
+        entries = image.get("entries")
+        if not isinstance(entries, list):
+            raise ImageError(f"{name}: no entry list")
+        yield from entries
 
 
 def _int(d: dict[str, Any], key: str, where: str, optional: bool = False) -> int | None:
@@ -111,12 +212,6 @@ def _path(d: dict[str, Any], key: str, where: str) -> str:
     return v
 
 
-def _present(path: Path) -> Path:
-    if not path.is_file():
-        raise ImageError(f"{path.name}: missing")
-    return path
-
-
 def _offset(reg: dict[str, Any], where: str) -> int | None:
     pos = reg.get("pos")
     if pos is None or pos == (1 << 64) - 1:  # CRIU's "no position" (-1 as u64)
@@ -124,40 +219,48 @@ def _offset(reg: dict[str, Any], where: str) -> int | None:
     return _int(reg, "pos", where)
 
 
-def _fd_tables(image_dir: Path) -> dict[int, list[tuple[int, int]]]:
+def _fd_tables(images: _ImageDir) -> dict[int, list[tuple[int, int]]]:
     """One pid per fd table (threads and CLONE_FILES children share it) with its fds, from
     pstree.img, ids-PID.img and fdinfo-FILES_ID.img."""
     tables: dict[int, list[tuple[int, int]]] = {}
     seen: set[int] = set()
-    for task in _entries(_present(image_dir / "pstree.img")):
+    for task in images.entries("pstree.img"):
         pid = _int(task, "pid", "pstree.img")
-        ids = next(_entries(_present(image_dir / f"ids-{pid}.img")), None)
+        ids = next(images.entries(f"ids-{pid}.img"), None)
         if not isinstance(ids, dict):
             raise ImageError(f"ids-{pid}.img: no entry")
         files_id = _int(ids, "files_id", f"ids-{pid}.img")
         if files_id in seen:
             continue
         seen.add(files_id)
-        fdinfo = _present(image_dir / f"fdinfo-{files_id}.img")
-        tables[pid] = [(_int(e, "fd", fdinfo.name), _int(e, "id", fdinfo.name))
-                       for e in _entries(fdinfo) if e.get("type") == "REG"]
+        fdinfo = f"fdinfo-{files_id}.img"
+        tables[pid] = [(_int(e, "fd", fdinfo), _int(e, "id", fdinfo))
+                       for e in images.entries(fdinfo) if e.get("type") == "REG"]
     return tables
 
 
-def load_images(image_dir: Path) -> ImageSet:
-    image_dir = Path(image_dir)
-    if not (image_dir / "inventory.img").exists():
-        raise ImageError(f"{image_dir}: not a CRIU image directory (no inventory.img)")
+def load_images(image_dir: Path, limits: ImageLimits = ImageLimits()) -> ImageSet:
+    """ImageError naming the image and what is wrong with it, if anything is."""
+    images = _ImageDir(Path(image_dir), limits)
+    try:
+        return _load_images(images)
+    finally:
+        images.close()
+
+
+def _load_images(images: _ImageDir) -> ImageSet:
+    if not images.has("inventory.img"):
+        raise ImageError(f"{images.path}: not a CRIU image directory (no inventory.img)")
     out = ImageSet()
-    for img in sorted(image_dir.glob("mountpoints-*.img")):
-        for m in _entries(img):
-            where = f"{img.name} mnt_id {m.get('mnt_id')}"
+    for img in images.glob("mountpoints-*.img"):
+        for m in images.entries(img):
+            where = f"{img} mnt_id {m.get('mnt_id')}"
             rec = MountRecord(_int(m, "mnt_id", where), _int(m, "root_dev", where),
                               _path(m, "root", where), _path(m, "mountpoint", where),
                               str(m.get("source", "")), str(m.get("options", "")),
                               m.get("ext_key"))
             out.mounts[rec.mnt_id] = rec
-    for e in _entries(image_dir / "files.img"):
+    for e in images.entries("files.img"):
         reg = e.get("reg")
         if e.get("type") != "REG" or not isinstance(reg, dict):
             continue
@@ -168,23 +271,22 @@ def load_images(image_dir: Path) -> ImageSet:
                     _int(reg, "size", where, optional=True),
                     _offset(reg, where), bool(reg.get("build_id")))
         out.files[f.id] = f
-    remap_img = image_dir / "remap-fpath.img"
-    if remap_img.exists():
-        for r in _entries(remap_img):
+    if images.has("remap-fpath.img"):
+        for r in images.entries("remap-fpath.img"):
             where = "remap-fpath.img"
             out.remaps.append(Remap(_int(r, "orig_id", where), _int(r, "remap_id", where),
                                     str(r.get("remap_type", "LINKED"))))
-    for img in image_dir.glob("fs-*.img"):
-        for e in _entries(img):
-            out.dir_refs.update(x for x in (_int(e, "cwd_id", img.name, True),
-                                            _int(e, "root_id", img.name, True)) if x is not None)
-    out.fd_tables = _fd_tables(image_dir)
-    for img in image_dir.glob("mm-*.img"):
-        for e in _entries(img):
-            exe = _int(e, "exe_file_id", img.name, optional=True)
+    for img in images.glob("fs-*.img"):
+        for e in images.entries(img):
+            out.dir_refs.update(x for x in (_int(e, "cwd_id", img, True),
+                                            _int(e, "root_id", img, True)) if x is not None)
+    out.fd_tables = _fd_tables(images)
+    for img in images.glob("mm-*.img"):
+        for e in images.entries(img):
+            exe = _int(e, "exe_file_id", img, optional=True)
             if exe is not None:
                 out.executables.add(exe)
             for vma in e.get("vmas", []):
                 if vma.get("status", 0) & (VMA_FILE_PRIVATE | VMA_FILE_SHARED):
-                    out.mapped.add(_int(vma, "shmid", img.name))
+                    out.mapped.add(_int(vma, "shmid", img))
     return out

@@ -14,6 +14,7 @@ are marked OFD, which CRIU restores with F_OFD_SETLK.
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import struct
@@ -22,9 +23,11 @@ from pathlib import Path
 
 import pycriu
 
+from spfs.criu.images import MAX_IMAGE_BYTES
 from spfs.swap import procfs
 from spfs.swap.tables import flock_struct
 from spfs.sys import pidfd
+from spfs.sys.regular import read_regular
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +84,8 @@ def mark_in_images(images: Path, locks: list[OfdLock]) -> int:
     if not path.exists():
         log.warning("no %s: the OFD locks found before the dump were not dumped", path.name)
         return 0
-    with path.open("rb") as f:
-        img = pycriu.images.load(f)
+    # as every image criu-spfs reads: not followed, never a FIFO or a device, capped
+    img = pycriu.images.load(io.BytesIO(read_regular(str(path), MAX_IMAGE_BYTES)))
     wanted = {(lk.pid, lk.fd) for lk in locks} | {(lk.nspid, lk.fd) for lk in locks}
     marked = 0
     for entry in img["entries"]:
@@ -91,7 +94,10 @@ def mark_in_images(images: Path, locks: list[OfdLock]) -> int:
             marked += 1
     if marked:
         tmp = path.with_suffix(".new")
-        with tmp.open("wb") as f:
+        tmp.unlink(missing_ok=True)  # whatever is there is replaced, never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "wb") as f:
             pycriu.images.dump(img, f)
         tmp.replace(path)
     return marked

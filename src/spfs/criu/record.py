@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spfs.sys.regular import FileTooLarge, NotRegularFile, read_regular
+
 RECORD_NAME = "criu-spfs.json"
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 _KEY_RE = re.compile(r"spfs-[0-9]+-[0-9]+(-[0-9]+)?")
@@ -110,11 +112,16 @@ def _share(doc: dict[str, Any], i: int) -> RecordedShare:
 def load_record(images: Path) -> list[RecordedShare]:
     path = Path(images) / RECORD_NAME
     try:
-        if path.stat().st_size > MAX_RECORD_BYTES:
-            raise RecordError(f"{path}: larger than {MAX_RECORD_BYTES} bytes")
-        doc = json.loads(path.read_text())
+        # never followed, never a FIFO or a device: the image dir is not trusted
+        doc = json.loads(read_regular(str(path), MAX_RECORD_BYTES))
     except FileNotFoundError:
         raise RecordError(f"{path}: missing (was the container dumped by criu-spfs?)") from None
+    except FileTooLarge:
+        raise RecordError(f"{path}: larger than {MAX_RECORD_BYTES} bytes") from None
+    except NotRegularFile as e:
+        raise RecordError(e.strerror) from None
+    except OSError as e:
+        raise RecordError(f"{path}: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RecordError(f"{path}: not JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("version") != 1:

@@ -37,7 +37,7 @@ from typing import Callable
 from spfs.criu.cgroups import freezer_cgroup_of
 from spfs.criu.dump import ACTION_SCRIPT
 from spfs.criu.fd_offsets import DumpedOffset, offsets_to_put_back, put_back
-from spfs.criu.images import ImageError, ImageSet, load_images
+from spfs.criu.images import ImageError, ImageSet, check_image_dir, load_images
 from spfs.criu.manager_link import ManagerError, ManagerLink
 from spfs.criu.record import RecordedShare, RecordError, load_record
 from spfs.criu.runner import CriuError, run_criu
@@ -210,6 +210,12 @@ class Restore:
     def prepare(self) -> None:
         """The work directory, spfs-manager starting meanwhile (it mounts nothing until
         asked), the shares of the record and their staging directories."""
+        # first of all (no manager, no mount, no CRIU yet): a FIFO, device or symlink in
+        # the image dir would block us or CRIU, or lead either out of it
+        try:
+            check_image_dir(self.images)
+        except ImageError as e:
+            raise RestoreError(f"refusing the image directory {self.images}: {e}") from None
         if self.config.work_dir is None:
             self.work = _fresh_work_dir()
             self.manager.work_dir = self.work / "manager"

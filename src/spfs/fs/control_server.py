@@ -21,6 +21,7 @@ from spfs.fs import protocol
 from spfs.fs.controller import FsController
 from spfs.fs.manifest import ManifestError
 from spfs.fs.modes import ModeError, parse_mode
+from spfs.sys.private_dir import bind_private, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,16 @@ class ControlSocketError(OSError):
 
 
 def bind_control_socket(path: str) -> socket.socket:
-    """Bind *path*, replacing a stale socket file but never a live daemon's."""
+    """Bind *path*, replacing a stale socket file but never a live daemon's, in a private
+    directory of the host (spfs.sys.private_dir: created 0700, or refused)."""
     try:
+        ensure_private_dir(os.path.dirname(os.path.abspath(path)))
         remove_stale_socket(path, f"{path} is in use by a running daemon")
     except OSError as exc:
         raise ControlSocketError(exc.errno or errno.EIO, exc.strerror) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
-        os.chmod(path, 0o600)
+        bind_private(sock, path)
         sock.listen(64)
     except OSError as exc:
         sock.close()

@@ -5,18 +5,27 @@ handler on the one trio thread, so switching them around each (synchronous, neve
 syscall block gives every request its caller's identity without affecting anything else.
 When fsuid leaves 0 the kernel drops the filesystem capabilities (CAP_DAC_OVERRIDE,
 CAP_CHOWN, CAP_FOWNER, ...) from the thread, so the target's permission checks apply.
+
+Each switch is read back (spfs.sys.thread_creds); one that did not take effect refuses the
+request (EACCES) rather than run it as root, and the daemon refuses to start where the
+switch cannot work at all (check_switch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import threading
 import time
 from typing import ContextManager
 
 import pyfuse3
 
-from spfs.fs import syscalls
+from spfs.sys import thread_creds
+from spfs.sys.thread_creds import CredentialSwitchError
+
+log = logging.getLogger(__name__)
 
 _GROUPS_TTL_S = 1.0
 _AS_DAEMON = contextlib.nullcontext()
@@ -59,7 +68,7 @@ class CallerCredentials:
         """setgroups for this thread, skipped when it has these groups already (most
         callers have none, and the daemon's thread has none between requests)."""
         if getattr(self._thread, "groups", None) != groups:
-            syscalls.set_thread_groups(groups)
+            thread_creds.set_thread_groups(groups)
             self._thread.groups = groups
 
 
@@ -73,11 +82,29 @@ class _AsCaller:
         self._creds, self._uid, self._gid, self._groups = creds, uid, gid, groups
 
     def __enter__(self) -> None:
-        self._creds.set_groups(self._groups)
-        syscalls.set_thread_fsgid(self._gid)
-        syscalls.set_thread_fsuid(self._uid)
+        try:
+            self._creds.set_groups(self._groups)
+            thread_creds.set_thread_fsgid(self._gid)
+            thread_creds.set_thread_fsuid(self._uid)
+        except (OSError, CredentialSwitchError) as e:
+            # never run the request with whatever the thread was left with (root)
+            log.error("switching to uid %d gid %d: %s; request refused", self._uid,
+                      self._gid, e)
+            self._back_to_daemon()
+            raise pyfuse3.FUSEError(errno.EACCES) from None
 
     def __exit__(self, *exc_info: object) -> None:
-        syscalls.set_thread_fsuid(0)
-        syscalls.set_thread_fsgid(0)
+        self._back_to_daemon()
+
+    def _back_to_daemon(self) -> None:
+        thread_creds.set_thread_fsuid(0)
+        thread_creds.set_thread_fsgid(0)
         self._creds.set_groups(())
+
+
+def check_switch(machine: str | None = None) -> None:
+    """For the daemon's start: raises (UnsupportedArchitecture, CredentialSwitchError)
+    where the per-thread switch cannot work (an architecture without a known setgroups
+    number, or a switch that does not read back), rather than run every request as root.
+    *machine*: platform.machine() unless given (tests name another architecture)."""
+    thread_creds.probe(machine)

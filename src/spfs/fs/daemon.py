@@ -22,7 +22,7 @@ import time
 import pyfuse3
 import trio
 
-from spfs.fs import attrs, mountinfo, syscalls
+from spfs.fs import attrs, creds, mountinfo, syscalls
 from spfs.fs.control_server import ControlServer, bind_control_socket
 from spfs.fs.controller import FsController
 from spfs.fs.creds import CallerCredentials
@@ -36,6 +36,7 @@ from spfs.fs.operations import SpfsOperations
 from spfs.fs.restore_backend import RestoreBackend
 from spfs.fs.target_dir import TargetDir, open_target
 from spfs.sys.fds import close_quietly
+from spfs.sys.thread_creds import CredentialSwitchError, UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class DaemonConfig:
     direct_io: bool = False
     inode_soft_limit: int | None = None   # default: from RLIMIT_NOFILE
     ready_notify_fd: int | None = None    # gets b"R" before being closed (daemonizing)
+    machine: str | None = None            # platform.machine() unless given (tests)
 
 
 @dataclasses.dataclass
@@ -75,6 +77,10 @@ class Prepared:
 
 
 def prepare(config: DaemonConfig) -> Prepared:
+    try:
+        creds.check_switch(config.machine)
+    except (UnsupportedArchitecture, CredentialSwitchError) as exc:
+        raise StartupError(str(exc)) from None
     try:
         root_stat = os.stat(config.mountpoint)
     except OSError as exc:

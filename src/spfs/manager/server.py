@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from spfs.control_socket import remove_stale_socket
+from spfs.sys.private_dir import bind_private, ensure_private_dir
 from spfs.manager.protocol import (MAX_PACKET_BYTES, Reply, RequestError, Request, encode_reply,
                                    form_of, parse_packet)
 
@@ -47,13 +48,11 @@ class ControlServer:
         self.limits = limits
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
+        # root-only, on the host, before anything in it is touched (spfs.sys.private_dir)
+        ensure_private_dir(os.path.dirname(os.path.abspath(path)))
         remove_stale_socket(path, f"another manager is listening on {path}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old_umask = os.umask(0o177)
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old_umask)
+        bind_private(self.sock, path)
         self.sock.listen(64)
         self.sock.settimeout(0.2)
 

@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Callable
 
 from spfs.standby.child import run_child
+from spfs.sys.private_dir import bind_private, ensure_private_dir
 from spfs.standby.protocol import (PROGRAMS, RequestError, SpawnRequest, receive_message,
                                    send_message)
 
@@ -80,7 +81,8 @@ class StandbyServer:
         log.info("imported %s", ", ".join(sorted(m.__name__ for m in self.modules.values())))
 
     def bind(self) -> None:
-        os.makedirs(os.path.dirname(self.socket_path) or ".", mode=0o700, exist_ok=True)
+        # root-only, on the host, before anything in it is touched (spfs.sys.private_dir)
+        ensure_private_dir(os.path.dirname(os.path.abspath(self.socket_path)))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         if _answers(self.socket_path):
             raise OSError(errno.EADDRINUSE, f"a standby already serves {self.socket_path}")
@@ -88,11 +90,7 @@ class StandbyServer:
             os.unlink(self.socket_path)  # a stale one, left by a standby that was killed
         except FileNotFoundError:
             pass
-        old_umask = os.umask(0o177)
-        try:
-            listener.bind(self.socket_path)
-        finally:
-            os.umask(old_umask)
+        bind_private(listener, self.socket_path)
         listener.listen(64)
         listener.setblocking(False)
         self._listener = listener
