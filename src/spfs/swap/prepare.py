@@ -52,16 +52,19 @@ def open_on_target(plan: SwapPlan, prepared: "Prepared", desc: Description) -> i
         except OSError as exc:  # the socket works all the same, with the owner we gave it
             log.warning("socket file %s: owner and mode not copied: %s", desc.rel, exc)
         return fd
-    if not desc.mapped:
-        os.close(source.check_seen(desc.rel, Seen(desc.dev, desc.ino, desc.mode), "open file"))
-    if stat.S_ISFIFO(desc.mode):
-        # Opening a FIFO blocks (or fails for a writer) without the other end: hold a
-        # read-write keeper and open non-blocking, then restore the flags.
-        if desc.rel not in prepared.fifo_keepers:
-            prepared.fifo_keepers[desc.rel] = target.open_kind(desc.rel, os.O_RDWR | os.O_NONBLOCK, desc.mode)
-        fd = target.open_kind(desc.rel, flags | os.O_NONBLOCK, desc.mode)
-    else:
-        fd = target.open_kind(desc.rel, flags, desc.mode)
+    seen = None if desc.mapped else Seen(desc.dev, desc.ino, desc.mode)
+    held = prepared.counterpart(desc.rel, seen, desc.mode, "open file")
+    try:
+        if stat.S_ISFIFO(desc.mode):
+            # Opening a FIFO blocks (or fails for a writer) without the other end: hold a
+            # read-write keeper and open non-blocking, then restore the flags.
+            if desc.rel not in prepared.fifo_keepers:
+                prepared.fifo_keepers[desc.rel] = reopen(held, os.O_RDWR | os.O_NONBLOCK)
+            fd = reopen(held, flags | os.O_NONBLOCK)
+        else:
+            fd = reopen(held, flags)
+    finally:
+        os.close(held)
     try:
         if not desc.flags & os.O_PATH:
             fcntl.fcntl(fd, fcntl.F_SETFL, desc.flags & SETFL_BITS)
@@ -69,6 +72,12 @@ def open_on_target(plan: SwapPlan, prepared: "Prepared", desc: Description) -> i
     except BaseException:
         os.close(fd)
         raise
+
+
+def reopen(held: int, flags: int) -> int:
+    """A new description of exactly the object `held` (an O_PATH descriptor) holds: no name
+    is looked up again."""
+    return os.open(magic_path(held), (flags & ~(os.O_NOFOLLOW | REOPEN_DROP)) | os.O_CLOEXEC)
 
 
 def _target_address(plan: SwapPlan, rel: str) -> str:
@@ -157,12 +166,40 @@ class Prepared:
     def donor_pid(self, pid: int) -> int:
         return self.donor_of.get(pid, os.getpid())
 
-    def open_shared(self, rel: str, flags: int) -> int:
+    def open_shared(self, rel: str, flags: int, seen: Seen | None, what: str) -> int:
         """One description per (name, flags) on B for mappings and exe: they keep no offset."""
         key = (rel, flags)
         if key not in self.opened:
-            self.opened[key] = self.track(self.target.open_kind(rel, flags, stat.S_IFREG))
+            held = self.counterpart(rel, seen, stat.S_IFREG, what)
+            try:
+                self.opened[key] = self.track(reopen(held, flags))
+            finally:
+                os.close(held)
         return self.opened[key]
+
+    def counterpart(self, rel: str, seen: Seen | None, mode: int, what: str) -> int:
+        """An O_PATH descriptor of B's object at `rel`, of the kind of `mode`. The name must
+        lead to the object discovery saw on A (`seen`; None for a path map's name) both
+        before and after B's object is opened, and B's name must still lead to the object
+        opened: a task renaming things meanwhile is caught (it would have to swap names
+        twice between two of our system calls to go unseen)."""
+        if seen is not None:
+            os.close(self.source.check_seen(rel, seen, what))
+        held = self.target.open_kind(rel, os.O_PATH, mode)
+        try:
+            if seen is not None:
+                os.close(self.source.check_seen(rel, seen, what))
+            again = self.target.hold(rel)
+            try:
+                same = os.fstat(again).st_ino == os.fstat(held).st_ino
+            finally:
+                os.close(again)
+            if not same:
+                raise ShareChanged(f"{what}: {rel!r} on the {self.target.label} changed while it was opened")
+        except BaseException:
+            os.close(held)
+            raise
+        return held
 
     def pidfd(self, pid: int) -> int:
         if pid not in self.pidfds:
@@ -242,9 +279,9 @@ def prepare(plan: SwapPlan, reuse: Prepared | None = None) -> Prepared:
                 _prepare_inotify(plan, prepared, p.inotify)
             if p.exe is not None:
                 p.exe.old_fd = prepared.track(os.open(f"/proc/{p.pid}/exe", os.O_RDONLY | os.O_CLOEXEC))
-                os.close(prepared.source.check_seen(p.exe.rel, Seen(p.exe.dev, p.exe.ino, stat.S_IFREG),
-                                                    f"executable of process {p.pid}"))
-                p.exe.new_fd = prepared.open_shared(p.exe.rel, os.O_RDONLY)
+                p.exe.new_fd = prepared.open_shared(p.exe.rel, os.O_RDONLY,
+                                                    Seen(p.exe.dev, p.exe.ino, stat.S_IFREG),
+                                                    f"executable of process {p.pid}")
             if any(d.kind == "root" for d in p.dirs) and not any(d.kind == "cwd" for d in p.dirs):
                 cwd = DirRef(p.pid, "cwd-kept", "")
                 cwd.old_fd = cwd.new_fd = prepared.track(os.open(f"/proc/{p.pid}/cwd", os.O_PATH | os.O_CLOEXEC))
@@ -348,7 +385,7 @@ def _open_shares(plan: SwapPlan) -> Prepared:
 
 
 def _prepare_inotify(plan: SwapPlan, prepared: Prepared, regs: list) -> None:
-    source, target = prepared.source, prepared.target
+    source = prepared.source
     source_root = os.path.realpath(plan.source.path)
     # open_by_handle_at wants a real descriptor on the mount, not an O_PATH one
     mount_fd = prepared.track(os.open(magic_path(source.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
@@ -370,7 +407,8 @@ def _prepare_inotify(plan: SwapPlan, prepared: Prepared, regs: list) -> None:
         reg.source_fd = prepared.track(source.check_seen(reg.rel, Seen(st.st_dev, st.st_ino, st.st_mode),
                                                          f"inotify watch {reg.watch.wd} of process {reg.pid}"))
         try:
-            reg.target_fd = prepared.track(target.open_kind(reg.rel, os.O_PATH | os.O_NOFOLLOW, st.st_mode))
+            reg.target_fd = prepared.track(prepared.counterpart(reg.rel, Seen(st.st_dev, st.st_ino, st.st_mode),
+                                                                st.st_mode, f"inotify watch {reg.watch.wd}"))
         except FileNotFoundError:
             raise SwapError(f"{reg.rel or '.'} (watched by process {reg.pid}) does not exist on the target") from None
 
@@ -380,13 +418,11 @@ def _prepare_mapping(plan: SwapPlan, prepared: Prepared, m: MapRef) -> None:
     mode = os.O_RDWR if (m.vma.shared and "w" in m.vma.perms) else os.O_RDONLY
     m.old_fd = prepared.track(os.open(f"/proc/{m.pid}/map_files/{m.vma.start:x}-{m.vma.end:x}",
                                       mode | os.O_CLOEXEC))
-    if not m.mapped:
-        os.close(prepared.source.check_seen(m.rel, Seen(m.vma.dev, m.vma.ino, stat.S_IFREG),
-                                            f"mapping {m.vma.start:#x} of process {m.pid}"))
-    m.new_fd = prepared.open_shared(m.rel, mode)
+    seen = None if m.mapped else Seen(m.vma.dev, m.vma.ino, stat.S_IFREG)
+    m.new_fd = prepared.open_shared(m.rel, mode, seen, f"mapping {m.vma.start:#x} of process {m.pid}")
 
 
 def _prepare_dir(plan: SwapPlan, prepared: Prepared, d: DirRef) -> None:
     d.old_fd = prepared.track(os.open(f"/proc/{d.pid}/{d.kind}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-    os.close(prepared.source.check_seen(d.rel, Seen(d.dev, d.ino, stat.S_IFDIR), f"{d.kind} of process {d.pid}"))
-    d.new_fd = prepared.track(prepared.target.open_kind(d.rel, os.O_PATH | os.O_DIRECTORY, stat.S_IFDIR))
+    d.new_fd = prepared.track(prepared.counterpart(d.rel, Seen(d.dev, d.ino, stat.S_IFDIR), stat.S_IFDIR,
+                                                   f"{d.kind} of process {d.pid}"))
