@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 from pathlib import Path
 
 import pytest
 
 from spfs.manager.swapper import container_path
+from tests.sys.chrooted import chrooted_process
 
 
 @pytest.fixture
@@ -22,22 +22,8 @@ def chrooted(tmp_path: Path):
     (root / "etc" / "marker").write_text("the container's /etc")
     (root / "mnt").mkdir()
     (root / "mnt" / "share").symlink_to("/etc")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the chrooted child
-        try:
-            os.close(read_end)
-            os.chroot(root)
-            os.write(write_end, b"x")
-            signal.pause()
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    assert os.read(read_end, 1) == b"x"
-    os.close(read_end)
-    yield pid, root
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    with chrooted_process(root) as pid:
+        yield pid, root
 
 
 def test_a_symlink_in_the_container_resolves_in_its_root(chrooted) -> None:

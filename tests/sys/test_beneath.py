@@ -4,14 +4,14 @@ files, symlinks, mounts and a chrooted process; each refusal is the kernel's own
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from spfs.sys.beneath import (Seen, Share, ShareChanged, component, open_in_root, relative)
+from spfs.sys.beneath import Seen, Share, ShareChanged, component, open_in_root, relative
+from tests.sys.chrooted import chrooted_process
 
 
 @pytest.fixture
@@ -122,19 +122,7 @@ def test_open_in_root_resolves_absolute_symlinks_in_the_process_root(tmp_path: P
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "marker").write_text("the process's own /etc")
     (root / "link").symlink_to("/etc")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the chrooted child
-        try:
-            os.close(read_end)
-            os.chroot(root)
-            os.write(write_end, b"x")
-            signal.pause()
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        assert os.read(read_end, 1) == b"x"
+    with chrooted_process(root) as pid:
         fd = open_in_root(pid, "/link/marker", os.O_RDONLY | os.O_CLOEXEC)
         try:
             assert os.read(fd, 100) == b"the process's own /etc"
@@ -142,7 +130,3 @@ def test_open_in_root_resolves_absolute_symlinks_in_the_process_root(tmp_path: P
             os.close(fd)
         with pytest.raises(FileNotFoundError):
             open_in_root(pid, "/link/passwd", os.O_RDONLY | os.O_CLOEXEC)  # ours has one
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(read_end)
