@@ -271,10 +271,13 @@ def expected(side: Path) -> dict[str, tuple[int, int]]:
 KINDS = ["file", "fifo", "socket", "cwd", "mapping", "rename", "mount"]
 
 
-def race(kind: str, runs: int, mount_real: list[str] | None = None) -> dict[str, object]:
+def race(kind: str, runs: int, mount_real: list[str] | None = None,
+         must_complete: bool = True) -> dict[str, object]:
     """`runs` switches of a victim between SPFS and the real share, alternating, while an
     attacker of `kind` races them; fails on the first run that touched a host object or
-    left a reference on the wrong object. Returns the record of the runs."""
+    left a reference on the wrong object. `must_complete`: some run must also have switched
+    (so that the check of where every reference ended up was made on a completed switch).
+    Returns the record of the runs."""
     with share_arena(mount_real) as (tmp, real, spfs, _mount), host_objects(tmp) as host:
         victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(spfs)], stdout=subprocess.PIPE, text=True)
         attacker = None
@@ -313,7 +316,7 @@ def race(kind: str, runs: int, mount_real: list[str] | None = None) -> dict[str,
             print(f"\n{json.dumps(record)}")
             # the race was real: the attacker was busy during the runs, and some completed
             assert attacker.flips >= runs
-            assert outcomes["switched"] > 0, f"no run ever completed: {dict(errors)}"
+            assert outcomes["switched"] > 0 or not must_complete, f"no run ever completed: {dict(errors)}"
             return record
         finally:
             if attacker is not None:
