@@ -81,7 +81,7 @@ def test_check_seen_tells_a_replaced_object(share) -> None:
     os.close(s.check_seen("dir/file", Seen(st.st_dev, st.st_ino, st.st_mode), "file"))
     (root / "dir" / "file").rename(root / "dir" / "old")
     (root / "dir" / "file").write_text("a decoy")
-    with pytest.raises(ShareChanged, match="no longer the file it was at discovery"):
+    with pytest.raises(ShareChanged, match="no longer the regular file it was at discovery"):
         s.check_seen("dir/file", Seen(st.st_dev, st.st_ino, st.st_mode), "file")
 
 

@@ -20,6 +20,7 @@ import stat
 from dataclasses import dataclass
 
 from spfs.sys.libc import libc as _libc
+from spfs.sys.regular import kind_of
 
 SYS_OPENAT2 = 437  # the same number on every architecture (a new-style syscall)
 
@@ -101,14 +102,6 @@ def magic_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def kind_name(mode: int) -> str:
-    for check, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"),
-                        (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
-        if check(mode):
-            return name
-    return f"file of type {stat.S_IFMT(mode):o}"
-
-
 @dataclass(frozen=True)
 class Seen:
     """What discovery saw of an object on the source: its device, inode and kind."""
@@ -178,8 +171,8 @@ class Share:
         try:
             found = os.fstat(fd).st_mode
             if stat.S_IFMT(found) != stat.S_IFMT(mode):
-                raise ShareChanged(f"{rel!r} on the {self.label} is a {kind_name(found)}, "
-                                   f"not a {kind_name(mode)} as on the source")
+                raise ShareChanged(f"{rel!r} on the {self.label} is {kind_of(found)}, "
+                                   f"not {kind_of(mode)} as on the source")
         except BaseException:
             os.close(fd)
             raise
@@ -197,8 +190,8 @@ class Share:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (seen.dev, seen.ino) or \
                     stat.S_IFMT(st.st_mode) != stat.S_IFMT(seen.mode):
-                raise ShareChanged(f"{what}: {rel or '.'!r} on the {self.label} is no longer the "
-                                   f"{kind_name(seen.mode)} it was at discovery (it was renamed or replaced)")
+                raise ShareChanged(f"{what}: {rel or '.'!r} on the {self.label} is no longer "
+                                   f"{the(seen.mode)} it was at discovery (it was renamed or replaced)")
         except BaseException:
             os.close(fd)
             raise
@@ -213,18 +206,25 @@ class Share:
         return fd, name
 
     # -- acting on names ---------------------------------------------------------------
+    def _is_of_kind(self, dir_fd: int, name: str, rel: str, kinds: tuple[int, ...], refusal: str) -> bool:
+        """Whether `name` in `dir_fd` exists (not followed); ShareChanged if it is not one
+        of `kinds`, saying what is done instead (`refusal`)."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_IFMT(st.st_mode) not in kinds:
+            raise ShareChanged(f"{rel!r} on the {self.label} is {kind_of(st.st_mode)}: {refusal}")
+        return True
+
     def set_aside(self, rel: str, *, kinds: tuple[int, ...]) -> "Aside | None":
         """Rename the object at `rel` (one of `kinds`) to a hidden name in its directory,
         so that it can be put back if what replaces it is given up; None if there is none."""
         dir_fd, name = self.parent(rel)
         try:
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
+            if not self._is_of_kind(dir_fd, name, rel, kinds, "left alone"):
                 os.close(dir_fd)
                 return None
-            if stat.S_IFMT(st.st_mode) not in kinds:
-                raise ShareChanged(f"{rel!r} on the {self.label} is a {kind_name(st.st_mode)}: left alone")
             aside = f".{name[:200]}.spfs-aside-{secrets.token_hex(6)}"
             os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
@@ -237,12 +237,8 @@ class Share:
         is no such name. Never follows a symlink: the name itself goes."""
         dir_fd, name = self.parent(rel)
         try:
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
+            if not self._is_of_kind(dir_fd, name, rel, kinds, "not removed"):
                 return False
-            if stat.S_IFMT(st.st_mode) not in kinds:
-                raise ShareChanged(f"{rel!r} on the {self.label} is a {kind_name(st.st_mode)}: not removed")
             os.unlink(name, dir_fd=dir_fd)
             return True
         finally:
@@ -292,6 +288,11 @@ def open_in_root(pid: int, path: str, flags: int = os.O_PATH | os.O_CLOEXEC) -> 
         return openat2(root, path.lstrip("/") or ".", flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
     finally:
         os.close(root)
+
+
+def the(mode: int) -> str:
+    """'the regular file', 'the FIFO', ... for a message about one object."""
+    return "the " + kind_of(mode).removeprefix("a ")
 
 
 def _devname(dev: int) -> str:
