@@ -404,11 +404,10 @@ def _prepare_inotify(plan: SwapPlan, prepared: Prepared, regs: list) -> None:
             raise SwapError(f"inotify watch {reg.watch.wd} of process {reg.pid} is outside the source subtree")
         reg.rel = "" if rel == "." else rel
         # the name is only a hint: below the source root it must lead to the watched inode
-        reg.source_fd = prepared.track(source.check_seen(reg.rel, Seen(st.st_dev, st.st_ino, st.st_mode),
-                                                         f"inotify watch {reg.watch.wd} of process {reg.pid}"))
+        seen, what = Seen(st.st_dev, st.st_ino, st.st_mode), f"inotify watch {reg.watch.wd} of process {reg.pid}"
+        reg.source_fd = prepared.track(source.check_seen(reg.rel, seen, what))
         try:
-            reg.target_fd = prepared.track(prepared.counterpart(reg.rel, Seen(st.st_dev, st.st_ino, st.st_mode),
-                                                                st.st_mode, f"inotify watch {reg.watch.wd}"))
+            reg.target_fd = prepared.track(prepared.counterpart(reg.rel, seen, st.st_mode, what))
         except FileNotFoundError:
             raise SwapError(f"{reg.rel or '.'} (watched by process {reg.pid}) does not exist on the target") from None
 
