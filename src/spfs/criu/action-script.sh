@@ -84,10 +84,24 @@ to_criu_spfs() {  # one stage to criu-spfs; $2=wait: its answer is "ok" or what 
     [ "${2:-}" = wait ] || return 0
     [ -n "${SPFS_CRIU_PID:-}" ] && kill -0 "$SPFS_CRIU_PID" 2>/dev/null ||
         { echo "criu-spfs action: criu-spfs (pid ${SPFS_CRIU_PID:-?}) is gone" >&2; return 1; }
+    # CRIU waits for this script with no limit, holding the restored tasks: criu-spfs
+    # answers within its own limits, and this timer answers in its place if it cannot at
+    # all (stopped, or stuck in the kernel). A background sleep is the only timer dash has;
+    # it runs beside the wait, not before it. The timer's line, if it comes after the real
+    # answer, is skipped as stale by the next stage's read.
+    limit=${SPFS_CRIU_STAGE_TIMEOUT:-300}
+    (
+        trap 'kill "$s" 2>/dev/null; exit 0' TERM
+        sleep "$limit" & s=$!
+        wait "$s" && [ -p "$ctl/reply" ] &&
+            printf '%s no answer from criu-spfs in %s s\n' "$1" "$limit" 1<>"$ctl/reply"
+    ) </dev/null >/dev/null 2>&1 &
+    timer=$!
     answer=
     while IFS= read -r line; do
         case "$line" in "$1 "*) answer=${line#"$1 "}; break ;; esac  # skip stale answers
     done < "$ctl/reply"
+    kill "$timer" 2>/dev/null
     [ "$answer" = ok ] && return 0
     echo "criu-spfs action: $1: ${answer:-no answer (criu-spfs gone)}" >&2
     return 1

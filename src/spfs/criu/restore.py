@@ -58,6 +58,11 @@ DONE_PHASES = ("done", "failed", "rolled_back")
 STAGE_TIMEOUT = 60.0  # for a stage CRIU ran to be handled here
 MOUNT_TIMEOUT = 180.0  # the manager's start and every SPFS mount, while CRIU waits
 EXIT_TIMEOUT = 60.0  # after the replace: SPFS exits once unused, the manager after it
+# How long each stage's handler may take (then the stage fails, named; CRIU waits for no
+# longer): a little more than the bounded waits inside it, whose own errors say more
+STAGE_LIMITS = {"setup-namespaces": MOUNT_TIMEOUT + 10, "post-restore": STAGE_TIMEOUT,
+                "network-unlock": STAGE_TIMEOUT, "pre-resume": STAGE_TIMEOUT + 10,
+                "post-resume": STAGE_TIMEOUT + 10}
 PHASE_NOTES = {  # replace phases worth a line of the timeline when they are reached
     "proxy": "NFS mounted in the container; SPFS proxies to it",
     "frozen": "container frozen",
@@ -268,7 +273,7 @@ class Restore:
         """CRIU starts while the images are checked and SPFS mounted: its start (exec, its
         own reading of the images, the root task) overlaps them, and its setup-namespaces
         stage, before it builds the mount namespace, waits for them."""
-        stages = StageServer(self.work / "stages", self._on_stage)
+        stages = StageServer(self.work / "stages", self._on_stage, STAGE_LIMITS)
         stages.start()
         self._mounting.start()
         argv = criu_restore_argv(self.config.criu, self.images, self.shares, self.config.extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 
@@ -52,4 +53,55 @@ def reap_or_kill(pid: int, timeout: float) -> bool:
             pause = min(pause * 2, 0.02)
     except ChildProcessError:
         pass
+    return True
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of /proc/PID/stat ("D": uninterruptible), "" if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def describe_stuck(pid: int) -> str:
+    """What a process that does not go is waiting in: its state, wchan and kernel stack of
+    each thread (the stack needs root; left out where unreadable)."""
+    lines = []
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return f"pid {pid}: gone"
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/comm") as f:
+                comm = f.read().strip()
+            with open(f"{base}/wchan") as f:
+                wchan = f.read().strip() or "-"
+        except OSError:
+            continue
+        lines.append(f"pid {pid} tid {tid} ({comm}) state {process_state(tid) or '?'} "
+                     f"wchan {wchan}")
+        try:
+            with open(f"{base}/stack") as f:
+                lines += ["    " + s for s in f.read().splitlines()]
+        except OSError:
+            pass
+    return "\n".join(lines)
+
+
+def kill_and_reap(proc: subprocess.Popen, timeout: float) -> bool:
+    """SIGKILL a child and reap it within `timeout`. False (and it is left unreaped) when it
+    does not go: a task in an uninterruptible wait only dies when that wait ends, and
+    waiting for it without a bound is how a whole run hangs."""
+    try:
+        proc.kill()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
     return True
