@@ -329,3 +329,25 @@ def test_network_unlock_of_a_dump_is_a_no_op(tmp_path: Path) -> None:
     result = subprocess.run([str(ACTION_SCRIPT)], env=env, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0 and result.stderr == ""
+
+
+def test_the_script_waits_per_stage_as_criu_spfs_says(tmp_path: Path) -> None:
+    """criu-spfs's env gives each waited stage its own timer (its limit plus a margin)."""
+    server = StageServer(tmp_path / "stages", lambda stage, pid: None,
+                         limits={"setup-namespaces": 190.0, "pre-resume": 1.0})
+    env = server.env
+    assert env["SPFS_CRIU_STAGE_TIMEOUTS"] == "setup-namespaces=205 pre-resume=16"
+    server.stop()
+    child = serve_in_child(tmp_path / "stages2", lambda stage, pid: None)
+    try:
+        os.kill(child, signal.SIGSTOP)
+        script_env = {"PATH": os.environ["PATH"], "CRTOOLS_SCRIPT_ACTION": "pre-resume",
+                      "CRTOOLS_INIT_PID": "4242", "SPFS_CRIU_CONTROL": str(tmp_path / "stages2"),
+                      "SPFS_CRIU_PID": str(child),
+                      "SPFS_CRIU_STAGE_TIMEOUTS": "setup-namespaces=205 pre-resume=1"}
+        result = subprocess.run([str(ACTION_SCRIPT)], env=script_env, capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 1
+        assert "pre-resume: no answer from criu-spfs in 1 s" in result.stderr, result.stderr
+    finally:
+        end_child(child)

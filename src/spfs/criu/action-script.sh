@@ -90,6 +90,9 @@ to_criu_spfs() {  # one stage to criu-spfs; $2=wait: its answer is "ok" or what 
     # it runs beside the wait, not before it. The timer's line, if it comes after the real
     # answer, is skipped as stale by the next stage's read.
     limit=${SPFS_CRIU_STAGE_TIMEOUT:-300}
+    for t in ${SPFS_CRIU_STAGE_TIMEOUTS:-}; do  # "STAGE=SECONDS ...", from criu-spfs
+        case "$t" in "$1="*) limit=${t#"$1="} ;; esac
+    done
     (
         trap 'kill "$s" 2>/dev/null; exit 0' TERM
         sleep "$limit" & s=$!

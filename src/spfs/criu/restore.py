@@ -26,7 +26,6 @@ import functools
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -44,7 +43,7 @@ from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
 from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
 from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
-from spfs.sys.children import pid_alive
+from spfs.sys.children import pid_alive, reap_or_kill, terminate
 from spfs.sys.daemon import stdio_to_devnull
 from spfs.sys.mountapi import MNT_DETACH, MS_BIND, MS_PRIVATE, MS_SHARED, mount, umount2
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
@@ -468,8 +467,9 @@ class Restore:
         for pid in spfs_pids:
             while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGTERM)
+            # SIGTERM, then SIGKILL: a stopped or stuck SPFS must not outlive the restore
+            if not terminate(pid, 5.0):
+                log.warning("spfs %d ignored SIGTERM for 5 s: killed it", pid)
         self.cleanup_work()
 
     def cleanup_work(self) -> None:
@@ -537,7 +537,7 @@ def _follow_in_background(r: Restore) -> None:
     """A detached child follows the replace and completes the timeline JSON."""
     child = os.fork()
     if child != 0:
-        os.waitpid(child, 0)  # the intermediate exits at once
+        reap_or_kill(child, 10.0)  # the intermediate exits at once
         return
     try:
         os.setsid()

@@ -27,6 +27,16 @@ def log_tail(log_path: Path, lines: int = 25) -> str:
     return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def stage_failures(log_path: Path) -> list[str]:
+    """What criu-spfs's action script said went wrong (it names the stage), from CRIU's log:
+    the lines CRIU logs while it aborts can push them out of the tail."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if "criu-spfs action:" in line][-5:]
+
+
 def _last_line(log_path: Path) -> str:
     try:
         return log_tail(log_path, 1)
@@ -56,7 +66,8 @@ def run_criu(argv: list[str], log_path: Path, timeout: float,
         if status != 0:
             err.seek(0)
             stderr = err.read().decode(errors="replace").strip()
-            raise CriuError(f"criu {argv[1]} failed ({status}): {stderr}\n"
+            stages = "".join(f"{line}\n" for line in stage_failures(log_path))
+            raise CriuError(f"criu {argv[1]} failed ({status}): {stages}{stderr}\n"
                             f"--- {log_path} (tail) ---\n{log_tail(log_path)}")
     return time.monotonic() - t0
 

@@ -17,7 +17,7 @@ no limit of its own and holds the restored tasks meanwhile:
   waited stage that is not done by then is answered "failed: STAGE not done in N s" (the
   handler is left to finish on its own: CRIU aborts the restore on that answer);
 - in the script, a timer answers "no answer from criu-spfs in N s" itself
-  (`SPFS_CRIU_STAGE_TIMEOUT`, a little longer than our limits) in case this process cannot
+  (`SPFS_CRIU_STAGE_TIMEOUTS`, each a little longer than our limit) in case this process cannot
   answer at all (stopped, or wedged in the kernel); if we die, its read ends at EOF (we were
   the only writer), and it checks that we are alive (`SPFS_CRIU_PID`) before it opens `reply`.
 
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "SPFS_CRIU_CONTROL"
 PID_VAR = "SPFS_CRIU_PID"
-TIMEOUT_VAR = "SPFS_CRIU_STAGE_TIMEOUT"
+TIMEOUT_VAR = "SPFS_CRIU_STAGE_TIMEOUT"  # the script's default for every waited stage
+TIMEOUTS_VAR = "SPFS_CRIU_STAGE_TIMEOUTS"  # "STAGE=SECONDS ..." per waited stage
 STAGES = ("setup-namespaces", "post-restore", "network-unlock", "pre-resume", "post-resume")
 UNANSWERED = ("post-restore", "network-unlock", "post-resume")
 MAX_LINE = 256
@@ -82,16 +83,16 @@ class StageServer:
     def limit(self, stage: str) -> float:
         return self.limits.get(stage, DEFAULT_LIMIT)
 
-    @property
-    def script_timeout(self) -> float:
-        """How long the script waits for an answer before it answers itself."""
-        waited = [self.limit(s) for s in STAGES if s not in UNANSWERED]
-        return max(waited) + SCRIPT_GRACE
+    def script_timeout(self, stage: str) -> int:
+        """How long the script waits for *stage*'s answer before it answers itself."""
+        return int(self.limit(stage) + SCRIPT_GRACE + 0.999)
 
     @property
     def env(self) -> dict[str, str]:
+        timeouts = " ".join(f"{s}={self.script_timeout(s)}" for s in STAGES
+                            if s not in UNANSWERED)
         return {ENV_VAR: str(self.directory), PID_VAR: str(os.getpid()),
-                TIMEOUT_VAR: str(int(self.script_timeout + 0.999))}
+                TIMEOUTS_VAR: timeouts}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._serve, name="criu-stages", daemon=True)

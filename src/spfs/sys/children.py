@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
+from dataclasses import dataclass
 
 
 def pid_alive(pid: int) -> bool:
@@ -105,3 +107,32 @@ def kill_and_reap(proc: subprocess.Popen, timeout: float) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return True
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_bounded(argv: list[str], timeout: float, kill_grace: float = 10.0,
+                **popen: object) -> Finished:
+    """subprocess.run(capture_output=True, text=True, timeout=...) without its two unbounded
+    waits: for a killed child (a D-state one does not die) and for EOF on its pipes (a
+    daemon it forked may hold them). Output goes through files. Raises TimeoutError, naming
+    where the child is stuck when even SIGKILL did not end it."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, **popen)  # type: ignore[arg-type]
+        try:
+            code = proc.wait(timeout)
+        except BaseException as exc:
+            gone = kill_and_reap(proc, kill_grace)
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
+            stuck = "" if gone else f"; killed but still there:\n{describe_stuck(proc.pid)}"
+            raise TimeoutError(f"{argv[0]} did not finish in {timeout:g} s{stuck}") from None
+        out.seek(0)
+        err.seek(0)
+        return Finished(code, out.read().decode(errors="replace"),
+                        err.read().decode(errors="replace"))
