@@ -3,7 +3,10 @@ fds, from the images, and the real lseek through pidfd_getfd on live processes."
 
 from __future__ import annotations
 
+import contextlib
+
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,18 +41,22 @@ def test_offsets_of_a_live_process_tree_are_put_back(tmp_path: Path) -> None:
     data = tmp_path / "elf"
     data.write_bytes(b"\x7fELF" + bytes(100))
     ready = tmp_path / "ready"
-    script = (f"import os, time\nfd = os.open('{data}', os.O_RDONLY)\nos.lseek(fd, 5, 0)\n"
+    # each file written under a temporary name and renamed: it exists only once complete
+    script = (f"import os, time\n"
+              f"def say(path, text):\n    open(path + '.tmp', 'w').write(text)\n"
+              f"    os.rename(path + '.tmp', path)\n"
+              f"fd = os.open('{data}', os.O_RDONLY)\nos.lseek(fd, 5, 0)\n"
               f"right = os.open('{data}', os.O_RDONLY)\n"
               f"if os.fork() == 0:\n    fd = os.open('{data}', os.O_RDONLY)\n    os.lseek(fd, 8, 0)\n"
-              f"    open('{ready}.child', 'w').write(f'{{os.getpid()}} {{fd}}')\n    time.sleep(60)\n"
-              f"open('{ready}', 'w').write(f'{{fd}} {{right}}')\ntime.sleep(60)\n")
+              f"    say('{ready}.child', f'{{os.getpid()}} {{fd}}')\n    time.sleep(60)\n"
+              f"say('{ready}', f'{{fd}} {{right}}')\ntime.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script])
+    child = 0
     try:
         deadline = time.monotonic() + 20
         while not (ready.exists() and Path(f"{ready}.child").exists()):
             assert parent.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        time.sleep(0.1)  # both files written completely
         fd, right = map(int, ready.read_text().split())
         child, child_fd = map(int, Path(f"{ready}.child").read_text().split())
         assert restored_tree(parent.pid) == {parent.pid: parent.pid, child: child}
@@ -65,4 +72,6 @@ def test_offsets_of_a_live_process_tree_are_put_back(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait(10)
-        subprocess.run(["pkill", "-f", str(ready)], check=False)
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)

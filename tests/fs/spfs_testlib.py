@@ -81,7 +81,8 @@ def start_spfs(mountpoint: Path, mode: str, tmp: Path, *extra: str,
                       proc=proc)
     try:
         if wait_ready:
-            ready, _, _ = select.select([read_end], [], [], 20)
+            # a Python start on a host loaded to 40 on 2 cores can take well over 20 s
+            ready, _, _ = select.select([read_end], [], [], 90)
             assert ready and os.read(read_end, 1) == b"", "spfs did not become ready"
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
     except BaseException:

@@ -14,9 +14,22 @@ from pathlib import Path
 
 import pytest
 
+from spfs.sys.mountinfo import read_mountinfo
+
 VICTIMS = Path(__file__).parent / "victims"
-V1_FREEZER = Path("/sys/fs/cgroup/freezer")
-V2_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+def cgroup_roots() -> dict[str, Path]:
+    """Where this host mounts the cgroup v1 freezer ("v1") and the cgroup2 hierarchy ("v2"),
+    from mountinfo: /sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on a unified-only
+    one (Debian 12), elsewhere on others."""
+    roots: dict[str, Path] = {}
+    for m in read_mountinfo():
+        if m.fstype == "cgroup2" and m.root == "/":
+            roots.setdefault("v2", Path(m.mountpoint))
+        elif m.fstype == "cgroup" and "freezer" in m.super_options.split(",") and m.root == "/":
+            roots.setdefault("v1", Path(m.mountpoint))
+    return roots
 
 
 @pytest.fixture(scope="session")
@@ -158,12 +171,13 @@ def _kill_cgroup(path: Path) -> None:
 @pytest.fixture(params=["v1", "v2"])
 def cgroup(request) -> Path:
     name = f"spfs-swap-test-{uuid.uuid4().hex[:8]}"
-    if request.param == "v1":
-        path = V1_FREEZER / name
-    else:
-        if not (V2_ROOT / "cgroup.procs").exists():
-            pytest.skip("no cgroup2 hierarchy at /sys/fs/cgroup/unified")
-        path = V2_ROOT / name
+    roots = cgroup_roots()
+    if not roots:
+        pytest.fail("neither a cgroup v1 freezer nor a cgroup2 hierarchy in mountinfo")
+    if request.param not in roots:  # a host has only one kind: the other half cannot run
+        pytest.skip(f"no cgroup {request.param} {'freezer ' if request.param == 'v1' else ''}"
+                    f"hierarchy on this host (mountinfo)")
+    path = roots[request.param] / name
     path.mkdir()
     if request.param == "v2" and not (path / "cgroup.freeze").exists():
         path.rmdir()

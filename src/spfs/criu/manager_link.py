@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
+# for each SPFS the manager starts (its default, 30 s, failed a lab restore at
+# setup-namespaces on a host loaded to 40); within restore.MOUNT_TIMEOUT
+SPFS_READY_TIMEOUT = 120.0
 
 
 class ManagerError(RuntimeError):
@@ -48,7 +51,8 @@ class ManagerLink:
         self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         args = ["--exit-with-spfs", "--warm-spfs", "-w", str(self.work_dir),
-                "-s", self.socket_path, "--log-dir", str(self.log_dir)]
+                "-s", self.socket_path, "--log-dir", str(self.log_dir),
+                "--spfs-ready-timeout", str(SPFS_READY_TIMEOUT)]
         if mount_deadline is not None:
             args += ["--mount-deadline", str(mount_deadline)]
         if verbose:
