@@ -21,8 +21,10 @@
 #   $SPFS_CRIU_CONTROL: CRIU waits for SPFS to be mounted before it builds the container's
 #   mount namespace, SPFS goes to stub before the processes resume, and the replace by the
 #   real NFS is released after (post-restore, network-unlock and post-resume are not waited
-#   for: what they start, pre-resume checks, or the processes already run). network-unlock
-#   also comes at the end of a dump, without $SPFS_CRIU_CONTROL: a no-op then.
+#   for: what they start, pre-resume checks, or the processes already run). The waits are
+#   bounded: criu-spfs answers each stage within its limit, and a timer here answers for it
+#   if it cannot (SPFS_CRIU_STAGE_TIMEOUTS); a failed stage names itself in CRIU's log.
+#   network-unlock also comes at the end of a dump, without $SPFS_CRIU_CONTROL: a no-op then.
 PID=${CRTOOLS_INIT_PID:-}
 MARK=0xC114
 CHAIN=SPFS-NFS
