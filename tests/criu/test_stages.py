@@ -351,3 +351,39 @@ def test_the_script_waits_per_stage_as_criu_spfs_says(tmp_path: Path) -> None:
         assert "pre-resume: no answer from criu-spfs in 1 s" in result.stderr, result.stderr
     finally:
         end_child(child)
+
+
+def test_a_stage_the_script_gave_up_on_is_reported_with_its_time(tmp_path: Path) -> None:
+    """CRIU 3.17 resumes the tasks even when pre-resume fails: the script tells criu-spfs
+    when its timer gave up (boot clock), for criu-spfs to judge (restore.py)."""
+    release = threading.Event()
+    server = StageServer(tmp_path / "stages", lambda stage, pid: release.wait(30),
+                         limits={"pre-resume": 30.0})
+    server.start()
+    try:
+        before = time.clock_gettime(time.CLOCK_BOOTTIME)
+        result = run_stage(server.directory, "pre-resume", script_timeout="1", timeout=30)
+        assert result.returncode == 1
+        assert "pre-resume: no answer from criu-spfs in 1 s" in result.stderr
+        release.set()  # our handler ends late; then the script's note is read
+        wait_for(lambda: "pre-resume" in server.gave_up, 10, "the script's gave-up note")
+        # /proc/uptime, the script's clock, has 10 ms steps
+        assert before + 1 - 0.01 <= server.gave_up["pre-resume"] <= time.clock_gettime(
+            time.CLOCK_BOOTTIME)
+        assert server.errors == []  # the handler itself succeeded, late
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_restore_judges_a_pre_resume_given_up_by_when_spfs_reached_stub(
+        tmp_path: Path) -> None:
+    from spfs.criu.restore import Restore, RestoreConfig
+    r = Restore(RestoreConfig(images=tmp_path))
+    r._stub_at = 100.0
+    assert r._stages_given_up({"pre-resume": 125.0}) == []  # stub first: resumed on stub
+    late = r._stages_given_up({"pre-resume": 99.0})  # tasks resumed before stub: an error
+    assert len(late) == 1 and late[0].startswith("pre-resume: the action script stopped")
+    r._stub_at = None
+    assert r._stages_given_up({"pre-resume": 125.0})[0].startswith("pre-resume:")
+    assert r._stages_given_up({"setup-namespaces": 1.0})[0].startswith("setup-namespaces:")

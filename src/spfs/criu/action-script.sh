@@ -98,8 +98,12 @@ to_criu_spfs() {  # one stage to criu-spfs; $2=wait: its answer is "ok" or what 
     (
         trap 'kill "$s" 2>/dev/null; exit 0' TERM
         sleep "$limit" & s=$!
-        wait "$s" && [ -p "$ctl/reply" ] &&
-            printf '%s no answer from criu-spfs in %s s\n' "$1" "$limit" 1<>"$ctl/reply"
+        wait "$s" && [ -p "$ctl/reply" ] || exit 0
+        # CRIU 3.17 resumes the tasks even when pre-resume fails: tell criu-spfs when we gave
+        # up (boot-clock seconds) so it can tell whether SPFS was in stub mode by then
+        read -r up _ < /proc/uptime
+        printf '%s gave-up %s\n' "$1" "$up" 1<>"$ctl/request"
+        printf '%s no answer from criu-spfs in %s s\n' "$1" "$limit" 1<>"$ctl/reply"
     ) </dev/null >/dev/null 2>&1 &
     timer=$!
     answer=

@@ -209,6 +209,7 @@ class Restore:
         self._starting = Background(self._start_manager, "manager-start",
                                     "spfs-manager not started", MOUNT_TIMEOUT)
         self._forked = False
+        self._stub_at: float | None = None  # boot clock when SPFS reached stub mode
 
     # -- 1, 2
     def prepare(self) -> None:
@@ -285,6 +286,7 @@ class Restore:
             # CRIU does not wait for post-resume's handling (the release), we do
             if not stages.wait_handled("post-resume", STAGE_TIMEOUT):
                 stages.errors.append(f"post-resume not handled in {STAGE_TIMEOUT:.0f} s")
+            stages.errors += self._stages_given_up(stages.gave_up)
         except CriuError as e:
             # a stage we failed (images refused, SPFS not mounted, ...) is why CRIU gave up:
             # say so first; so is a refusal of the images CRIU failed on before it waited
@@ -303,6 +305,20 @@ class Restore:
         if stages.errors:
             # processes run, but not as planned: SPFS may still be in restore mode
             raise RestoreError("action script stages failed: " + "; ".join(stages.errors))
+
+    def _stages_given_up(self, gave_up: dict[str, float]) -> list[str]:
+        """Stages whose script stopped waiting for us while CRIU went on: an error, except a
+        pre-resume given up after SPFS was in stub mode (the tasks resumed on the stub, as
+        planned; CRIU 3.17 resumes them whether pre-resume fails or not)."""
+        errors = []
+        for stage, when in gave_up.items():
+            if stage == "pre-resume" and self._stub_at is not None and self._stub_at <= when:
+                self.tl.note("warning: pre-resume's answer came late, but SPFS was in stub "
+                             "mode before CRIU resumed the processes")
+                continue
+            errors.append(f"{stage}: the action script stopped waiting for criu-spfs (no "
+                          f"answer within its limit) and CRIU went on without this stage")
+        return errors
 
     def raise_mount_error(self) -> None:
         """A CRIU that ran to the end waited for the mounts; this is for one that did not
@@ -362,6 +378,7 @@ class Restore:
             raise RestoreError("network-unlock without post-restore")
         self._queueing.finish()
         self.manager.request(cmd="mode", all=True, mode="stub")
+        self._stub_at = time.clock_gettime(time.CLOCK_BOOTTIME)  # the script's clock
         self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
 
     def _queue_replaces(self, pid: int) -> None:

@@ -66,6 +66,7 @@ class StageServer:
         self.errors: list[str] = []
         self.handled: list[str] = []
         self.stuck: list[threading.Thread] = []  # handlers still running past their limit
+        self.gave_up: dict[str, float] = {}  # stage -> when (boot clock) the script's timer fired
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,6 +119,8 @@ class StageServer:
                 raw, pending = pending.split(b"\n", 1)
                 line = raw[:MAX_LINE].decode("ascii", "replace").strip()
                 stage = line.partition(" ")[0]
+                if self._note_gave_up(line):
+                    continue
                 answer = self._answer(line)
                 if stage not in UNANSWERED:
                     self._reply(stage, answer)
@@ -127,6 +130,20 @@ class StageServer:
             if len(pending) > MAX_LINE:  # no newline in sight: not our script
                 log.error("dropping a stage request without end: %r", pending[:80])
                 pending = b""
+
+    def _note_gave_up(self, line: str) -> bool:
+        """"STAGE gave-up UPTIME": the script's timer answered for us at that boot-clock
+        time and CRIU went on (for pre-resume, CRIU 3.17 resumes the tasks regardless)."""
+        parts = line.split()
+        if len(parts) != 3 or parts[1] != "gave-up" or parts[0] not in STAGES:
+            return False
+        try:
+            self.gave_up[parts[0]] = float(parts[2])
+        except ValueError:
+            return False
+        log.error("the action script stopped waiting for stage %s (boot clock %s s)",
+                  parts[0], parts[2])
+        return True
 
     def wait_handled(self, stage: str, timeout: float) -> bool:
         """Until *stage* has been handled (True) or *timeout* passed (False)."""
