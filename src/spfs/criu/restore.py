@@ -536,6 +536,11 @@ def restore(config: RestoreConfig, timeline: Timeline | None = None) -> Restore:
         r.abort()
         r.save_timeline(ok=False, error=str(e))
         raise RestoreError(str(e)) from None
+    except BaseException as e:  # the caller's timeout, ^C: still leave nothing behind
+        r.tl.note(f"restore interrupted: {e!r}")
+        r.abort()
+        r.save_timeline(ok=False, error=f"interrupted: {e!r}")
+        raise
     r.detach_staging()
     if config.wait:
         ok = r.follow()
