@@ -14,8 +14,11 @@ import pytest
 from spfs.lab.ct import container
 from spfs.lab.ct.spec import BindMount, CtState, NfsMount
 from spfs.lab.env import in_guest
+from tests.lab import watchdog
 
 _names = itertools.count(1)
+_items_run = itertools.count(1)
+NO_FORK_VAR = "SPFS_LAB_NO_FORK"  # set to 1: run lab tests in the session process
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +62,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if report.failed and call.when == "call":
         dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
         report.sections.append(("guest kernel log (tail)", "\n".join(dmesg.splitlines()[-30:])))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """Each lab test in a forked child, bounded by its timeout plus watchdog.GRACE even when
+    it is stuck in the kernel (see tests/lab/watchdog.py)."""
+    if not in_guest() or os.environ.get(NO_FORK_VAR) == "1" or item.get_closest_marker(
+            "lab") is None:
+        return None
+    ordinal = next(_items_run)
+
+    def in_child() -> None:
+        global _names
+        # container names unique across children (each starts from the session's counter)
+        _names = itertools.count(ordinal * 100 + 1)
+
+    watchdog.run_item(item, in_child)
+    return True

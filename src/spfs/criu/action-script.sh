@@ -21,8 +21,10 @@
 #   $SPFS_CRIU_CONTROL: CRIU waits for SPFS to be mounted before it builds the container's
 #   mount namespace, SPFS goes to stub before the processes resume, and the replace by the
 #   real NFS is released after (post-restore, network-unlock and post-resume are not waited
-#   for: what they start, pre-resume checks, or the processes already run). network-unlock
-#   also comes at the end of a dump, without $SPFS_CRIU_CONTROL: a no-op then.
+#   for: what they start, pre-resume checks, or the processes already run). The waits are
+#   bounded: criu-spfs answers each stage within its limit, and a timer here answers for it
+#   if it cannot (SPFS_CRIU_STAGE_TIMEOUTS); a failed stage names itself in CRIU's log.
+#   network-unlock also comes at the end of a dump, without $SPFS_CRIU_CONTROL: a no-op then.
 PID=${CRTOOLS_INIT_PID:-}
 MARK=0xC114
 CHAIN=SPFS-NFS
@@ -84,10 +86,31 @@ to_criu_spfs() {  # one stage to criu-spfs; $2=wait: its answer is "ok" or what 
     [ "${2:-}" = wait ] || return 0
     [ -n "${SPFS_CRIU_PID:-}" ] && kill -0 "$SPFS_CRIU_PID" 2>/dev/null ||
         { echo "criu-spfs action: criu-spfs (pid ${SPFS_CRIU_PID:-?}) is gone" >&2; return 1; }
+    # CRIU waits for this script with no limit, holding the restored tasks: criu-spfs
+    # answers within its own limits, and this timer answers in its place if it cannot at
+    # all (stopped, or stuck in the kernel). A background sleep is the only timer dash has;
+    # it runs beside the wait, not before it. The timer's line, if it comes after the real
+    # answer, is skipped as stale by the next stage's read.
+    limit=${SPFS_CRIU_STAGE_TIMEOUT:-300}
+    for t in ${SPFS_CRIU_STAGE_TIMEOUTS:-}; do  # "STAGE=SECONDS ...", from criu-spfs
+        case "$t" in "$1="*) limit=${t#"$1="} ;; esac
+    done
+    (
+        trap 'kill "$s" 2>/dev/null; exit 0' TERM
+        sleep "$limit" & s=$!
+        wait "$s" && [ -p "$ctl/reply" ] || exit 0
+        # CRIU 3.17 resumes the tasks even when pre-resume fails: tell criu-spfs when we gave
+        # up (boot-clock seconds) so it can tell whether SPFS was in stub mode by then
+        read -r up _ < /proc/uptime
+        printf '%s gave-up %s\n' "$1" "$up" 1<>"$ctl/request"
+        printf '%s no answer from criu-spfs in %s s\n' "$1" "$limit" 1<>"$ctl/reply"
+    ) </dev/null >/dev/null 2>&1 &
+    timer=$!
     answer=
     while IFS= read -r line; do
         case "$line" in "$1 "*) answer=${line#"$1 "}; break ;; esac  # skip stale answers
     done < "$ctl/reply"
+    kill "$timer" 2>/dev/null
     [ "$answer" = ok ] && return 0
     echo "criu-spfs action: $1: ${answer:-no answer (criu-spfs gone)}" >&2
     return 1

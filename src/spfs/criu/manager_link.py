@@ -16,7 +16,7 @@ from typing import Any
 from spfs.manager.client_cmd import send_request
 from spfs.manager.protocol import FINAL_STATUS_NAME
 from spfs.standby import client as standby_client
-from spfs.sys.children import pid_alive, terminate
+from spfs.sys.children import pid_alive, run_bounded, terminate
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,9 @@ class ManagerLink:
     @staticmethod
     def _start_process(argv: list[str]) -> tuple[int, str]:
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=START_TIMEOUT,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise ManagerError(f"spfs-manager did not start in {START_TIMEOUT:.0f} s") from None
+            proc = run_bounded(argv, START_TIMEOUT, stdin=subprocess.DEVNULL)
+        except TimeoutError as e:
+            raise ManagerError(f"spfs-manager did not start: {e}") from None
         return proc.returncode, proc.stderr
 
     @staticmethod

@@ -26,7 +26,6 @@ import functools
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -44,7 +43,7 @@ from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
 from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
 from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
-from spfs.sys.children import pid_alive
+from spfs.sys.children import pid_alive, reap_or_kill, terminate
 from spfs.sys.daemon import stdio_to_devnull
 from spfs.sys.mountapi import MNT_DETACH, MS_BIND, MS_PRIVATE, MS_SHARED, mount, umount2
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
@@ -58,6 +57,11 @@ DONE_PHASES = ("done", "failed", "rolled_back")
 STAGE_TIMEOUT = 60.0  # for a stage CRIU ran to be handled here
 MOUNT_TIMEOUT = 180.0  # the manager's start and every SPFS mount, while CRIU waits
 EXIT_TIMEOUT = 60.0  # after the replace: SPFS exits once unused, the manager after it
+# How long each stage's handler may take (then the stage fails, named; CRIU waits for no
+# longer): a little more than the bounded waits inside it, whose own errors say more
+STAGE_LIMITS = {"setup-namespaces": MOUNT_TIMEOUT + 10, "post-restore": STAGE_TIMEOUT,
+                "network-unlock": STAGE_TIMEOUT, "pre-resume": STAGE_TIMEOUT + 10,
+                "post-resume": STAGE_TIMEOUT + 10}
 PHASE_NOTES = {  # replace phases worth a line of the timeline when they are reached
     "proxy": "NFS mounted in the container; SPFS proxies to it",
     "frozen": "container frozen",
@@ -205,6 +209,7 @@ class Restore:
         self._starting = Background(self._start_manager, "manager-start",
                                     "spfs-manager not started", MOUNT_TIMEOUT)
         self._forked = False
+        self._stub_at: float | None = None  # boot clock when SPFS reached stub mode
 
     # -- 1, 2
     def prepare(self) -> None:
@@ -274,7 +279,7 @@ class Restore:
         """CRIU starts while the images are checked and SPFS mounted: its start (exec, its
         own reading of the images, the root task) overlaps them, and its setup-namespaces
         stage, before it builds the mount namespace, waits for them."""
-        stages = StageServer(self.work / "stages", self._on_stage)
+        stages = StageServer(self.work / "stages", self._on_stage, STAGE_LIMITS)
         stages.start()
         self._mounting.start()
         argv = criu_restore_argv(self.config.criu, self.images, self.shares, self.config.extra)
@@ -287,6 +292,7 @@ class Restore:
             # CRIU does not wait for post-resume's handling (the release), we do
             if not stages.wait_handled("post-resume", STAGE_TIMEOUT):
                 stages.errors.append(f"post-resume not handled in {STAGE_TIMEOUT:.0f} s")
+            stages.errors += self._stages_given_up(stages.gave_up)
         except CriuError as e:
             # a stage we failed (images refused, SPFS not mounted, ...) is why CRIU gave up:
             # say so first; so is a refusal of the images CRIU failed on before it waited
@@ -305,6 +311,20 @@ class Restore:
         if stages.errors:
             # processes run, but not as planned: SPFS may still be in restore mode
             raise RestoreError("action script stages failed: " + "; ".join(stages.errors))
+
+    def _stages_given_up(self, gave_up: dict[str, float]) -> list[str]:
+        """Stages whose script stopped waiting for us while CRIU went on: an error, except a
+        pre-resume given up after SPFS was in stub mode (the tasks resumed on the stub, as
+        planned; CRIU 3.17 resumes them whether pre-resume fails or not)."""
+        errors = []
+        for stage, when in gave_up.items():
+            if stage == "pre-resume" and self._stub_at is not None and self._stub_at <= when:
+                self.tl.note("warning: pre-resume's answer came late, but SPFS was in stub "
+                             "mode before CRIU resumed the processes")
+                continue
+            errors.append(f"{stage}: the action script stopped waiting for criu-spfs (no "
+                          f"answer within its limit) and CRIU went on without this stage")
+        return errors
 
     def raise_mount_error(self) -> None:
         """A CRIU that ran to the end waited for the mounts; this is for one that did not
@@ -364,6 +384,7 @@ class Restore:
             raise RestoreError("network-unlock without post-restore")
         self._queueing.finish()
         self.manager.request(cmd="mode", all=True, mode="stub")
+        self._stub_at = time.clock_gettime(time.CLOCK_BOOTTIME)  # the script's clock
         self.tl.note("SPFS in stub mode: NFS access blocks until the real NFS is back")
 
     def _queue_replaces(self, pid: int) -> None:
@@ -469,8 +490,9 @@ class Restore:
         for pid in spfs_pids:
             while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGTERM)
+            # SIGTERM, then SIGKILL: a stopped or stuck SPFS must not outlive the restore
+            if not terminate(pid, 5.0):
+                log.warning("spfs %d ignored SIGTERM for 5 s: killed it", pid)
         self.cleanup_work()
 
     def cleanup_work(self) -> None:
@@ -520,6 +542,11 @@ def restore(config: RestoreConfig, timeline: Timeline | None = None) -> Restore:
         r.abort()
         r.save_timeline(ok=False, error=str(e))
         raise RestoreError(str(e)) from None
+    except BaseException as e:  # the caller's timeout, ^C: still leave nothing behind
+        r.tl.note(f"restore interrupted: {e!r}")
+        r.abort()
+        r.save_timeline(ok=False, error=f"interrupted: {e!r}")
+        raise
     r.detach_staging()
     if config.wait:
         ok = r.follow()
@@ -538,7 +565,7 @@ def _follow_in_background(r: Restore) -> None:
     """A detached child follows the replace and completes the timeline JSON."""
     child = os.fork()
     if child != 0:
-        os.waitpid(child, 0)  # the intermediate exits at once
+        reap_or_kill(child, 10.0)  # the intermediate exits at once
         return
     try:
         os.setsid()

@@ -36,6 +36,18 @@ if [ -n "${SPFS_LAB_FAIL_AT:-}" ] && [ "$SPFS_LAB_FAIL_AT" = "${CRTOOLS_SCRIPT_A
     exit 1
 fi
 
+# For failure tests: SPFS_LAB_STALL_AT=STAGE stops criu-spfs (SIGSTOP) at that stage and lets
+# it go on after SPFS_LAB_STALL_SECONDS, as a starved or stuck criu-spfs would be. CRIU runs
+# this script before criu-spfs's, whose wait for the stage's answer must then end alone.
+if [ -n "${SPFS_LAB_STALL_AT:-}" ] && [ "$SPFS_LAB_STALL_AT" = "${CRTOOLS_SCRIPT_ACTION:-}" ] &&
+        [ -n "${SPFS_CRIU_PID:-}" ]; then
+    echo "spfs-lab action: stopping criu-spfs ($SPFS_CRIU_PID) at $SPFS_LAB_STALL_AT for" \
+        "${SPFS_LAB_STALL_SECONDS:-30} s" >&2
+    kill -STOP "$SPFS_CRIU_PID"
+    (sleep "${SPFS_LAB_STALL_SECONDS:-30}"; kill -CONT "$SPFS_CRIU_PID") \
+        </dev/null >/dev/null 2>&1 &
+fi
+
 case "${CRTOOLS_SCRIPT_ACTION:-}" in
     post-dump)
         [ -n "${SPFS_LAB_NETLOCK_PROBE:-}" ] && probe
