@@ -85,18 +85,69 @@ def test_check_seen_tells_a_replaced_object(share) -> None:
         s.check_seen("dir/file", Seen(st.st_dev, st.st_ino, st.st_mode), "file")
 
 
-def test_set_aside_and_put_back_keep_the_inode(share) -> None:
+def _staged_replacement(s, root: Path, rel: str):
+    stage = s.stage(rel, kinds=(stat.S_IFREG,))
+    with open(os.open(stage.name, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=stage.stage_fd), "w") as f:
+        f.write("new")
+    return stage
+
+
+def _hidden(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "dir").iterdir() if ".spfs-" in p.name)
+
+
+def test_a_staged_replacement_takes_the_name_without_a_gap_and_is_kept(share) -> None:
+    s, root, _ = share
+    stage = _staged_replacement(s, root, "dir/file")
+    assert (root / "dir" / "file").read_text() != "new"  # not before place()
+    before = os.stat(root / "dir" / "file").st_ino
+    stage.place()
+    assert (root / "dir" / "file").read_text() == "new"
+    kept = [n for n in _hidden(root) if ".spfs-old-" in n]
+    assert len(kept) == 1 and os.stat(root / "dir" / kept[0]).st_ino == before
+    stage.settle(keep_new=True)
+    assert (root / "dir" / "file").read_text() == "new" and _hidden(root) == []
+
+
+def test_a_placed_replacement_given_up_gives_the_old_object_its_name_back(share) -> None:
     s, root, _ = share
     before = os.stat(root / "dir" / "file").st_ino
-    aside = s.set_aside("dir/file", kinds=(stat.S_IFREG,))
-    assert aside is not None and not (root / "dir" / "file").exists()
-    (root / "dir" / "file").write_text("new")
-    aside.put_back()
-    assert os.stat(root / "dir" / "file").st_ino == before
-    assert s.set_aside("dir/none", kinds=(stat.S_IFREG,)) is None
-    with pytest.raises(ShareChanged, match="left alone"):
-        s.set_aside("up", kinds=(stat.S_IFSOCK,))
+    stage = _staged_replacement(s, root, "dir/file")
+    stage.place()
+    stage.settle(keep_new=False)
+    assert os.stat(root / "dir" / "file").st_ino == before and _hidden(root) == []
+
+
+def test_a_replacement_never_placed_leaves_nothing(share) -> None:
+    s, root, _ = share
+    before = os.stat(root / "dir" / "file").st_ino
+    _staged_replacement(s, root, "dir/file").settle(keep_new=False)
+    assert os.stat(root / "dir" / "file").st_ino == before and _hidden(root) == []
+    # a name that did not exist: placed, then given up, it is gone again
+    stage = _staged_replacement(s, root, "dir/none")
+    stage.place()
+    assert (root / "dir" / "none").read_text() == "new"
+    stage.settle(keep_new=False)
+    assert not (root / "dir" / "none").exists() and _hidden(root) == []
+
+
+def test_a_staged_replacement_refuses_another_kind_at_the_name_or_a_swapped_replacement(share) -> None:
+    s, root, _ = share
+    stage = s.stage("up", kinds=(stat.S_IFREG,))
+    os.close(os.open(stage.name, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=stage.stage_fd))
+    with pytest.raises(ShareChanged, match="not replaced"):
+        stage.place()  # "up" is a symlink leading off the share
+    stage.settle(keep_new=False)
     assert (root / "up").is_symlink()
+    stage = _staged_replacement(s, root, "dir/file")
+    first = stage.hold_made()  # held open: the swapped-in file cannot reuse its inode
+    os.unlink(stage.name, dir_fd=stage.stage_fd)
+    os.close(os.open(stage.name, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=stage.stage_fd))
+    with pytest.raises(ShareChanged, match="replaced in its staging directory"):
+        stage.place()
+    os.close(first)
+    stage.settle(keep_new=False)
+    assert (root / "dir" / "file").read_text() != "new" and _hidden(root) == []
 
 
 def test_unlink_removes_the_name_only(share) -> None:

@@ -65,7 +65,8 @@ def find_locks(plan: SwapPlan, stopped: list[ProcessPlan]) -> None:
 
 
 def move_description_state(plan: SwapPlan, prepared: "Prepared") -> None:
-    """Offsets, flock and OFD locks, FIFO and datagram contents: set on B from here."""
+    """Offsets, flock and OFD locks, FIFO and datagram contents: set on B from here; new
+    socket files take their names (the tasks are stopped: nothing sends meanwhile)."""
     copied_fifos: set[str] = set()
     for desc in plan.descriptions:
         if (stat.S_ISREG(desc.mode) or stat.S_ISDIR(desc.mode)) and not desc.flags & os.O_PATH:
@@ -76,8 +77,11 @@ def move_description_state(plan: SwapPlan, prepared: "Prepared") -> None:
             if desc.sock.listening and unixsock.has_queued_connections(desc.old_fd):
                 raise SwapError(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
                                 "moved to a new listener: run the switch again")
+            stage = prepared.staged_sockets[desc.sock.ino]
             if not desc.sock.listening:
-                unixsock.copy_datagrams(desc.old_fd, desc.new_fd, prepared.target, desc.rel)
+                unixsock.copy_datagrams(desc.old_fd, desc.new_fd, stage)
+            if not stage.placed:
+                stage.place()
         if stat.S_ISFIFO(desc.mode) and desc.rel not in copied_fifos:
             copied_fifos.add(desc.rel)
             _copy_pipe_content(desc.old_fd, prepared.fifo_keepers[desc.rel])

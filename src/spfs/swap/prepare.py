@@ -17,7 +17,7 @@ from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.donor import Donor, same_pid_namespace
 from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
-from spfs.sys.beneath import ACROSS_MOUNTS, Aside, Seen, Share, ShareChanged, magic_path
+from spfs.sys.beneath import ACROSS_MOUNTS, Seen, Share, ShareChanged, Staged, magic_path
 from spfs.sys.pidfd import getfd_from as pidfd_getfd, getfd_if_same_file
 
 log = logging.getLogger(__name__)
@@ -35,17 +35,16 @@ def open_on_target(plan: SwapPlan, prepared: "Prepared", desc: Description) -> i
     flags = (desc.flags & ~REOPEN_DROP) | os.O_CLOEXEC
     if stat.S_ISSOCK(desc.mode):
         sock = desc.sock
-        # Read before the new socket is bound: in a replace the target is the very
-        # filesystem the source proxies onto, and binding replaces this file.
         file_fd = source.check_seen(desc.rel, Seen(source.dev, sock.file_ino, stat.S_IFSOCK), "socket file")
         try:
             owner = os.fstat(file_fd)
         finally:
             os.close(file_fd)
         address = sock.path if plan.target_replaces_source else _target_address(plan, desc.rel)
-        fd = unixsock.recreate(sock, target, desc.rel, desc.old_fd, desc.flags, address, prepared.asides)
+        fd = unixsock.recreate(sock, target, desc.rel, desc.old_fd, desc.flags, address,
+                               prepared.staged_sockets)
         try:
-            unixsock.give_file_attributes(target, desc.rel, owner)
+            unixsock.give_file_attributes(prepared.staged_sockets[sock.ino], owner)
         except ShareChanged:
             os.close(fd)
             raise
@@ -111,8 +110,10 @@ class Prepared:
         self.donors: list[Donor] = []
         self.inotify_copies: dict[tuple[int, int], int] = {}
         self.donor_of: dict[int, int] = {}  # pid -> pid of its fd donor, as seen by that pid
-        # socket files renamed out of the way on B: dropped once committed, else put back
-        self.asides: list[Aside] = []
+        # new sockets' files, by old socket inode: made in staging directories on B, given
+        # their names in the stop window; the old files are dropped once committed, else
+        # get their names back
+        self.staged_sockets: dict[int, Staged] = {}
         self.committed = False
         # The decision pipe (tables.py): only we may hold its write end, so that our death
         # is an end of file for the parked tasks.  The done counter gets 1 per finished task.
@@ -216,15 +217,17 @@ class Prepared:
                 os.close(fd)
         self.fifo_keepers.clear()
 
-    def settle_asides(self) -> None:
-        """Socket files set aside on B: gone if the switch committed, back otherwise (the
-        tasks still hold their old sockets, bound to exactly those files)."""
-        for aside in reversed(self.asides):
+    def settle_staged_sockets(self) -> None:
+        """The new socket files keep their names if the switch committed; otherwise the old
+        ones get theirs back (the tasks still hold their old sockets, bound to exactly those
+        files)."""
+        for stage in reversed(self.staged_sockets.values()):
             try:
-                aside.drop() if self.committed else aside.put_back()
+                stage.settle(keep_new=self.committed)
             except OSError as exc:
-                log.warning("socket file %s set aside as %s: %s", aside.name, aside.aside, exc)
-        self.asides.clear()
+                log.warning("socket file %s on the target (staged in %s): %s", stage.rel,
+                            stage.stage_name, exc)
+        self.staged_sockets.clear()
 
     def close(self) -> None:
         self.close_decision()
@@ -239,7 +242,7 @@ class Prepared:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
-        self.settle_asides()  # after our copies of the new sockets are closed
+        self.settle_staged_sockets()  # after our copies of the new sockets are closed
         self.opened.clear()
         self.pidfds.clear()
         self.source.close()

@@ -26,7 +26,7 @@ from pyroute2.netlink.diag import UDIAG_SHOW_NAME, UDIAG_SHOW_RQLEN, UDIAG_SHOW_
 
 from spfs.swap import sockname
 from spfs.sys import namespaces
-from spfs.sys.beneath import Aside, Share, chmod_chown, magic_path
+from spfs.sys.beneath import Share, Staged, chmod_chown, magic_path
 
 T = TypeVar("T")
 SO_PEEK_OFF = 42
@@ -115,11 +115,12 @@ def _bound_here(dev: int) -> dict[int, BoundSocket]:
 
 
 def recreate(sock: BoundSocket, target: Share, rel: str, old_fd: int, flags: int, address: str,
-             asides: list[Aside]) -> int:
-    """A socket like the old one, its file made at `rel` on the target share, its address
-    reading `address` (see sockname.py). A socket file already there is set aside (added
-    to `asides`), not removed: in a replace it is the very file the old socket is bound to
-    (the source proxies onto the target), and a switch that is given up puts it back."""
+             staged: dict[int, Staged]) -> int:
+    """A socket like the old one, its address reading `address` (see sockname.py), its
+    file made beside `rel` on the target share in a staging directory (`staged[sock.ino]`):
+    in a replace the file at `rel` is the very one the old socket is bound to (the source
+    proxies onto the target) and the container is still sending to it, so the new file
+    takes the name only while the tasks are stopped (Staged.place, from the handover)."""
     with socket.socket(fileno=os.dup(old_fd)) as old:
         options = {opt: old.getsockopt(socket.SOL_SOCKET, opt) for opt in COPIED_OPTIONS}
     try:  # the new socket lives where the old one does (CRIU dumps a netns's sockets)
@@ -132,19 +133,14 @@ def recreate(sock: BoundSocket, target: Share, rel: str, old_fd: int, flags: int
         if ns_fd is not None:
             os.close(ns_fd)
     try:
-        aside = target.set_aside(rel, kinds=(stat.S_IFSOCK,))
-        if aside is not None:
-            asides.append(aside)
-        dir_fd, name = target.parent(rel)
-        try:
-            if address.startswith("/proc/"):
-                # a target reached through a magic link: no address could name its place
-                # for the process anyway, and a private root cannot be built under /proc
-                new.bind(_through(dir_fd, name))
-            else:
-                sockname.bind_named(new, address, dir_fd, name)
-        finally:
-            os.close(dir_fd)
+        stage = target.stage(rel, kinds=(stat.S_IFSOCK,))
+        staged[sock.ino] = stage
+        if address.startswith("/proc/"):
+            # a target reached through a magic link: no address could name its place
+            # for the process anyway, and a private root cannot be built under /proc
+            new.bind(_through(stage.stage_fd, stage.name))
+        else:
+            sockname.bind_named(new, address, stage.stage_fd, stage.name)
         for opt, value in options.items():
             new.setsockopt(socket.SOL_SOCKET, opt, value)
         if sock.listening:
@@ -156,14 +152,14 @@ def recreate(sock: BoundSocket, target: Share, rel: str, old_fd: int, flags: int
         raise
 
 
-def give_file_attributes(target: Share, rel: str, owner: os.stat_result) -> None:
-    """Owner and mode of the old socket file (`owner`) given to the new one at `rel` on
-    the target, found below the target's root."""
-    target_fd = target.open_kind(rel, os.O_PATH | os.O_NOFOLLOW, stat.S_IFSOCK)
+def give_file_attributes(stage: Staged, owner: os.stat_result) -> None:
+    """Owner and mode of the old socket file (`owner`) given to the new one, made in its
+    staging directory."""
+    made_fd = stage.hold_made()
     try:
-        chmod_chown(target_fd, owner.st_mode, owner.st_uid, owner.st_gid)
+        chmod_chown(made_fd, owner.st_mode, owner.st_uid, owner.st_gid)
     finally:
-        os.close(target_fd)
+        os.close(made_fd)
 
 
 def _through(dir_fd: int, name: str) -> str:
@@ -180,28 +176,24 @@ def has_queued_connections(listener_fd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def copy_datagrams(old_fd: int, new_fd: int, target: Share, rel: str) -> int:
-    """Queue on the new socket, whose file is at `rel` on the target (its address may name
-    another place, see sockname.py), a copy of every datagram waiting on the old one
-    (peeked). Sent through the directory we opened below the target's root, so that no
-    lookup from our root can reach another socket."""
-    dir_fd, name = target.parent(rel)
-    try:
-        to = _through(dir_fd, name)
-        with socket.socket(fileno=os.dup(old_fd)) as old, socket.socket(fileno=os.dup(new_fd)) as new:
-            previous = old.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
-            old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-            copied = 0
-            try:
-                while True:
-                    try:
-                        data = old.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        break
-                    new.sendto(data, to)
-                    copied += 1
-            finally:
-                old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, previous)
-            return copied
-    finally:
-        os.close(dir_fd)
+def copy_datagrams(old_fd: int, new_fd: int, stage: Staged) -> int:
+    """Queue on the new socket (its file still in its staging directory: the name is the
+    old socket's until placed) a copy of every datagram waiting on the old one (peeked).
+    Sent through the staging directory's descriptor, so no lookup from our root can reach
+    another socket."""
+    to = _through(stage.stage_fd, stage.name)
+    with socket.socket(fileno=os.dup(old_fd)) as old, socket.socket(fileno=os.dup(new_fd)) as new:
+        previous = old.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+        old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        copied = 0
+        try:
+            while True:
+                try:
+                    data = old.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                new.sendto(data, to)
+                copied += 1
+        finally:
+            old.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, previous)
+        return copied

@@ -217,20 +217,20 @@ class Share:
             raise ShareChanged(f"{rel!r} on the {self.label} is {kind_of(st.st_mode)}: {refusal}")
         return True
 
-    def set_aside(self, rel: str, *, kinds: tuple[int, ...]) -> "Aside | None":
-        """Rename the object at `rel` (one of `kinds`) to a hidden name in its directory,
-        so that it can be put back if what replaces it is given up; None if there is none."""
+    def stage(self, rel: str, *, kinds: tuple[int, ...]) -> "Staged":
+        """A hidden directory beside `rel` where its replacement (one of `kinds`) is made
+        under the same name; Staged.place() then gives it the name in one rename, so that
+        the name never goes missing for the programs using it meanwhile."""
         dir_fd, name = self.parent(rel)
+        stage_name = f".{name[:200]}.spfs-new-{secrets.token_hex(6)}"
         try:
-            if not self._is_of_kind(dir_fd, name, rel, kinds, "left alone"):
-                os.close(dir_fd)
-                return None
-            aside = f".{name[:200]}.spfs-aside-{secrets.token_hex(6)}"
-            os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.mkdir(stage_name, 0o700, dir_fd=dir_fd)
+            stage_fd = os.open(stage_name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=dir_fd)
         except BaseException:
             os.close(dir_fd)
             raise
-        return Aside(dir_fd, name, aside)
+        return Staged(self, rel, kinds, dir_fd, stage_fd, name, stage_name)
 
     def unlink(self, rel: str, *, kinds: tuple[int, ...] = (stat.S_IFREG,)) -> bool:
         """Remove the name `rel` if it is one of `kinds` (S_IFMT values); False if there
@@ -246,31 +246,89 @@ class Share:
 
 
 @dataclass
-class Aside:
-    """An object renamed out of the way inside its directory (held by `dir_fd`)."""
+class Staged:
+    """A replacement for the object at `rel`, made as `name` in the hidden directory
+    `stage_name` beside it. place() renames it over the name (atomic: whoever looks the name
+    up finds the old object or the new one, never nothing) and keeps the object it replaces
+    under a hidden hard link; settle() then drops one of the two."""
 
-    dir_fd: int
+    share: Share
+    rel: str
+    kinds: tuple[int, ...]
+    dir_fd: int  # the directory holding the name
+    stage_fd: int
     name: str
-    aside: str
+    stage_name: str
+    made: tuple[int, int] | None = None  # (dev, ino) of the replacement, once made
+    kept: str | None = None  # the replaced object's hidden name, once placed
+    placed: bool = False
 
-    def put_back(self) -> None:
-        """The object under its own name again (replacing whatever took the name)."""
+    def hold_made(self) -> int:
+        """An O_PATH descriptor of the replacement in the staging directory, which must be
+        one of the kinds and on the share; records its identity for place()."""
+        fd = os.open(self.name, _O_PATH_NOFOLLOW, dir_fd=self.stage_fd)
         try:
-            os.rename(self.aside, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        finally:
-            self.close()
+            st = os.fstat(fd)
+            if st.st_dev != self.share.dev or stat.S_IFMT(st.st_mode) not in self.kinds:
+                raise ShareChanged(f"the replacement of {self.rel!r} on the {self.share.label} is "
+                                   f"{kind_of(st.st_mode)} on {_devname(st.st_dev)}")
+            self.made = (st.st_dev, st.st_ino)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-    def drop(self) -> None:
-        """The object set aside is not wanted any more."""
+    def place(self) -> None:
+        """The replacement takes the name; the object that had it stays linked as
+        `.<name>.spfs-old-*` until settle()."""
+        if self.made is None:
+            os.close(self.hold_made())
+        st = os.stat(self.name, dir_fd=self.stage_fd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != self.made:
+            raise ShareChanged(f"the replacement of {self.rel!r} on the {self.share.label} was "
+                               "replaced in its staging directory")
+        if self.share._is_of_kind(self.dir_fd, self.name, self.rel, self.kinds, "not replaced"):
+            kept = f".{self.name[:200]}.spfs-old-{secrets.token_hex(6)}"
+            try:
+                os.link(self.name, kept, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
+                        follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                # no hard links here: the name is missing between these two renames
+                os.rename(self.name, kept, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            self.kept = kept
+        os.rename(self.name, self.name, src_dir_fd=self.stage_fd, dst_dir_fd=self.dir_fd)
+        self.placed = True
+
+    def settle(self, keep_new: bool) -> None:
+        """Keep the replacement (drop the old object) or give it up (the old object gets
+        its name back, or the name goes if there was none); the staging directory goes."""
         try:
-            os.unlink(self.aside, dir_fd=self.dir_fd)
+            if self.placed and keep_new:
+                if self.kept is not None:
+                    os.unlink(self.kept, dir_fd=self.dir_fd)
+            elif self.placed:
+                if self.kept is not None:
+                    os.rename(self.kept, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+                else:
+                    st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) == self.made:
+                        os.unlink(self.name, dir_fd=self.dir_fd)
+            else:
+                try:
+                    os.unlink(self.name, dir_fd=self.stage_fd)
+                except FileNotFoundError:
+                    pass
+            os.rmdir(self.stage_name, dir_fd=self.dir_fd)
         finally:
             self.close()
 
     def close(self) -> None:
-        if self.dir_fd >= 0:
-            os.close(self.dir_fd)
-            self.dir_fd = -1
+        for fd in (self.stage_fd, self.dir_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.stage_fd = self.dir_fd = -1
 
 
 def chmod_chown(fd: int, mode: int, uid: int, gid: int) -> None:
