@@ -51,12 +51,12 @@ def assert_all_pass(results: dict[str, str]) -> None:
 
 
 def migrate_with(ct: CtState, images: Path, loads: list[workload.Workload],
-                 settle: float = 1.0) -> dict:
+                 iterations: int = 5) -> dict:
     """Workloads running -> one migration -> they keep running -> all their verdicts PASS."""
     try:
-        workload.wait_running(loads, settle=settle)
+        workload.wait_running(loads, iterations)
         timeline = migrate(ct, images)
-        workload.wait_progress(loads, settle=max(settle, 1.5))
+        workload.wait_progress(loads, iterations)
     finally:
         results = verdicts(loads)
     assert_all_pass(results)

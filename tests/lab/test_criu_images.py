@@ -15,6 +15,7 @@ from spfs.criu.stubtree import build_manifest
 from spfs.fs.manifest import ManifestError
 from spfs.lab.ct import checkpoint
 from spfs.lab.ct.container import exec_in
+from spfs.lab.ct.util import wait_for
 from spfs.lab.env import shares
 from spfs.lab.paths import LabPaths
 
@@ -32,23 +33,49 @@ def dumped(tmp_path_factory, request):
     ct = container.create("imgs", [NfsMount.parse("4.1:a:/mnt/nfs")],
                           [BindMount.parse("ct:/mnt/nfs:/srv")], "v2")
     try:
-        workload.start("imgs", "append", "/mnt/nfs/imgtest/w.log")
-        workload.start("imgs", "mmap", "/srv/imgtest/m.dat")
-        workload.start("imgs", "posix", "/mnt/nfs/imgtest/l.dat")
+        loads = [workload.start("imgs", "append", "/mnt/nfs/imgtest/w.log"),
+                 workload.start("imgs", "mmap", "/srv/imgtest/m.dat"),
+                 workload.start("imgs", "posix", "/mnt/nfs/imgtest/l.dat")]
         exec_in("imgs", ["/mnt/nfs/imgtest/exe-on-nfs", "cwd", "/mnt/nfs/imgtest/sub", "/tmp/r"],
                 detach=True, timeout=30)
         exec_in("imgs", ["sh", "-c", "exec 5<>/mnt/nfs/imgtest/fifo; echo data >&5; "
                          "exec sleep 1000"], detach=True, timeout=30)
         exec_in("imgs", ["sh", "-c", "exec 6>/mnt/nfs/imgtest/gone; echo xy >&6; "
                          "rm /mnt/nfs/imgtest/gone; exec sleep 1000"], detach=True, timeout=30)
-        import time
-        time.sleep(1.5)
+        workload.wait_running(loads)
+        wait_for("every detached program to hold its file", lambda: _all_in_place(server), 60)
         images = tmp_path_factory.mktemp("img")
         checkpoint.suspend(ct, images, plain=True)
         yield images, server
     finally:
         container.destroy("imgs", missing_ok=True)
         shutil.rmtree(server, ignore_errors=True)
+
+
+def _held_links() -> set[str]:
+    """What each process's exe, cwd and fds lead to (their magic links' text)."""
+    found: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        for link in ("exe", "cwd", *(f"fd/{fd}" for fd in _listdir(f"/proc/{pid}/fd"))):
+            try:
+                found.add(os.readlink(f"/proc/{pid}/{link}"))
+            except OSError:
+                pass
+    return found
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _all_in_place(server: Path) -> bool:
+    held = _held_links()
+    return ({"/mnt/nfs/imgtest/exe-on-nfs", "/mnt/nfs/imgtest/sub", "/mnt/nfs/imgtest/fifo"} <= held
+            and any(h.startswith("/mnt/nfs/imgtest/gone") and h.endswith("(deleted)") for h in held)
+            and not (server / "gone").exists())
 
 
 def _nfs_dev(images) -> int:

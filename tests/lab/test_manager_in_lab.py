@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -45,12 +44,22 @@ def _start_loads(make_ct) -> tuple[CtState, list[workload.Workload]]:
                 workload.start(ct.name, "posix", "/mnt/nfs/kill.lock")]
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _migrate_and_kill_manager_in(ct: CtState, images: Path, loads: list[workload.Workload],
-                                 phase: str) -> None:
-    """Suspend, resume without waiting, SIGKILL the manager once a replace is in `phase`."""
+                                 phase: str) -> int:
+    """Suspend, resume without waiting, SIGKILL the manager once a replace is in `phase`;
+    its pid."""
     workload.wait_running(loads)
     checkpoint.suspend(ct, images)
     checkpoint.resume(CtState.load(ct.name), images, wait=False)
+
+    killed: list[int] = []
 
     def reached() -> bool:
         found = _manager_status()
@@ -59,17 +68,19 @@ def _migrate_and_kill_manager_in(ct: CtState, images: Path, loads: list[workload
         pid, mounts = found
         if any((m.get("replace") or {}).get("phase") == phase for m in mounts):
             os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
             return True
         return False
 
     wait_for(f"the replace to reach {phase}", reached, 180, step=0.05)
+    return killed[0]
 
 
 def test_manager_killed_while_proxying_leaves_the_container_working(make_ct, images) -> None:
     ct, loads = _start_loads(make_ct)
     try:
-        _migrate_and_kill_manager_in(ct, images, loads, "proxy")
-        time.sleep(3)  # whatever the manager had started runs out
+        manager = _migrate_and_kill_manager_in(ct, images, loads, "proxy")
+        wait_for("the killed manager to be gone", lambda: _gone(manager), 60)
         restored = CtState.load(ct.name)
         assert not _frozen(restored.cgroup_dir()), "container left frozen"
         # no replace happened: SPFS stays, proxying

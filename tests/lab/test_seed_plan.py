@@ -56,7 +56,7 @@ def test_4_3_five_cycles(make_ct, images) -> None:
             migrate(CtState.load(ct.name), images.with_name(f"{images.name}-{cycle}"))
             assert workload.lock_held_by_other(ct.name, "posix", "/mnt/nfs/cycles.lock"), \
                 f"lock lost after cycle {cycle + 1}"
-            workload.wait_progress(loads, settle=0.5)
+            workload.wait_progress(loads, iterations=3)
     finally:
         results = verdicts(loads)
     assert_all_pass(results)
@@ -176,7 +176,7 @@ def test_4_6_every_kind_of_program(make_ct, images, vers: str) -> None:
     loads.append(workload.start(ct.name, "exe", f"{base}/exe.log", binary=f"{base}/bin/nfsload"))
     # an unread fd on an ELF file: CRIU 3.17/3.18 move its offset, criu-spfs puts it back
     loads.append(workload.start(ct.name, "elf-fd", f"{base}/bin/nfsload"))
-    migrate_with(ct, images, loads, settle=2.0)
+    migrate_with(ct, images, loads, iterations=20)
 
 
 @pytest.mark.parametrize("vers", ["4.1", "3"])
@@ -190,10 +190,10 @@ def test_4_6_unix_sockets_and_unlinked_files(make_ct, images, vers: str) -> None
     loads = [workload.start(ct.name, kind, f"{base}/{path}")
              for kind, path in SOCKETS_AND_UNLINKED.items()]
     try:
-        workload.wait_running(loads, settle=2.0)
+        workload.wait_running(loads, iterations=20)
         for _ in range(2):
             migrate(CtState.load(ct.name), images)
-            workload.wait_progress(loads, settle=2.0)
+            workload.wait_progress(loads, iterations=20)
     finally:
         results = verdicts(loads)
     assert_all_pass(results)

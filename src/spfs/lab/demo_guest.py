@@ -53,7 +53,7 @@ def main() -> int:
                           timeout=60)
         loads = [workload.start(name, kind, path) for kind, path in DEMO_LOADS]
         loads.append(workload.start(name, "exe", "/mnt/a/exe.log", binary="/mnt/a/bin/nfsload"))
-        workload.wait_running(loads, settle=2.0)
+        workload.wait_running(loads, iterations=20)
         tl.note(f"{len(loads)} workloads running: " + ", ".join(w.kind for w in loads))
         with tl.step("suspend: criu-spfs dump (NFS mounts recorded and external; network "
                      "locked except the container's NFS traffic)"):
@@ -73,7 +73,7 @@ def main() -> int:
                 if k in workload.LOCK_KINDS}
         tl.note("locks after resume (checked from another process): " + ", ".join(
             f"{k} {'held' if v else 'LOST'}" for k, v in held.items()))
-        workload.wait_progress(loads, settle=2.0)
+        workload.wait_progress(loads, iterations=20)
         verdicts = {f"{w.kind} {w.path}": w.stop() for w in loads}
         loads = []
         for what, verdict in verdicts.items():

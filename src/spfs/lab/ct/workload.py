@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,19 +75,59 @@ def _all_alive(loads: list[Workload]) -> bool:
                for ct, pids in by_ct.items())
 
 
-def wait_running(loads: list[Workload], settle: float = 1.0) -> None:
-    """Give the workloads time to set up their references, then check they are alive."""
-    import time
-    time.sleep(settle)
+def progress(w: Workload) -> int | None:
+    """The workload's iteration count (nfsload keeps it in RESULT.progress); None before it
+    has made the file."""
+    try:
+        data = (w.result_on_guest().parent / (Path(w.result).name + ".progress")).read_bytes()
+    except FileNotFoundError:
+        return None
+    return int.from_bytes(data, sys.byteorder) if len(data) == 8 else None
+
+
+def _verdict_if_ended(w: Workload) -> str | None:
+    out = w.result_on_guest()
+    text = out.read_text().strip() if out.exists() else ""
+    return text or None
+
+
+def _wait_iterations(loads: list[Workload], more: int, what: str, timeout: float) -> None:
+    """Until each workload has done `more` iterations past the count it had on entry (a
+    workload without its progress file yet starts at 0); a workload that ends is an error."""
+    start = {id(w): progress(w) or 0 for w in loads}
+    waiting = list(loads)
+
+    def done() -> bool:
+        for w in list(waiting):
+            verdict = _verdict_if_ended(w)
+            if verdict is not None:
+                raise CtError(f"the {w.kind} workload ended while {what}: {verdict}")
+            if (progress(w) or 0) >= start[id(w)] + more:
+                waiting.remove(w)
+        return not waiting
+
+    try:
+        wait_for(what, done, timeout, step=0.05)
+    except CtError as exc:
+        if waiting and "timed out" in str(exc):
+            raise CtError(f"{exc}; not moving: " + ", ".join(
+                f"{w.kind} (pid {w.pid}, at {progress(w)})" for w in waiting)) from None
+        raise
     if not _all_alive(loads):
         raise CtError("a workload died: " + ", ".join(
             f"{w.kind}: {w.result_on_guest().read_text().strip()}"
             for w in loads if w.result_on_guest().exists()))
 
 
-def wait_progress(loads: list[Workload], settle: float = 1.5) -> None:
-    """After a resume: let them run on the restored references for a while, still alive."""
-    wait_running(loads, settle)
+def wait_running(loads: list[Workload], iterations: int = 3, timeout: float = 180.0) -> None:
+    """Until every workload has used its references `iterations` times (set up and working)."""
+    _wait_iterations(loads, iterations, "the workloads start working", timeout)
+
+
+def wait_progress(loads: list[Workload], iterations: int = 5, timeout: float = 180.0) -> None:
+    """After a resume: until every workload has done `iterations` more rounds on the
+    restored references, all still alive."""
+    _wait_iterations(loads, iterations, "the workloads keep working", timeout)
 
 
 def stop_quietly(loads: list[Workload]) -> None:

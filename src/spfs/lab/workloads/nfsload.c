@@ -35,6 +35,10 @@
  *   nfsload unlinked FILE RESULT  like rw, but FILE is unlinked right after creation; at the
  *                                 end its name must not lead to it (NFS shows 1 link)
  *   nfsload lockcheck posix|flock|ofd FILE   exit 0 if another process holds the lock
+ *
+ * The iteration count lives in RESULT.progress (a shared mapping of 8 bytes, native byte
+ * order): a test waits for it to move instead of sleeping, both for "its references are
+ * set up and used" (>= 1) and for "it keeps working after the resume" (it advances).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -61,7 +65,9 @@
 
 static volatile sig_atomic_t stop;
 static int result_fd = -1;
-static unsigned long iterations;
+static unsigned long iterations_at_start;
+static unsigned long *progress = &iterations_at_start; /* RESULT.progress once mapped */
+#define iterations (*progress)
 
 static void on_term(int sig) { (void)sig; stop = 1; }
 
@@ -1029,6 +1035,25 @@ static const struct kind kinds[] = {
     { "unlinked", run_unlinked },
 };
 
+static int map_progress(const char *result)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s.progress", result);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 || ftruncate(fd, sizeof(*progress))) {
+        fprintf(stderr, "nfsload: %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    void *m = mmap(NULL, sizeof(*progress), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) {
+        fprintf(stderr, "nfsload: mmap %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    progress = m;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 4 && !strcmp(argv[1], "lockcheck"))
@@ -1051,6 +1076,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "nfsload: open %s: %s\n", argv[3], strerror(errno));
         return 2;
     }
+    if (map_progress(argv[3]))
+        return 2;
     page_size = sysconf(_SC_PAGESIZE);
     srandom((unsigned)getpid());
     struct sigaction sa = { .sa_handler = on_term };
