@@ -21,7 +21,6 @@ for each NFS share until spfs-manager has put the real NFS back, live.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -36,13 +35,12 @@ from typing import Callable
 from spfs.criu.cgroups import freezer_cgroup_of
 from spfs.criu.dump import ACTION_SCRIPT
 from spfs.criu.fd_offsets import DumpedOffset, offsets_to_put_back, put_back
-from spfs.criu.images import ImageError, ImageSet, check_image_dir, load_images
+from spfs.criu.images import ImageError, check_image_dir
 from spfs.criu.manager_link import ManagerError, ManagerLink
-from spfs.criu.record import RecordedShare, RecordError, load_record
+from spfs.criu.restorable import RestoreError, ShareRestore, check_images, load_shares
 from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
-from spfs.criu.stubtree import LinkedRemap, build_manifest, linked_remaps
-from spfs.fs.manifest import Manifest, ManifestError, dump_manifest
+from spfs.fs.manifest import dump_manifest
 from spfs.sys.children import pid_alive, reap_or_kill, terminate
 from spfs.sys.daemon import stdio_to_devnull
 from spfs.sys.mountapi import MNT_DETACH, MS_BIND, MS_PRIVATE, MS_SHARED, mount, umount2
@@ -69,22 +67,6 @@ PHASE_NOTES = {  # replace phases worth a line of the timeline when they are rea
 }
 
 
-class RestoreError(RuntimeError):
-    pass
-
-
-@dataclass
-class ShareRestore:
-    share: RecordedShare
-    manifest: Manifest | None = None  # from the images, once checked
-    remaps: list[LinkedRemap] = field(default_factory=list)
-    staging: Path | None = None
-
-    @property
-    def id(self) -> str:
-        return self.share.key
-
-
 @dataclass
 class RestoreConfig:
     images: Path
@@ -98,41 +80,6 @@ class RestoreConfig:
     verbose: bool = False
     env: dict[str, str] = field(default_factory=dict)  # for CRIU and its action scripts
     standby: str | None = None  # spfs-standby's socket, used when it answers
-
-
-def load_shares(images: Path) -> list[ShareRestore]:
-    """The shares the dump recorded: enough to run CRIU (staging dirs, external mounts)."""
-    try:
-        shares = [ShareRestore(share) for share in load_record(images)]
-        for s in shares:
-            s.share.primary  # a share with only sub-directory binds cannot be replaced
-        return shares
-    except RecordError as e:
-        raise RestoreError(f"refusing the image directory {images}: {e}") from None
-
-
-def check_images(images: Path, shares: list[ShareRestore]) -> ImageSet:
-    """Each share's manifest and linked remaps from the images, everything checked; raises
-    RestoreError naming what is wrong."""
-    try:
-        image_set = load_images(images)
-        for restore in shares:
-            share = restore.share
-            for m in share.mounts:
-                # CRIU took a bind's sub-root from mountinfo, where NFS shows "/" for every
-                # bind; the dump record has the real one (from the bind's source)
-                dumped = image_set.mounts.get(m.mnt_id)
-                if dumped is not None and dumped.root != m.root:
-                    image_set.mounts[m.mnt_id] = dataclasses.replace(dumped, root=m.root)
-            dumped = image_set.mounts.get(share.mounts[0].mnt_id)
-            if dumped is None:
-                raise RestoreError(f"{share.key}: mount {share.mounts[0].mnt_id} is not in "
-                                   f"the images")
-            restore.manifest = build_manifest(image_set, dumped.root_dev)
-            restore.remaps = linked_remaps(image_set, dumped.root_dev)
-    except (ImageError, ManifestError) as e:
-        raise RestoreError(f"refusing the image directory {images}: {e}") from None
-    return image_set
 
 
 def criu_restore_argv(criu: str, images: Path, shares: list[ShareRestore],
@@ -530,6 +477,12 @@ def _fresh_work_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="restore-", dir=WORK_ROOT))
 
 
+def retry_hint(images: Path) -> str:
+    """A restore that failed before the processes ran changed no image: it can be run again."""
+    return (f"Nothing was restored and the images in {images} are unchanged: once the cause "
+            f"is fixed, run criu-spfs restore -D {images} again")
+
+
 def restore(config: RestoreConfig, timeline: Timeline | None = None) -> Restore:
     """Returns once processes run (config.wait: once NFS is back and the helpers exited)."""
     r = Restore(config, timeline)
@@ -541,7 +494,7 @@ def restore(config: RestoreConfig, timeline: Timeline | None = None) -> Restore:
         r.tl.note(f"restore failed: {e}")
         r.abort()
         r.save_timeline(ok=False, error=str(e))
-        raise RestoreError(str(e)) from None
+        raise RestoreError(f"{e}. {retry_hint(config.images)}") from None
     except BaseException as e:  # the caller's timeout, ^C: still leave nothing behind
         r.tl.note(f"restore interrupted: {e!r}")
         r.abort()
