@@ -25,6 +25,7 @@ START_TIMEOUT = 60.0
 # for each SPFS the manager starts (its default, 30 s, failed a lab restore at
 # setup-namespaces on a host loaded to 40); within restore.MOUNT_TIMEOUT
 SPFS_READY_TIMEOUT = 120.0
+MOUNT_REQUEST_TIMEOUT = SPFS_READY_TIMEOUT + 20.0
 
 
 class ManagerError(RuntimeError):
@@ -116,13 +117,16 @@ class ManagerLink:
         finally:
             child.close()
 
-    def _send(self, fields: dict[str, Any]) -> dict[str, Any]:
+    def _send(self, fields: dict[str, Any], timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
         packet = json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
-        return json.loads(send_request(self.socket_path, packet, REQUEST_TIMEOUT))
+        return json.loads(send_request(self.socket_path, packet, timeout))
 
-    def request(self, **fields: Any) -> dict[str, Any]:
+    def request(self, timeout: float = REQUEST_TIMEOUT, **fields: Any) -> dict[str, Any]:
+        """One command; `timeout` bounds the wait for its answer (a mount waits for the
+        daemon to be ready: MOUNT_REQUEST_TIMEOUT, so that the manager's own bound, which
+        names the cause, comes first)."""
         try:
-            reply = self._send(fields)
+            reply = self._send(fields, timeout)
         except (OSError, ValueError) as e:
             raise ManagerError(f"spfs-manager {fields.get('cmd')}: {e}") from None
         if reply.get("code") != 0:

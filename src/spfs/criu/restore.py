@@ -36,7 +36,7 @@ from spfs.criu.cgroups import freezer_cgroup_of
 from spfs.criu.dump import ACTION_SCRIPT
 from spfs.criu.fd_offsets import DumpedOffset, offsets_to_put_back, put_back
 from spfs.criu.images import ImageError, check_image_dir
-from spfs.criu.manager_link import ManagerError, ManagerLink
+from spfs.criu.manager_link import MOUNT_REQUEST_TIMEOUT, ManagerError, ManagerLink
 from spfs.criu.restorable import RestoreError, ShareRestore, check_images, load_shares
 from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
@@ -217,7 +217,8 @@ class Restore:
         self._starting.finish()
         for s in self.shares:
             assert s.staging is not None
-            self.manager.request(cmd="mount", id=s.id, mode="restore", mountpoint=str(s.staging),
+            self.manager.request(MOUNT_REQUEST_TIMEOUT, cmd="mount", id=s.id, mode="restore",
+                                 mountpoint=str(s.staging),
                                  manifest=str(s.staging.parent / "manifest.json"))
         self.tl.note(f"SPFS mounted in restore mode ({len(self.shares)} share(s))")
 
