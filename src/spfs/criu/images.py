@@ -28,6 +28,7 @@ VMA_FILE_SHARED = 1 << 7
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
 MAX_TOTAL_IMAGE_BYTES = 512 * 1024 * 1024  # what load_images reads, all files together
 MAX_DIR_ENTRIES = 100_000
+TASK_DEAD = 2  # CRIU's task_state of a zombie in core-PID.img
 
 
 class ImageError(ValueError):
@@ -221,11 +222,15 @@ def _offset(reg: dict[str, Any], where: str) -> int | None:
 
 def _fd_tables(images: _ImageDir) -> dict[int, list[tuple[int, int]]]:
     """One pid per fd table (threads and CLONE_FILES children share it) with its fds, from
-    pstree.img, ids-PID.img and fdinfo-FILES_ID.img."""
+    pstree.img, ids-PID.img and fdinfo-FILES_ID.img. CRIU writes no ids for a zombie (only
+    its core, whose task state says so) and no fdinfo for an empty fd table (a daemon that
+    closed 0-2): it reads a missing fdinfo as empty, so do we."""
     tables: dict[int, list[tuple[int, int]]] = {}
     seen: set[int] = set()
     for task in images.entries("pstree.img"):
         pid = _int(task, "pid", "pstree.img")
+        if not images.has(f"ids-{pid}.img") and _is_zombie(images, pid):
+            continue
         ids = next(images.entries(f"ids-{pid}.img"), None)
         if not isinstance(ids, dict):
             raise ImageError(f"ids-{pid}.img: no entry")
@@ -234,9 +239,22 @@ def _fd_tables(images: _ImageDir) -> dict[int, list[tuple[int, int]]]:
             continue
         seen.add(files_id)
         fdinfo = f"fdinfo-{files_id}.img"
+        if not images.has(fdinfo):
+            tables[pid] = []
+            continue
         tables[pid] = [(_int(e, "fd", fdinfo), _int(e, "id", fdinfo))
                        for e in images.entries(fdinfo) if e.get("type") == "REG"]
     return tables
+
+
+def _is_zombie(images: _ImageDir, pid: int) -> bool:
+    """core-PID.img says the task is dead (CRIU's TASK_DEAD: a zombie)."""
+    core = f"core-{pid}.img"
+    if not images.has(core):
+        return False
+    entry = next(images.entries(core), None)
+    tc = entry.get("tc") if isinstance(entry, dict) else None
+    return isinstance(tc, dict) and tc.get("task_state") == TASK_DEAD
 
 
 def load_images(image_dir: Path, limits: ImageLimits = ImageLimits()) -> ImageSet:

@@ -6,6 +6,9 @@ every file except O_WRONLY|O_APPEND ones; content is never compared, so files ar
 zeros in restore mode (what processes read later comes from NFS, once SPFS proxies). For a
 silly-renamed open file (.nfsXXXX), CRIU's --link-remap dump made link_remap.N, which CRIU
 links back to the silly name on restore: the manifest has link_remap.N, not the silly name.
+A symlink held with O_PATH|O_NOFOLLOW is reopened the same way; CRIU checks only its mode,
+and its target is not in the images: the stub has a placeholder target. A mount on top of a
+directory of the share (a tmpfs, a bind) needs that directory for CRIU to mount on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from dataclasses import dataclass
 
 from spfs.criu.images import ImageError, ImageSet, MountRecord, RegFile
 from spfs.fs.manifest import Manifest, parse_manifest
+
+
+SYMLINK_PLACEHOLDER = "spfs-restore-placeholder"  # only CRIU looks, before NFS is back
+MOUNTPOINT_MODE = 0o755  # the directory under a nested mount: hidden, never opened by CRIU
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,28 @@ def stub_files(images: ImageSet, root_dev: int) -> list[StubFile]:
             add(_fs_path(f, mounts[f.mnt_id], remap.name), f)
             continue
         add(_fs_path(f, mounts[f.mnt_id]), f)
+    for path in nested_mountpoints(images, root_dev):
+        found.setdefault(path, StubFile(path, "dir", MOUNTPOINT_MODE, None))
     return sorted(found.values(), key=lambda s: (s.path.count("/"), s.path))
+
+
+def nested_mountpoints(images: ImageSet, root_dev: int) -> list[str]:
+    """Directories of this superblock that other mounts are mounted on: a mount whose
+    mountpoint's nearest covering mount (the longest mountpoint above it) is one of ours."""
+    ours = [m for m in images.mounts.values() if m.root_dev == root_dev]
+    found = []
+    for nested in images.mounts.values():
+        above = [m for m in images.mounts.values() if m is not nested and
+                 nested.mountpoint.startswith(m.mountpoint.rstrip("/") + "/")]
+        if not above:
+            continue
+        covering = max(above, key=lambda m: len(m.mountpoint))
+        if covering in ours:
+            path = _fs_path(RegFile(0, nested.mountpoint, covering.mnt_id, 0, None, None),
+                            covering)
+            if path:
+                found.append(path)
+    return found
 
 
 def root_mode(images: ImageSet, root_dev: int) -> int | None:
@@ -98,6 +126,8 @@ def build_manifest(images: ImageSet, root_dev: int) -> Manifest:
         e = {"path": s.path, "type": s.type, "mode": s.mode}
         if s.size:
             e["size"] = s.size
+        if s.type == "symlink":
+            e["target"] = SYMLINK_PLACEHOLDER
         entries.append(e)
     # the SPFS validator is the last word on hostile names and sizes
     doc: dict = {"version": 1, "entries": entries}
