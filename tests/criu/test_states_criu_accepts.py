@@ -4,6 +4,7 @@ restore-mode tree."""
 
 from __future__ import annotations
 
+import quopri
 import stat
 from pathlib import Path
 
@@ -99,3 +100,29 @@ def test_a_bind_of_a_sub_directory_places_nested_mountpoints_below_its_root() ->
     nested = MountRecord(12, 80, "/", "/srv/cache", "tmpfs", "", None)
     manifest = build_manifest(_share(mounts=(bind, nested)), DEV)
     assert {e.path for e in manifest.entries} >= {"export/sub/cache"}
+
+
+def _unix_socket(sid: int, name: bytes, mnt_id: int) -> dict:
+    fown = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
+    opts = {"so_sndbuf": 212992, "so_rcvbuf": 212992, "so_snd_tmo_sec": 0, "so_snd_tmo_usec": 0,
+            "so_rcv_tmo_sec": 0, "so_rcv_tmo_usec": 0}
+    # pycriu takes a unix address quoted-printable, as it gives it
+    usk = {"id": sid, "ino": 1000 + sid, "type": 1, "state": 10, "flags": 2, "uflags": 0,
+           "backlog": 8, "peer": 0, "fown": fown, "opts": opts,
+           "name": quopri.encodestring(name).decode(), "ns_id": 10, "mnt_id": mnt_id,
+           "file_perms": {"mode": 0o140755, "uid": 0, "gid": 0}}
+    return {"type": "UNIXSK", "id": sid, "usk": usk}
+
+
+def test_a_directory_holding_only_sockets_is_in_the_tree(tmp_path) -> None:
+    """CRIU binds the sockets again at restore, in restore mode, and needs their directory."""
+    d = _base(tmp_path / "img", [1])
+    _ids(d, 1, 7)
+    _image(d / "fdinfo-7.img", "FDINFO", [{"id": 3, "flags": 0, "type": "UNIXSK", "fd": 4},
+                                          {"id": 4, "flags": 0, "type": "UNIXSK", "fd": 5}])
+    _image(d / "files.img", "FILES", [_unix_socket(3, b"/mnt/nfs/run/sub/app.sock\0", 5),
+                                      _unix_socket(4, b"/tmp/elsewhere.sock\0", 1)])
+    images = load_images(d)
+    assert images.socket_names == [(5, "/mnt/nfs/run/sub/app.sock"), (1, "/tmp/elsewhere.sock")]
+    manifest = build_manifest(images, DEV)
+    assert [(e.path, e.type) for e in manifest.entries] == [("run/sub", "dir")]

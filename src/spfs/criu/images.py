@@ -12,6 +12,7 @@ and under one byte budget for the whole directory (pycriu inflates every byte in
 from __future__ import annotations
 
 import fnmatch
+import quopri
 import io
 import os
 import stat
@@ -86,6 +87,8 @@ class ImageSet:
     executables: set[int] = field(default_factory=set)  # /proc/PID/exe file ids
     # fd tables: a pid of each (in the dumped pid namespace) -> its (fd, file id) pairs
     fd_tables: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # unix sockets bound at a path: (mnt_id, path); CRIU binds them again on restore
+    socket_names: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,18 @@ def _offset(reg: dict[str, Any], where: str) -> int | None:
     return _int(reg, "pos", where)
 
 
+def _socket_name(usk: dict[str, Any]) -> tuple[int, str] | None:
+    """(mnt_id, path) of a socket bound at an absolute path on a known mount; pycriu gives
+    the name quoted-printable, with the address's trailing NUL."""
+    raw, mnt_id = usk.get("name"), usk.get("mnt_id")
+    if not isinstance(raw, str) or not isinstance(mnt_id, int) or mnt_id < 0 or usk.get("name_dir"):
+        return None  # abstract, unnamed, or relative to a directory CRIU records apart
+    name = quopri.decodestring(raw.encode()).rstrip(b"\0")
+    if not name.startswith(b"/") or b"\0" in name:
+        return None
+    return mnt_id, os.fsdecode(name)
+
+
 def _fd_tables(images: _ImageDir) -> dict[int, list[tuple[int, int]]]:
     """One pid per fd table (threads and CLONE_FILES children share it) with its fds, from
     pstree.img, ids-PID.img and fdinfo-FILES_ID.img. CRIU writes no ids for a zombie (only
@@ -279,6 +294,10 @@ def _load_images(images: _ImageDir) -> ImageSet:
                               m.get("ext_key"))
             out.mounts[rec.mnt_id] = rec
     for e in images.entries("files.img"):
+        if e.get("type") == "UNIXSK" and isinstance(e.get("usk"), dict):
+            named = _socket_name(e["usk"])
+            if named is not None:
+                out.socket_names.append(named)
         reg = e.get("reg")
         if e.get("type") != "REG" or not isinstance(reg, dict):
             continue

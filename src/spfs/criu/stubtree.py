@@ -8,7 +8,8 @@ silly-renamed open file (.nfsXXXX), CRIU's --link-remap dump made link_remap.N, 
 links back to the silly name on restore: the manifest has link_remap.N, not the silly name.
 A symlink held with O_PATH|O_NOFOLLOW is reopened the same way; CRIU checks only its mode,
 and its target is not in the images: the stub has a placeholder target. A mount on top of a
-directory of the share (a tmpfs, a bind) needs that directory for CRIU to mount on.
+directory of the share (a tmpfs, a bind) needs that directory for CRIU to mount on, and a
+unix socket bound on the share the directory CRIU binds it in again.
 """
 
 from __future__ import annotations
@@ -84,9 +85,22 @@ def stub_files(images: ImageSet, root_dev: int) -> list[StubFile]:
             add(_fs_path(f, mounts[f.mnt_id], remap.name), f)
             continue
         add(_fs_path(f, mounts[f.mnt_id]), f)
-    for path in nested_mountpoints(images, root_dev):
+    for path in nested_mountpoints(images, root_dev) + socket_directories(images, mounts):
         found.setdefault(path, StubFile(path, "dir", MOUNTPOINT_MODE, None))
     return sorted(found.values(), key=lambda s: (s.path.count("/"), s.path))
+
+
+def socket_directories(images: ImageSet, mounts: dict[int, MountRecord]) -> list[str]:
+    """The directories CRIU binds unix sockets in again on restore (it makes the socket
+    file itself); a directory holding only sockets has nothing else to put it in the tree."""
+    found = []
+    for mnt_id, name in images.socket_names:
+        if mnt_id in mounts:
+            parent = posixpath.dirname(_fs_path(RegFile(0, name, mnt_id, 0, None, None),
+                                                mounts[mnt_id]))
+            if parent:
+                found.append(parent)
+    return found
 
 
 def nested_mountpoints(images: ImageSet, root_dev: int) -> list[str]:
