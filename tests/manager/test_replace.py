@@ -51,6 +51,9 @@ class RecordingSwapper:
     def abandon(self, prepared: str) -> None:
         self.abandoned.append(prepared)
 
+    def settle(self, job: SwapJob, timeout: float) -> dict:
+        return {"pending_tasks": 0, "pending_pids": []}
+
     def swap(self, job: SwapJob, prepared: str) -> dict:
         assert prepared == "plan"
         self.calls.append((job, CgroupFreezer(job.cgroup).is_frozen()))

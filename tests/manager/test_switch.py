@@ -1,4 +1,4 @@
-"""`switch`: issue 4's engine behind the socket request and behind `spfs-manager switch`."""
+"""`switch`: the swap engine behind the socket request and behind `spfs-manager switch`."""
 
 import os
 import subprocess
@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from manager_helpers import kill_and_reap, wait_for
-from spfs.manager import cli
 
 
 @pytest.fixture
@@ -72,8 +71,3 @@ def test_manager_cli_switch_delegates_to_the_engine(two_mounts, holder, cgroup):
     assert done.returncode == 0, done.stderr
     assert _on(holder.pid, b)
 
-
-def test_manager_cli_switch_without_the_engine(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "SWITCH_CLI_MODULE", "spfs.swap.not_there")
-    assert cli.main(["switch", "--source", "/a"]) == 2
-    assert "not available" in capsys.readouterr().err
