@@ -385,6 +385,27 @@ class BuggySwapper(RecordingSwapper):
         raise KeyError("a bug, not an OSError")
 
 
+class PendingSwapper(RecordingSwapper):
+    """Stand-in for an engine whose swapped tasks do not finish once thawed (the engine's
+    side of that is tested for real in tests/swap/test_freeze_errors.py)."""
+
+    def settle(self, job: SwapJob, timeout: float) -> dict:
+        self.settled_while_frozen = CgroupFreezer(job.cgroup).is_frozen()
+        return {"pending_tasks": 1, "pending_pids": [4321]}
+
+
+def test_tasks_still_pending_after_the_thaw_are_on_the_status(make_harness, container, cgroup):
+    swapper = PendingSwapper()
+    h = make_harness(swapper)
+    _, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == "done" and result["error"] is None
+    assert result["details"]["pending_tasks"] == 1 and result["details"]["pending_pids"] == [4321]
+    assert any("4321" in w and "still hold SPFS" in w for w in result["warnings"]), result["warnings"]
+    assert swapper.settled_while_frozen is False and not cgroup.frozen()
+
+
 def test_a_bug_in_a_step_still_ends_the_replace_thawed(make_harness, container, cgroup):
     h = make_harness(BuggySwapper())
     _, bind = _mount_spfs(h)

@@ -71,3 +71,46 @@ def test_manager_cli_switch_delegates_to_the_engine(two_mounts, holder, cgroup):
     assert done.returncode == 0, done.stderr
     assert _on(holder.pid, b)
 
+
+
+def test_the_swapper_plans_again_when_the_engine_says_the_tasks_changed(two_mounts, cgroup, caplog):
+    """The manager's swap retries with a fresh plan on the engine's SwapChanged (a cwd
+    changed between prepare and the stop; a fresh look in /proc cannot see that), decided on
+    the error's type: the same words in a plain SwapError do not retry."""
+    from spfs.swap import api as swap
+    from spfs.manager.interfaces import SwapJob
+    from spfs.manager.swapper import SwapEngineAdapter, should_plan_again
+
+    a, b = two_mounts
+    for root in (a, b):
+        (root / "d1").mkdir()
+        (root / "d2").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c",
+                             f"import os, sys\nos.chdir({str(a / 'd1')!r})\nprint('ok', flush=True)\n"
+                             f"sys.stdin.readline()\nos.chdir({str(a / 'd2')!r})\n"
+                             "print('moved', flush=True)\nsys.stdin.readline()\n"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        cgroup.add(proc.pid)
+        assert proc.stdout.readline().strip() == "ok"
+        job = SwapJob(str(cgroup.path), None, (str(a),), os.stat(a).st_dev, str(b))
+        swapper = SwapEngineAdapter()
+        prepared = swapper.prepare(job)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "moved"
+        with caplog.at_level("INFO", logger="spfs.manager.swapper"):
+            result = swapper.swap(job, prepared)
+        assert result["ok"] and result["committed"] and result["pending_tasks"] == 0
+        retried = [r.getMessage() for r in caplog.records if "preparing again" in r.getMessage()]
+        assert len(retried) == 1 and "changed after discovery" in retried[0]
+        assert os.readlink(f"/proc/{proc.pid}/cwd") == str(b / "d2")
+        assert swapper.settle(job, 5.0) == {"pending_tasks": 0, "pending_pids": []}
+        assert not cgroup.frozen()
+
+        plan = swap.discover(str(b), str(a), pids=[proc.pid])
+        assert should_plan_again(swap.report(plan, None, swap.SwapChanged("cwd changed after discovery")))
+        assert not should_plan_again(swap.report(plan, None, swap.SwapError("changed after discovery")))
+        assert not should_plan_again(swap.report(plan, None, "process 1 appeared after discovery"))
+    finally:
+        kill_and_reap(proc)
