@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -42,17 +41,18 @@ def _replace_status(daemon, mount_id: str) -> dict:
 
 
 def _final_phase(daemon, mount_id: str, timeout: float = 30.0) -> dict:
-    """Wait for the end of a replace.  A done SPFS may exit and be forgotten by the manager
-    between two looks: then the last status seen, with the phase the manager's log says the
-    replace ended in (a loaded machine may not show the last step in status)."""
+    """Wait for the end of a replace, on the manager's status (which keeps an exited SPFS
+    as it ended), or once the manager itself has exited, on the status it left."""
     last: dict = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        mount = daemon.status().get(mount_id)
-        if mount is None:
-            ends = re.findall(rf"replace {re.escape(mount_id)}: \w+ took [\d.]+ ms -> (\w+)",
-                              daemon.log())
-            return last | ({"phase": ends[-1].lower()} if ends else {})
+        try:
+            mount = daemon.status().get(mount_id)
+        except OSError:  # exited with its last SPFS (--exit-with-spfs)
+            assert daemon.proc.wait(20) == 0
+            final = json.loads((daemon.work_dir / FINAL_STATUS_NAME).read_text())["mounts"]
+            mount = {m["id"]: m for m in final}.get(mount_id)
+        assert mount is not None, f"the manager forgot mount {mount_id}"
         last = mount["replace"] or {}
         if last.get("phase") in TERMINAL:
             return last

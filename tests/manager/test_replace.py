@@ -406,6 +406,24 @@ def test_tasks_still_pending_after_the_thaw_are_on_the_status(make_harness, cont
     assert swapper.settled_while_frozen is False and not cgroup.frozen()
 
 
+def test_status_still_tells_how_the_replace_of_an_exited_spfs_ended(make_harness, container, cgroup):
+    h = make_harness()
+    _, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    assert h.wait_terminal("87")["phase"] == "done"
+    spfs = h.manager.mounts["87"]
+    spfs.handle.stop()
+
+    def forgotten() -> bool:
+        h.manager.reap()
+        return "87" not in h.manager.mounts
+    wait_for(forgotten, 20, "the manager to notice SPFS exited")
+    mount = h.status("87")
+    assert mount["replace"]["phase"] == "done" and mount["spfs_running"] is False
+    listed = h.manager.handle(parse_packet(b"status").request).data["mounts"]
+    assert [(m["id"], m["replace"]["phase"]) for m in listed] == [("87", "done")]
+
+
 def test_a_bug_in_a_step_still_ends_the_replace_thawed(make_harness, container, cgroup):
     h = make_harness(BuggySwapper())
     _, bind = _mount_spfs(h)
