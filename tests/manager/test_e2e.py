@@ -16,6 +16,7 @@ import pytest
 
 from manager_helpers import (kill_and_reap, read_count, start_daemon, stop_daemon, unmount_below,
                              wait_for)
+from spfs.fs import control_client
 from spfs.manager.protocol import FINAL_STATUS_NAME
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 
@@ -84,7 +85,8 @@ def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
                                                 f"{str(beat)!r}, {str(mp / 'w.log')!r}"))
         cgroup.add(worker.pid)
         wait_for(lambda: beat.exists() and beat.read_text() == "started", what="worker")
-        time.sleep(0.3)
+        sock = str(daemon.work_dir / "spfs-1" / "spfs.sock")
+        wait_for(lambda: control_client.status(sock)["parked"] >= 1, 15, "the worker parked")
         assert beat.read_text() == "started"  # blocked on the stub
 
         assert daemon.text(f"replace;id=1;source=realfs;type=tmpfs;flags=0;"

@@ -20,6 +20,7 @@ import pytest
 
 from manager_helpers import (STANDIN_SPFS, advances, kill_and_reap, read_count, stands_still,
                              wait_for)
+from spfs.fs import control_client
 from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks
 from spfs.manager.interfaces import SwapJob
 from spfs.manager.manager import Manager, ManagerConfig
@@ -198,7 +199,10 @@ def test_hold_blocks_until_release(make_harness, container, cgroup):
     h = make_harness()
     mp, bind = _mount_spfs(h)
     assert _replace(h, "87", bind) == 0
-    time.sleep(1.0)
+    # a share released after it has gone all the way: the held one had the time to move
+    _, other = _mount_spfs(h, "88")
+    assert _replace(h, "88", other, mode="mode=release") == 0
+    assert h.wait_terminal("88")["phase"] == "done"
     assert h.status("87")["replace"]["phase"] == "held"
     assert h.text("status;id=87") == -errno.EINPROGRESS
     assert top_mount_at(container.mounts(), mp).source == "spfs-standin"
@@ -365,7 +369,9 @@ def test_real_spfs_stays_proxying_after_a_rollback(make_harness, container, cgro
                     "    n += 1; f.write(f'{n}\\n'); f.flush()\n"
                     f"    open({str(writer_beat)!r}, 'w').write(str(n))\n"
                     "    time.sleep(0.01)\n")
-    time.sleep(0.5)
+    # parked on the stub, so the check below means something
+    sock = h.manager.mounts["3"].handle.socket_path
+    wait_for(lambda: control_client.status(sock)["parked"] >= 1, 15, "the writer parked")
     assert not writer_beat.exists()
     assert _replace(h, "3", mp, mode="mode=release") == 0
     result = h.wait_terminal("3")
