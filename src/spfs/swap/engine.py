@@ -64,7 +64,7 @@ class InTable:
         to read) counts as inside, the safe side for a report of what still holds A."""
         try:
             words = open(f"/proc/{self.tgid}/task/{self.tid}/syscall").read().split()
-        except (FileNotFoundError, ProcessLookupError):
+        except OSError:  # gone (ENOENT, ESRCH): holds nothing any more
             return False
         if not words or words[0] == "running":
             return True
@@ -553,9 +553,9 @@ class Engine:
     def _region(self, injector: Injector) -> tuple[int, int]:
         if injector.code_page:
             return injector.code_page, injector.code_page + 4096
-        vdso = self.vdso_of[injector.tracee.tgid]
-        assert vdso is not None
-        return vdso[1] - REGION, vdso[1]
+        vdso = self.vdso_of.get(injector.tracee.tgid)
+        # (an injector exists only with a vdso or a code page: never raise in the release)
+        return (vdso[1] - REGION, vdso[1]) if vdso is not None else (0, 0)
 
     def _frozen_now(self) -> bool | None:
         assert self.freezer is not None
