@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from manager_helpers import (kill_and_reap, read_count, start_daemon, stop_daemon, unmount_below,
                              wait_for)
+from spfs.fs import control_client
 from spfs.manager.protocol import FINAL_STATUS_NAME
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
 
@@ -42,17 +42,18 @@ def _replace_status(daemon, mount_id: str) -> dict:
 
 
 def _final_phase(daemon, mount_id: str, timeout: float = 30.0) -> dict:
-    """Wait for the end of a replace.  A done SPFS may exit and be forgotten by the manager
-    between two looks: then the last status seen, with the phase the manager's log says the
-    replace ended in (a loaded machine may not show the last step in status)."""
+    """Wait for the end of a replace, on the manager's status (which keeps an exited SPFS
+    as it ended), or once the manager itself has exited, on the status it left."""
     last: dict = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        mount = daemon.status().get(mount_id)
-        if mount is None:
-            ends = re.findall(rf"replace {re.escape(mount_id)}: \w+ took [\d.]+ ms -> (\w+)",
-                              daemon.log())
-            return last | ({"phase": ends[-1].lower()} if ends else {})
+        try:
+            mount = daemon.status().get(mount_id)
+        except OSError:  # exited with its last SPFS (--exit-with-spfs)
+            assert daemon.proc.wait(20) == 0
+            final = json.loads((daemon.work_dir / FINAL_STATUS_NAME).read_text())["mounts"]
+            mount = {m["id"]: m for m in final}.get(mount_id)
+        assert mount is not None, f"the manager forgot mount {mount_id}"
         last = mount["replace"] or {}
         if last.get("phase") in TERMINAL:
             return last
@@ -84,7 +85,8 @@ def test_stub_then_live_replace_by_the_real_fs(tmp_path, container, cgroup):
                                                 f"{str(beat)!r}, {str(mp / 'w.log')!r}"))
         cgroup.add(worker.pid)
         wait_for(lambda: beat.exists() and beat.read_text() == "started", what="worker")
-        time.sleep(0.3)
+        sock = str(daemon.work_dir / "spfs-1" / "spfs.sock")
+        wait_for(lambda: control_client.status(sock)["parked"] >= 1, 15, "the worker parked")
         assert beat.read_text() == "started"  # blocked on the stub
 
         assert daemon.text(f"replace;id=1;source=realfs;type=tmpfs;flags=0;"

@@ -20,6 +20,7 @@ import pytest
 
 from manager_helpers import (STANDIN_SPFS, advances, kill_and_reap, read_count, stands_still,
                              wait_for)
+from spfs.fs import control_client
 from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks
 from spfs.manager.interfaces import SwapJob
 from spfs.manager.manager import Manager, ManagerConfig
@@ -50,6 +51,9 @@ class RecordingSwapper:
 
     def abandon(self, prepared: str) -> None:
         self.abandoned.append(prepared)
+
+    def settle(self, job: SwapJob, timeout: float) -> dict:
+        return {"pending_tasks": 0, "pending_pids": []}
 
     def swap(self, job: SwapJob, prepared: str) -> dict:
         assert prepared == "plan"
@@ -195,7 +199,10 @@ def test_hold_blocks_until_release(make_harness, container, cgroup):
     h = make_harness()
     mp, bind = _mount_spfs(h)
     assert _replace(h, "87", bind) == 0
-    time.sleep(1.0)
+    # a share released after it has gone all the way: the held one had the time to move
+    _, other = _mount_spfs(h, "88")
+    assert _replace(h, "88", other, mode="mode=release") == 0
+    assert h.wait_terminal("88")["phase"] == "done"
     assert h.status("87")["replace"]["phase"] == "held"
     assert h.text("status;id=87") == -errno.EINPROGRESS
     assert top_mount_at(container.mounts(), mp).source == "spfs-standin"
@@ -362,7 +369,9 @@ def test_real_spfs_stays_proxying_after_a_rollback(make_harness, container, cgro
                     "    n += 1; f.write(f'{n}\\n'); f.flush()\n"
                     f"    open({str(writer_beat)!r}, 'w').write(str(n))\n"
                     "    time.sleep(0.01)\n")
-    time.sleep(0.5)
+    # parked on the stub, so the check below means something
+    sock = h.manager.mounts["3"].handle.socket_path
+    wait_for(lambda: control_client.status(sock)["parked"] >= 1, 15, "the writer parked")
     assert not writer_beat.exists()
     assert _replace(h, "3", mp, mode="mode=release") == 0
     result = h.wait_terminal("3")
@@ -380,6 +389,45 @@ def test_real_spfs_stays_proxying_after_a_rollback(make_harness, container, cgro
 class BuggySwapper(RecordingSwapper):
     def swap(self, job: SwapJob, prepared: str) -> dict:
         raise KeyError("a bug, not an OSError")
+
+
+class PendingSwapper(RecordingSwapper):
+    """Stand-in for an engine whose swapped tasks do not finish once thawed (the engine's
+    side of that is tested for real in tests/swap/test_freeze_errors.py)."""
+
+    def settle(self, job: SwapJob, timeout: float) -> dict:
+        self.settled_while_frozen = CgroupFreezer(job.cgroup).is_frozen()
+        return {"pending_tasks": 1, "pending_pids": [4321]}
+
+
+def test_tasks_still_pending_after_the_thaw_are_on_the_status(make_harness, container, cgroup):
+    swapper = PendingSwapper()
+    h = make_harness(swapper)
+    _, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == "done" and result["error"] is None
+    assert result["details"]["pending_tasks"] == 1 and result["details"]["pending_pids"] == [4321]
+    assert any("4321" in w and "still hold SPFS" in w for w in result["warnings"]), result["warnings"]
+    assert swapper.settled_while_frozen is False and not cgroup.frozen()
+
+
+def test_status_still_tells_how_the_replace_of_an_exited_spfs_ended(make_harness, container, cgroup):
+    h = make_harness()
+    _, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    assert h.wait_terminal("87")["phase"] == "done"
+    spfs = h.manager.mounts["87"]
+    spfs.handle.stop()
+
+    def forgotten() -> bool:
+        h.manager.reap()
+        return "87" not in h.manager.mounts
+    wait_for(forgotten, 20, "the manager to notice SPFS exited")
+    mount = h.status("87")
+    assert mount["replace"]["phase"] == "done" and mount["spfs_running"] is False
+    listed = h.manager.handle(parse_packet(b"status").request).data["mounts"]
+    assert [(m["id"], m["replace"]["phase"]) for m in listed] == [("87", "done")]
 
 
 def test_a_bug_in_a_step_still_ends_the_replace_thawed(make_harness, container, cgroup):

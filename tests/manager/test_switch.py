@@ -1,4 +1,4 @@
-"""`switch`: issue 4's engine behind the socket request and behind `spfs-manager switch`."""
+"""`switch`: the swap engine behind the socket request and behind `spfs-manager switch`."""
 
 import os
 import subprocess
@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from manager_helpers import kill_and_reap, wait_for
-from spfs.manager import cli
 
 
 @pytest.fixture
@@ -73,7 +72,45 @@ def test_manager_cli_switch_delegates_to_the_engine(two_mounts, holder, cgroup):
     assert _on(holder.pid, b)
 
 
-def test_manager_cli_switch_without_the_engine(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "SWITCH_CLI_MODULE", "spfs.swap.not_there")
-    assert cli.main(["switch", "--source", "/a"]) == 2
-    assert "not available" in capsys.readouterr().err
+
+def test_the_swapper_plans_again_when_the_engine_says_the_tasks_changed(two_mounts, cgroup, caplog):
+    """The manager's swap retries with a fresh plan on the engine's SwapChanged (a cwd
+    changed between prepare and the stop; a fresh look in /proc cannot see that), decided on
+    the error's type: the same words in a plain SwapError do not retry."""
+    from spfs.swap import api as swap
+    from spfs.manager.interfaces import SwapJob
+    from spfs.manager.swapper import SwapEngineAdapter, should_plan_again
+
+    a, b = two_mounts
+    for root in (a, b):
+        (root / "d1").mkdir()
+        (root / "d2").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c",
+                             f"import os, sys\nos.chdir({str(a / 'd1')!r})\nprint('ok', flush=True)\n"
+                             f"sys.stdin.readline()\nos.chdir({str(a / 'd2')!r})\n"
+                             "print('moved', flush=True)\nsys.stdin.readline()\n"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        cgroup.add(proc.pid)
+        assert proc.stdout.readline().strip() == "ok"
+        job = SwapJob(str(cgroup.path), None, (str(a),), os.stat(a).st_dev, str(b))
+        swapper = SwapEngineAdapter()
+        prepared = swapper.prepare(job)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "moved"
+        with caplog.at_level("INFO", logger="spfs.manager.swapper"):
+            result = swapper.swap(job, prepared)
+        assert result["ok"] and result["committed"] and result["pending_tasks"] == 0
+        retried = [r.getMessage() for r in caplog.records if "preparing again" in r.getMessage()]
+        assert len(retried) == 1 and "changed after discovery" in retried[0]
+        assert os.readlink(f"/proc/{proc.pid}/cwd") == str(b / "d2")
+        assert swapper.settle(job, 5.0) == {"pending_tasks": 0, "pending_pids": []}
+        assert not cgroup.frozen()
+
+        plan = swap.discover(str(b), str(a), pids=[proc.pid])
+        assert should_plan_again(swap.report(plan, None, swap.SwapChanged("cwd changed after discovery")))
+        assert not should_plan_again(swap.report(plan, None, swap.SwapError("changed after discovery")))
+        assert not should_plan_again(swap.report(plan, None, "process 1 appeared after discovery"))
+    finally:
+        kill_and_reap(proc)

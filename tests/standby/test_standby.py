@@ -214,11 +214,20 @@ def test_no_standby_is_unavailable_not_an_error(tmp_path: Path) -> None:
 def test_children_outlive_a_killed_standby(standby: tuple[str, int], tmp_path: Path) -> None:
     socket_path, standby_pid = standby
     with _spfs_spawned(socket_path, tmp_path) as (child, mnt, target):
-        os.kill(standby_pid, signal.SIGKILL)
-        time.sleep(0.3)
+        standby_fd, child_fd = os.pidfd_open(standby_pid), os.pidfd_open(child.pid)
+        try:
+            os.kill(standby_pid, signal.SIGKILL)
+            # readable once the standby has exited: whatever its death does to its children
+            # (a parent-death signal, a hangup) has been sent by then
+            assert select.select([standby_fd], [], [], 15)[0], "the standby did not die"
+            # served by the child after the standby's death, and the child has not exited
+            (target / "g").write_bytes(b"still here")
+            assert (mnt / "g").read_bytes() == b"still here"
+            assert not select.select([child_fd], [], [], 0)[0], "the child died with the standby"
+        finally:
+            os.close(standby_fd)
+            os.close(child_fd)
         assert child.poll() is None
-        (target / "g").write_bytes(b"still here")
-        assert (mnt / "g").read_bytes() == b"still here"
         child.terminate()  # through its pidfd: no pid reuse can make this hit another
         assert child.wait(15) == client.UNKNOWN_EXIT  # nobody was left to tell its status
         assert not os.path.exists(f"/proc/{child.pid}") or \
@@ -291,11 +300,26 @@ def _spares(standby_pid: int) -> set[int]:
             if Path(f"/proc/{pid}/comm").read_text().strip() not in ("spfs", "spfs-manager")}
 
 
+SYS_RECVMSG = 47  # x86-64
+
+
+def _waiting_for_a_request(pid: int) -> bool:
+    """The spare sits in its recvmsg on the channel: it has dropped what it inherited (a
+    spare only just forked still holds a copy of every descriptor of the standby)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(SYS_RECVMSG)
+    except (OSError, IndexError):
+        return False
+
+
 def test_a_request_takes_a_spare_forked_before_it_and_a_new_one_follows(
         standby: tuple[str, int], tmp_path: Path) -> None:
     socket_path, standby_pid = standby
     wait_for(lambda: len(_spares(standby_pid)) == 2, 15, "a spare per program")
     before = _spares(standby_pid)
+    # Counted from /proc, a spare exists as soon as the fork returns, before it has run:
+    # the check below means something only once each waits for its request.
+    wait_for(lambda: all(_waiting_for_a_request(p) for p in before), 15, "spares waiting")
     # nothing of the standby's own sockets (the listener above all: a dead standby must
     # refuse connections, not queue them) in a spare
     assert all(not _socket_inodes(standby_pid) & _socket_inodes(p) for p in before)

@@ -408,6 +408,8 @@ class Restore:
             if phase == "done":
                 self.tl.note(f"{m['id']}: replaced by {m['real_fs']['source']} "
                              f"(frozen window {frozen:.0f} ms)")
+                for warning in replace.get("warnings") or []:  # e.g. tasks still on SPFS
+                    self.tl.note(f"{m['id']}: {warning}")
                 return True
             self.tl.note(f"{m['id']}: replace {phase}: {replace.get('error')}")
             return False

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import importlib
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from types import ModuleType
 
 from spfs.manager.freezer import FreezePolicy, FreezerLocks
 from spfs.manager.manager import Manager, ManagerConfig
@@ -34,8 +32,6 @@ from spfs.sys.daemon import detach, stdio_to_devnull
 from spfs.sys.fds import close_quietly
 
 log = logging.getLogger("spfs.manager")
-
-SWITCH_CLI_MODULE = "spfs.swap.cli"
 
 
 def daemon_parser() -> argparse.ArgumentParser:
@@ -81,27 +77,13 @@ def daemon_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _switch_module() -> ModuleType | None:
-    try:
-        module = importlib.import_module(SWITCH_CLI_MODULE)
-    except ImportError:
-        return None
-    if not hasattr(module, "add_switch_arguments") or not hasattr(module, "run_switch"):
-        return None
-    return module
-
-
 def run_switch(argv: list[str]) -> int:
-    module = _switch_module()
-    if module is None:
-        print("spfs-manager switch: the swap engine (spfs.swap.cli, issue 4) is not available "
-              "yet", file=sys.stderr)
-        return 2
+    from spfs.swap import cli as switch_cli  # imported here: the daemon itself starts without it
     parser = argparse.ArgumentParser(prog="spfs-manager switch",
                                      description="Move every reference of a cgroup's tasks "
                                                  "from one mount to another.")
-    module.add_switch_arguments(parser)
-    return int(module.run_switch(parser.parse_args(argv)))
+    switch_cli.add_switch_arguments(parser)
+    return int(switch_cli.run_switch(parser.parse_args(argv)))
 
 
 def _setup_logging(path: str, verbosity: int) -> None:

@@ -84,6 +84,10 @@ class ReferenceSwapper(Protocol):
         """Called with the cgroup frozen; takes over `prepared` (releases it on every path).
         Returns the engine's report; raises OSError when nothing could be moved."""
 
+    def settle(self, job: SwapJob, timeout: float) -> dict[str, Any]:
+        """Once the cgroup is thawed after swap(): wait (bounded) for tasks the swap left
+        finishing their switch; {"pending_tasks": N, "pending_pids": [...]} still holding SPFS."""
+
     def abandon(self, prepared: Any) -> None:
         """Drop what prepare() made, when swap() will not be called."""
 

@@ -220,7 +220,16 @@ class Manager:
 
     # -- status
     def _status(self, req: StatusRequest) -> Reply:
-        mounts = [spfs.status() for spfs in self._selected(req.id)]
+        """Running SPFS and, as they ended, those that exited (a client that looks after a
+        done SPFS went still learns how its replace ended)."""
+        with self._lock:
+            gone = {i: s for i, s in self.gone.items() if i not in self.mounts}
+        if req.id is not None and req.id in gone:
+            mounts = [gone[req.id]]
+        else:
+            mounts = [spfs.status() for spfs in self._selected(req.id)]
+            if req.id is None:
+                mounts = [*gone.values(), *mounts]
         return Reply(code=self._outcome_code(mounts), message="status", data={"mounts": mounts})
 
     @staticmethod

@@ -74,6 +74,8 @@ class ReplaceProgress:
     error_code: int = 0
     failed_in: ReplacePhase | None = None
     rollback_errors: list[str] = field(default_factory=list)
+    # what went wrong without ending the replace (e.g. tasks still holding SPFS after it)
+    warnings: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # e.g. the swap engine's report
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -102,6 +104,11 @@ class ReplaceProgress:
                 self.error, self.error_code, self.failed_in = message, code, phase
         log.error("replace %s failed in %s: %s", self.mount_id, phase.name, message)
 
+    def warn(self, message: str) -> None:
+        with self._lock:
+            self.warnings.append(message)
+        log.warning("replace %s: %s", self.mount_id, message)
+
     def seconds_in(self, phase: ReplacePhase) -> float | None:
         with self._lock:
             for timing in self.timings:
@@ -118,6 +125,7 @@ class ReplaceProgress:
                 "error_code": self.error_code,
                 "failed_in": self.failed_in.value if self.failed_in else None,
                 "rollback_errors": list(self.rollback_errors),
+                "warnings": list(self.warnings),
                 "details": dict(self.details),
                 "timings_ms": [
                     {

@@ -48,6 +48,7 @@ class ReplaceTimeouts:
     hold: float = 900.0
     freeze: FreezePolicy = FreezePolicy()
     move: float = 30.0
+    settle: float = 10.0  # after the thaw, for the swapped tasks to let go of SPFS
 
 
 @dataclass
@@ -246,6 +247,7 @@ class ReplacePipeline:
         lock = self.locks.lock_for(job.freeze_cgroup)
         phase = P.PROXY  # until the lock is ours and the freeze starts
         prepared = plan.prepared
+        swapped = False
         try:
             # Swapped but not moved, the processes would hold NFS under a mountpoint that
             # is still SPFS, whose locks are its own: if we die there, the guard moves.
@@ -261,6 +263,7 @@ class ReplacePipeline:
                 job.progress.advance(P.SWAPPING)
                 prepared = None  # swap() owns the prepared plan from here, even on failure
                 job.progress.details["swap"] = self.swapper.swap(plan.swap_job, plan.prepared)
+                swapped = True
                 guard.arm()
                 phase = P.MOUNTS_MOVED
                 job.progress.advance(P.MOUNTS_MOVED)
@@ -273,6 +276,27 @@ class ReplacePipeline:
         finally:
             if prepared is not None:
                 self.swapper.abandon(prepared)
+            if swapped:  # thawed by now, on every path
+                self._settle(job, plan.swap_job)
+
+    def _settle(self, job: ReplaceJob, swap_job: SwapJob) -> None:
+        """The swapped tasks finish their switch once thawed: a replace that leaves some of
+        them holding SPFS says so on its status instead of a plain success."""
+        swap = job.progress.details.get("swap") or {}
+        if swap.get("error"):
+            job.progress.warn(f"swap committed, but: {swap['error']}")
+        try:
+            left = self.swapper.settle(swap_job, self.timeouts.settle)
+        except OSError as exc:
+            job.progress.warn(f"could not wait for the swapped tasks: {exc}")
+            return
+        if left.get("pending_tasks"):
+            job.progress.details["pending_tasks"] = left["pending_tasks"]
+            job.progress.details["pending_pids"] = left.get("pending_pids", [])
+            job.progress.warn(f"{left['pending_tasks']} processes "
+                              f"({', '.join(map(str, left.get('pending_pids', []))) or 'not found'}) "
+                              f"had not finished their switch {self.timeouts.settle} s after the "
+                              "thaw: they still hold SPFS")
 
     def _give_up(self, job: ReplaceJob, exc: PhaseFailure, rolled_back: bool) -> None:
         progress = job.progress

@@ -1,16 +1,15 @@
-"""The swap engine (issue 4) behind the manager's ReferenceSwapper interface.
+"""The swap engine (spfs.swap) behind the manager's ReferenceSwapper interface.
 
-If spfs.swap.api cannot be imported every swap fails with ENOSYS, which the replace pipeline
-treats like any other failure of the SWAPPING phase (rollback: SPFS stays in place, proxying).
+The engine is imported on first use, not at the manager's start (see import_swap_engine).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -20,15 +19,11 @@ from spfs.sys.beneath import open_in_root
 
 log = logging.getLogger(__name__)
 
-SWAP_API_MODULE = "spfs.swap.api"
 
 
 def _engine() -> ModuleType:
-    try:
-        return importlib.import_module(SWAP_API_MODULE)
-    except ImportError:
-        raise OSError(errno.ENOSYS, "the swap engine (spfs.swap, issue 4) is not available "
-                                    "yet") from None
+    from spfs.swap import api  # 0.1-0.2 s, seconds in an emulated guest: see import_swap_engine
+    return api
 
 
 PREPARE_ATTEMPTS = 3
@@ -65,10 +60,13 @@ def _pids(plan: Any) -> set[int]:
 def import_swap_engine() -> None:
     """Import the engine ahead of the first replace (0.1-0.2 s here, seconds in an emulated
     guest): not while a container is frozen. Run in a thread at the manager's start."""
-    try:
-        _engine()
-    except OSError as exc:
-        log.warning("%s", exc)
+    _engine()
+
+
+def should_plan_again(report: Any) -> bool:
+    """A failed commit worth one more try with a fresh plan: the engine found that the tasks
+    changed since discovery (its SwapChanged; nothing was moved), decided on the type."""
+    return not report.ok and isinstance(report.failure, _engine().SwapChanged)
 
 
 @contextlib.contextmanager
@@ -97,6 +95,9 @@ def _spfs_root(job: SwapJob) -> contextlib.AbstractContextManager[str]:
 class SwapEngineAdapter:
     def __init__(self, timeout: float = 5.0) -> None:
         self.timeout = timeout
+        # committed plans whose tasks finish once thawed, until settle(): by id of the job
+        self._unsettled: dict[int, tuple[SwapJob, Any]] = {}
+        self._lock = threading.Lock()
 
     def prepare(self, job: SwapJob, attempts: int = PREPARE_ATTEMPTS) -> Any:
         """The plan, made while the tasks run.  A task may close an fd between discovery
@@ -156,20 +157,45 @@ class SwapEngineAdapter:
                 if prepared is not None:
                     engine.abandon(prepared)
                 raise
-            report = engine.commit(prepared, freeze=True, timeout=self.timeout)  # closes it
-            if not report.ok and report.error and "after discovery" in report.error:
+            report, plan = self._commit(engine, prepared)
+            if should_plan_again(report):
                 log.info("tasks changed since the swap was prepared (%s): preparing again",
                          report.error)
-                report = engine.commit(self.prepare(job), freeze=True, timeout=self.timeout)
+                report, plan = self._commit(engine, self.prepare(job))
         except RuntimeError as exc:  # the engine's SwapError and FreezerError
             raise OSError(errno.EIO, f"swap engine: {exc}") from None
-        if not report.ok:
+        if not report.committed:
             raise OSError(errno.EIO, f"swap engine: {report.error}")
+        if not report.ok:
+            # Past the commit point the tasks are on the real fs whatever else went wrong (a
+            # re-freeze): the mounts must follow, so this is reported, not rolled back.
+            log.error("swap committed, but: %s", report.error)
+        if report.pending_tasks:
+            # the cgroup is ours and frozen: they finish once thawed (settle() waits then)
+            with self._lock:
+                self._unsettled[id(job)] = (job, plan)
         # where a frozen window goes, for the log (ms; "before_stop": tables and checks)
         log.info("swap done: %d processes, stop window %.0f ms, %s", report.processes,
                  report.stop_window_s * 1e3,
                  ", ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(report.timings.items())))
         return report.as_dict()
+
+    def _commit(self, engine: ModuleType, plan: Any) -> tuple[Any, Any]:
+        """Commit (that closes the plan); the plan goes on to settle() if tasks are pending."""
+        report = engine.commit(plan, freeze=True, timeout=self.timeout)
+        if not report.committed:
+            engine.abandon(plan)  # nothing to settle
+        return report, plan
+
+    def settle(self, job: SwapJob, timeout: float) -> dict[str, Any]:
+        """After the thaw: wait (bounded) for the tasks the swap let go inside their tables
+        to finish them.  What is still pending after `timeout` (they keep SPFS referenced)."""
+        with self._lock:
+            _, plan = self._unsettled.pop(id(job), (None, None))
+        if plan is None:
+            return {"pending_tasks": 0, "pending_pids": []}
+        missing, pids = _engine().settle(plan, timeout)
+        return {"pending_tasks": missing, "pending_pids": pids}
 
     def abandon(self, prepared: Any) -> None:
         if prepared is not None:

@@ -1,7 +1,9 @@
 """Live reference swap: move what running processes hold on mount A to mount B (x86-64)."""
 
-from spfs.swap.api import abandon, commit, discover, prepare, switch
+from spfs.swap.api import abandon, commit, discover, prepare, settle, switch
 from spfs.swap.engine import FailPoint
-from spfs.swap.model import SwapError, SwapPlan, SwapReport
+from spfs.swap.model import (FreezerLeft, RefreezeFailed, SwapChanged, SwapError, SwapPlan, SwapReport, TasksPending,
+                             ThawFailed)
 
-__all__ = ["FailPoint", "SwapError", "SwapPlan", "SwapReport", "abandon", "commit", "discover", "prepare", "switch"]
+__all__ = ["FailPoint", "FreezerLeft", "RefreezeFailed", "SwapChanged", "SwapError", "SwapPlan", "SwapReport",
+           "TasksPending", "ThawFailed", "abandon", "commit", "discover", "prepare", "settle", "switch"]

@@ -127,6 +127,11 @@ def run_switch(args: argparse.Namespace) -> int:
     elif report.ok:
         print(f"switched {report.processes} processes ({report.fds_moved} fds, {report.dirs_moved} cwd/root, "
               f"{report.epoll_readded} epoll registrations); stop window {report.stop_window_s * 1e3:.2f} ms")
+        if report.pending_tasks:
+            print(f"the cgroup was frozen before the switch and is left frozen: {report.pending_tasks} processes "
+                  "let go of the source once it is thawed", file=sys.stderr)
+    elif report.committed:
+        print(f"switched, but: {report.error}", file=sys.stderr)
     else:
         print(f"switch failed, everything left on the source: {report.error}", file=sys.stderr)
     return 0 if report.ok else 1

@@ -385,17 +385,17 @@ def _exists_in_root(pid: int, path: str) -> bool:
 
 def late_relative_path(plan: SwapPlan, pid: int, link: str, mnt_id: int, st: os.stat_result) -> str:
     """Path relative to the source of an fd found only after the stop; SwapError if unusable."""
-    from spfs.swap.model import SwapError
+    from spfs.swap.model import SwapChanged
 
     if st.st_nlink == 0 and link.endswith(DELETED):
         rel = _Scanner(plan.source, plan.path_map).sb_relative(pid, link[: -len(DELETED)], mnt_id)
         mapped = plan.path_map.get(rel or "")
         if mapped is None:
-            raise SwapError(f"process {pid} opened {link} (unlinked) after discovery")
+            raise SwapChanged(f"process {pid} opened {link} (unlinked) after discovery")
         return mapped
     rel = _Scanner(plan.source, plan.path_map).sb_relative(pid, fd_path(pid, link, st), mnt_id)
     if rel is None or stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO):
-        raise SwapError(f"process {pid} opened {link} after discovery and it cannot be moved")
+        raise SwapChanged(f"process {pid} opened {link} after discovery and it cannot be moved")
     return rel
 
 

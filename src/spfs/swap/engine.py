@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 from spfs.swap import handover, procfs, ptrace, tables
 from spfs.swap.arch import check_task_regs, without_spurious_eintr
-from spfs.swap.cgroup import Freezer, Watchdog, pin_to_cpu, restore_affinity
+from spfs.swap.cgroup import Freezer, FreezerError, Watchdog, pin_to_cpu, restore_affinity
 from spfs.swap.discover import cgroup_pids, cgroup_tids, late_relative_path
-from spfs.swap.model import Description, FdRef, Phase, ProcessPlan, SwapError, SwapPlan
-from spfs.swap.prepare import Prepared, open_on_target
+from spfs.swap.model import (Description, FdRef, Phase, ProcessPlan, RefreezeFailed, SwapChanged,
+                             SwapError, SwapPlan, TasksPending, ThawFailed)
+from spfs.swap.prepare import Prepared, open_on_target, read_counter
 from spfs.sys.beneath import ShareChanged, magic_path
 from spfs.swap.remote import REGION, Injector, Tracee, choose_marker_signal
 from spfs.sys import pidfd
@@ -47,6 +48,51 @@ class FailPoint:
 
 class UnitFailed(SwapError):
     pass
+
+
+@dataclass
+class InTable:
+    """A task let go while parked inside its table (it runs the rest on its own)."""
+
+    tgid: int
+    tid: int  # the thread that runs the table
+    region: tuple[int, int]  # where the injected code is: [start, end)
+
+    def inside(self) -> bool:
+        """Still in its table, as far as /proc tells: its program counter is in the injected
+        code.  A task that is gone is not; one that is running right now ("running": no pc
+        to read) counts as inside, the safe side for a report of what still holds A."""
+        try:
+            words = open(f"/proc/{self.tgid}/task/{self.tid}/syscall").read().split()
+        except OSError:  # gone (ENOENT, ESRCH): holds nothing any more
+            return False
+        if not words or words[0] == "running":
+            return True
+        return self.region[0] <= int(words[-1], 16) < self.region[1]
+
+
+@dataclass
+class Unsettled:
+    """Tasks committed into a cgroup the caller keeps frozen: they finish their tables (and
+    let go of A) only once thawed.  `done` is our own copy of the done counter."""
+
+    done: int
+    tasks: list[InTable]
+    got: int = 0  # done bytes read so far
+
+    def wait(self, timeout: float) -> tuple[int, list[int]]:
+        """Wait (bounded) for their done bytes: how many have not finished, and the pids of
+        those found still inside their table (the counter says how many, /proc names them)."""
+        self.got += read_counter(self.done, len(self.tasks) - self.got, timeout)
+        missing = len(self.tasks) - self.got
+        return missing, ([t.tgid for t in self.tasks if t.inside()] if missing else [])
+
+    def close(self) -> None:
+        if self.done >= 0:
+            os.close(self.done)
+            self.done = -1
+
+
 
 
 @dataclass
@@ -82,6 +128,13 @@ class Engine:
         self.caller_froze = False
         self.prebuilt: dict[int, tuple[tables.SyscallTable, tuple]] = {}
         self.scratch: dict[int, int] = {}  # per process: free address for saving private pages
+        self.committed = False  # the decision was written: every task ends on B
+        # tasks let go inside their table that had not finished when we returned
+        self.pending: list[InTable] = []
+        self.pending_count = 0
+        # what went wrong after the switch itself (freezer state, pending tasks): raised
+        # by run() unless it already raises for something else (then only logged)
+        self.problems: list[SwapError] = []
 
     @staticmethod
     def _does_fds(p: ProcessPlan) -> bool:
@@ -103,6 +156,7 @@ class Engine:
         if not self.stop_set:
             self.plan.advance(Phase.STOPPED)
             self.plan.advance(Phase.COMMITTED)
+            self.committed = True
             return
         self._prebuild_tables()
         watchdog = self.prepared.watchdog
@@ -120,6 +174,7 @@ class Engine:
             self._move_manager_side_state()
             self._inject_all()
             self._commit_point()
+            self.committed = True
             self.plan.advance(Phase.COMMITTED)
         except BaseException as exc:
             if self.plan.phase is Phase.STOPPED:
@@ -135,6 +190,9 @@ class Engine:
         finally:
             self._release(watchdog)
             restore_affinity(affinity)
+        if self.problems:
+            # each was logged where it happened; the first is the one the caller acts on
+            raise self.problems[0]
 
     def _prebuild_tables(self) -> None:
         """Build and lay out each table before the stop; rebuilt in the window only if the
@@ -204,7 +262,7 @@ class Engine:
         for pid in new:
             with contextlib.suppress(FileNotFoundError):
                 if _holds_source(pid, self.plan.source.dev):
-                    raise SwapError(f"process {pid} appeared after discovery and uses the source; run the switch again")
+                    raise SwapChanged(f"process {pid} appeared after discovery and uses the source; run the switch again")
 
     def _seize_frozen_cgroup(self) -> None:
         """One read of the cgroup's thread list instead of a /proc/PID/task scan per process.
@@ -222,7 +280,7 @@ class Engine:
                 threads.append((tid, tgid))
         gone = wanted - {tgid for _, tgid in threads}
         if gone:
-            raise SwapError(f"process(es) {sorted(gone)} exited after discovery")
+            raise SwapChanged(f"process(es) {sorted(gone)} exited after discovery")
         for tid, tgid in threads:
             if tid not in self.tracees:
                 ptrace.seize(tid, SEIZE_OPTIONS)
@@ -270,7 +328,7 @@ class Engine:
                 if stop.event == ptrace.PTRACE_EVENT_CLONE:
                     self._tracee(msg.value, tracee.tgid)  # auto-attached thread
                 else:
-                    raise_later = SwapError(f"process {tracee.tgid} forked {msg.value} during the switch; run it again")
+                    raise_later = SwapChanged(f"process {tracee.tgid} forked {msg.value} during the switch; run it again")
                     self._tracee(msg.value, msg.value)
                     self._wait_interrupt_stop(msg.value, deadline)
                     ptrace.cont(tid)
@@ -306,7 +364,7 @@ class Engine:
                     now = os.stat(f"/proc/{p.pid}/{d.kind}")
                     then = os.fstat(d.old_fd)
                     if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
-                        raise SwapError(f"{d.kind} of process {p.pid} changed after discovery; run the switch again")
+                        raise SwapChanged(f"{d.kind} of process {p.pid} changed after discovery; run the switch again")
         for p in self.units:
             if self._does_maps(p):
                 self._revalidate_mappings(p)
@@ -320,14 +378,14 @@ class Engine:
         for m in p.maps:
             v = m.vma
             if (v.start, v.end, v.perms, v.offset, v.dev, v.ino) not in current:
-                raise SwapError(f"mapping {v.start:#x}-{v.end:#x} of process {p.pid} changed after discovery; "
+                raise SwapChanged(f"mapping {v.start:#x}-{v.end:#x} of process {p.pid} changed after discovery; "
                                 "run the switch again")
             if not v.shared:
                 m.dirty = procfs.private_anon_runs(p.pid, v.start, v.end)
         known = {(m.vma.start, m.vma.end) for m in p.maps}
         new = [v for v in now if v.dev == self.plan.source.dev and v.ino and (v.start, v.end) not in known]
         if new:
-            raise SwapError(f"process {p.pid} mapped {new[0].path} after discovery; run the switch again")
+            raise SwapChanged(f"process {p.pid} mapped {new[0].path} after discovery; run the switch again")
         need = max((sum(n for _, n in m.dirty) for m in p.maps), default=0)
         if need:
             self.scratch[p.pid] = _free_range([(v.start, v.end) for v in now], need)
@@ -335,7 +393,7 @@ class Engine:
     def _adopt_late_fd(self, p: ProcessPlan, fd: int) -> None:
         """An fd opened on the source between discovery and the stop: add it to the plan."""
         if p.pid in self.prepared.donor_of:
-            raise SwapError(f"process {p.pid} opened fd {fd} on the source after discovery and its fd donor "
+            raise SwapChanged(f"process {p.pid} opened fd {fd} on the source after discovery and its fd donor "
                             "was started before; run the switch again")
         owner = next((q for q in self.stop_set if q.pid == p.fd_table_of), p) if p.fd_table_of else p
         if any(r.fd == fd for r in owner.fds):
@@ -448,8 +506,15 @@ class Engine:
             except OSError as exc:
                 log.error("could not restore task %d: %s", injector.tracee.tid, exc)
         if self.freezer is not None and (self.caller_froze or self.we_froze):
-            with contextlib.suppress(Exception):
+            try:
                 self.freezer.freeze(self.timeout)  # traced tasks count as frozen: completes at once
+            except (OSError, FreezerError) as exc:
+                if self.caller_froze:
+                    self._problem(RefreezeFailed(
+                        f"could not freeze {self.freezer.path} again before letting its tasks go (the "
+                        f"caller had frozen it): {exc}; they run", self._frozen_now()))
+                else:  # only a step before our own thaw below
+                    log.warning("could not freeze %s again before the thaw: %s", self.freezer.path, exc)
         for tracee in self.tracees.values():
             try:
                 if tracee.regs is not None and tracee.tgid not in self.injectors:
@@ -461,6 +526,7 @@ class Engine:
         if watchdog is not None and with_signals:
             watchdog.signals_delivered()
         self.window.marks["restored"] = time.perf_counter()
+        let_go = [InTable(i.tracee.tgid, i.tracee.tid, self._region(i)) for i in self.injectors.values() if i.parked]
         for tracee in self.tracees.values():
             try:
                 ptrace.detach(tracee.tid)
@@ -469,24 +535,56 @@ class Engine:
                     log.error("detach %d: %s", tracee.tid, exc)
         self.window.released = time.perf_counter()
         if self.plan.phase is Phase.COMMITTED:
-            self._wait_done(len(self.injectors))
+            self._wait_done(len(self.injectors), let_go)
         if self.freezer is not None and not self.caller_froze:
-            with contextlib.suppress(Exception):
+            try:
                 if self.freezer.is_frozen():
                     self.freezer.thaw(self.timeout)
+            except (OSError, FreezerError) as exc:
+                frozen = self._frozen_now()
+                self._problem(ThawFailed(
+                    f"could not thaw {self.freezer.path} after the switch "
+                    f"({'committed' if self.committed else 'nothing moved'}): {exc}; "
+                    f"{'it is left frozen' if frozen else 'its state: ' + repr(frozen)}", frozen))
         if watchdog is not None:
             watchdog.disarm()
         self.plan.advance(Phase.RELEASED)
 
-    def _wait_done(self, count: int) -> None:
+    def _region(self, injector: Injector) -> tuple[int, int]:
+        if injector.code_page:
+            return injector.code_page, injector.code_page + 4096
+        vdso = self.vdso_of.get(injector.tracee.tgid)
+        # (an injector exists only with a vdso or a code page: never raise in the release)
+        return (vdso[1] - REGION, vdso[1]) if vdso is not None else (0, 0)
+
+    def _frozen_now(self) -> bool | None:
+        assert self.freezer is not None
+        try:
+            return self.freezer.is_frozen()
+        except OSError:
+            return None
+
+    def _problem(self, problem: SwapError) -> None:
+        log.error("%s", problem)
+        self.problems.append(problem)
+
+    def _wait_done(self, count: int, let_go: list[InTable]) -> None:
         """Tasks detached while parked finish their table on their own: wait for their byte
-        in the done counter, so that no kept A reference is left when we return (umount A)."""
+        in the done counter, so that no kept A reference is left when we return (umount A).
+        Those that have not finished by then are reported, never passed over."""
         if self.caller_froze:
-            return  # frozen again: they finish when the caller thaws them
+            # frozen again: they finish when the caller thaws them (api.settle waits then)
+            self.pending, self.pending_count = let_go, len(let_go)
+            return
         got = self.prepared.read_done(count, self.timeout)
-        if got < count:
-            log.warning("%d of %d processes did not finish their switch within %s s", count - got, count,
-                        self.timeout)
+        if got >= count:
+            return
+        self.pending_count = count - got
+        self.pending = [t for t in let_go if t.inside()]
+        self._problem(TasksPending(
+            f"committed, but {count - got} of {count} processes had not finished their switch within "
+            f"{self.timeout} s and still hold references to the source "
+            f"(in their table: {', '.join(str(t.tgid) for t in self.pending)})"))
 
 
 def _kcmp_file(me: int, pid: int, mine: int, theirs: int) -> int:

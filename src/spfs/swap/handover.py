@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from spfs.swap import inotify, procfs, tables, unixsock
-from spfs.swap.model import Description, InotifyReg, ProcessPlan, SwapError, SwapPlan
+from spfs.swap.model import Description, InotifyReg, ProcessPlan, SwapChanged, SwapError, SwapPlan
 from spfs.sys.beneath import magic_path
 from spfs.sys.libc import libc as _libc
 
@@ -75,7 +75,7 @@ def move_description_state(plan: SwapPlan, prepared: "Prepared") -> None:
             _copy_description_locks(desc)
         if stat.S_ISSOCK(desc.mode):
             if desc.sock.listening and unixsock.has_queued_connections(desc.old_fd):
-                raise SwapError(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
+                raise SwapChanged(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
                                 "moved to a new listener: run the switch again")
             stage = prepared.staged_sockets[desc.sock.ino]
             if not desc.sock.listening:

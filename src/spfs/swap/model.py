@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from spfs.swap.procfs import EpollTarget, InotifyWatch, Lock, Vma
 
@@ -31,6 +32,35 @@ ALLOWED = {
 
 class SwapError(RuntimeError):
     """The switch could not be done; every task was left running on the source."""
+
+
+class SwapChanged(SwapError):
+    """The tasks changed between discovery and the stop (a new process, fd, mapping, cwd,
+    a fork, ...): nothing was moved, and planning again can succeed."""
+
+
+class FreezerLeft(SwapError):
+    """After the switch itself (committed or reverted), the cgroup could not be put back in
+    the freezer state it must end in; `frozen` is the state it was left in, as last read."""
+
+    def __init__(self, message: str, frozen: bool | None) -> None:
+        super().__init__(message)
+        self.frozen = frozen
+
+
+class RefreezeFailed(FreezerLeft):
+    """The caller had frozen the cgroup and it could not be frozen again before the tasks
+    were let go: they ran for a moment although the caller expects them frozen."""
+
+
+class ThawFailed(FreezerLeft):
+    """The engine had frozen the cgroup and could not thaw it at the end."""
+
+
+class TasksPending(SwapError):
+    """Committed, but some tasks had not finished their table when the wait ran out: they
+    still hold references to the source (nothing is undone; they end on the target once
+    they run on)."""
 
 
 @dataclass
@@ -176,6 +206,9 @@ class SwapPlan:
     # The target will be mounted where the source is (the manager's replace): addresses
     # the processes hold (bound unix sockets) keep naming the source's place.
     target_replaces_source: bool = False
+    # engine.Unsettled after a commit into a cgroup the caller keeps frozen: the tasks
+    # finish their tables once thawed; api.settle() waits for them
+    unsettled: object | None = None
 
     def advance(self, phase: Phase) -> None:
         if phase not in ALLOWED[self.phase]:
@@ -200,6 +233,15 @@ class SwapReport:
     error: str | None = None
     stop_window_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    # Tasks (processes) that had not finished their table when commit returned: they still
+    # reference the source.  Into a cgroup the caller keeps frozen that is every parked
+    # one, and ok stays True (api.settle() after the thaw); otherwise it is a failure.
+    pending_tasks: int = 0
+    committed: bool = False  # past the commit point: the tasks end on the target even if ok is False
+    pending_pids: list[int] = field(default_factory=list)  # the ones found inside their table
+    error_kind: str | None = None  # the class of `failure`, for reports read as JSON
+    # What failed, for callers in this process to decide on its type (not in as_dict)
+    failure: SwapError | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self) if f.name != "failure"})

@@ -153,16 +153,7 @@ class Prepared:
 
     def read_done(self, count: int, timeout: float) -> int:
         """How many tasks reported that they finished their table (waits for count at most)."""
-        got, deadline = 0, time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.done, select.POLLIN)
-        while got < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not poller.poll(remaining * 1000):
-                break
-            with contextlib.suppress(BlockingIOError):
-                got += os.eventfd_read(self.done)
-        return got
+        return read_counter(self.done, count, timeout)
 
     def donor_pid(self, pid: int) -> int:
         return self.donor_of.get(pid, os.getpid())
@@ -428,3 +419,17 @@ def _prepare_dir(plan: SwapPlan, prepared: Prepared, d: DirRef) -> None:
     d.old_fd = prepared.track(os.open(f"/proc/{d.pid}/{d.kind}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
     d.new_fd = prepared.track(prepared.counterpart(d.rel, Seen(d.dev, d.ino, stat.S_IFDIR), stat.S_IFDIR,
                                                    f"{d.kind} of process {d.pid}"))
+
+
+def read_counter(done: int, count: int, timeout: float) -> int:
+    """How much the eventfd `done` counts up within `timeout` (waits for `count` at most)."""
+    got, deadline = 0, time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(done, select.POLLIN)
+    while got < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            break
+        with contextlib.suppress(BlockingIOError):
+            got += os.eventfd_read(done)
+    return got
