@@ -44,7 +44,8 @@ def process_with_groups() -> Iterator[Callable[[list[int]], int]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(groups: list[int]) -> int:
-        code = f"import os, time; os.setgroups({groups!r}); print(flush=True); time.sleep(60)"
+        # Lives (paused) until the fixture kills it: no lifetime to guess.
+        code = f"import os, signal; os.setgroups({groups!r}); print(flush=True); signal.pause()"
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
         procs.append(proc)
         assert proc.stdout is not None and proc.stdout.readline() == b"\n"
