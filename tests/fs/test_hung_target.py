@@ -62,20 +62,31 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.fixture
-def hung(tmp: Path) -> Iterator[HungTarget]:
+def _hung_target(tmp: Path, *extra: str) -> Iterator[HungTarget]:
     where = tmp / "hung"
     where.mkdir()
     backing = where / "target"
     backing.mkdir(mode=0o777)
     backing.chmod(0o777)
-    target = HungTarget(start_spfs(where / "mnt", "proxy", where, "--proxy-dir", str(backing)),
-                        backing)
+    target = HungTarget(start_spfs(where / "mnt", "proxy", where, "--proxy-dir", str(backing),
+                                   *extra), backing)
     try:
         yield target
     finally:
         target.thaw()
         target.mount.stop()
+
+
+@pytest.fixture
+def hung(tmp: Path) -> Iterator[HungTarget]:
+    yield from _hung_target(tmp)
+
+
+@pytest.fixture
+def hung_slow_to_forget(tmp: Path) -> Iterator[HungTarget]:
+    """A hung target whose attributes the kernel keeps for 60 s: a stat of its root taken
+    before it stops lets a switch open it as the target without asking it."""
+    yield from _hung_target(tmp, "--cache-timeout", "60")
 
 
 def _stuck_stat(path: Path) -> subprocess.Popen[str]:
@@ -235,3 +246,40 @@ def test_commands_wait_for_a_switch_in_progress(
     assert errors == []
     assert finished == ["set_mode", "invalidate"]
     assert mount.status()["proxy_dir"] == str(hung.path)
+
+
+def test_a_switch_rebinds_in_a_worker_while_status_answers(
+        hung_slow_to_forget: HungTarget, spfs_factory: Callable[..., SpfsMount],
+        tmp: Path) -> None:
+    hung = hung_slow_to_forget
+    mount = spfs_factory("proxy", "--proxy-dir", str(tmp / "target"))
+    # A directory to re-bind (a switch of target drops the kernel's entries of files,
+    # so those are looked up afresh instead).
+    (mount.mountpoint / "known").mkdir()
+    (hung.backing / "known").mkdir()
+    (hung.backing / "known" / "f").write_bytes(b"new target")
+    os.stat(hung.path)  # its root's attributes now cached: only the re-bind asks the target
+    hung.freeze()
+    errors: list[BaseException] = []
+
+    def switch() -> None:
+        try:
+            mount.set_mode("proxy", hung.path)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+    thread = threading.Thread(target=switch, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: hung.waiting() >= 1, 30, "the re-bind to reach the stopped target")
+        start = time.monotonic()
+        status = control_client.status(mount.socket, timeout=10)
+        latency = time.monotonic() - start
+        print(f"status answered in {latency * 1e3:.1f} ms during a re-bind stuck on the target")
+        assert latency < STATUS_BOUND_S
+        assert status["switching"] and status["mode"] == "proxy"
+    finally:
+        hung.thaw()
+    thread.join(60)
+    assert errors == [] and not thread.is_alive()
+    assert (mount.mountpoint / "known" / "f").read_bytes() == b"new target"
+    assert mount.status()["last_switch"]["rebound"] >= 1

@@ -341,6 +341,8 @@ class FsController:
             "backend_calls": self.pool.running,
             "oldest_backend_call_seconds": round(self.pool.oldest_seconds(), 3),
             "workers": self.pool.size,
+            # Commands waiting for the one running (set_mode, invalidate, ...) to finish.
+            "commands_waiting": self._lock.statistics().tasks_waiting,
         }
 
 

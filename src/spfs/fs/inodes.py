@@ -81,6 +81,9 @@ class Inode:
     # A socket file made through SPFS by bind(): the kernel finds the bound socket by this
     # very FUSE inode, so its name must keep leading here (see ProxyBackend._resolve).
     bound_socket: bool = False
+    # Proxy mode: written since its last FLUSH, which then has writing back to ask of the
+    # target (a FLUSH with nothing written costs a worker trip for nothing).
+    unflushed: bool = False
 
     @property
     def is_dir(self) -> bool:

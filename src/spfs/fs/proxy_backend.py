@@ -397,11 +397,13 @@ class ProxyBackend:
 
     async def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         _check_name(name)
+        await self.pool.closes_settled()
         await self._run(ctx, _unlinkat, name, self._dirfd(parent_ino), False)
         self._forget_name(parent_ino, name)
 
     async def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         _check_name(name)
+        await self.pool.closes_settled()
         await self._run(ctx, _unlinkat, name, self._dirfd(parent_ino), True)
         self._forget_name(parent_ino, name)
 
@@ -414,6 +416,7 @@ class ProxyBackend:
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         _check_name(name)
         _check_name(new_name)
+        await self.pool.closes_settled()
         old_dirfd, new_dirfd = self._dirfd(parent_ino), self._dirfd(new_parent_ino)
         await self._run(ctx, _renameat, old_dirfd, name, new_dirfd, new_name, flags)
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -449,12 +452,23 @@ class ProxyBackend:
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         assert handle.fd is not None
+        inode = self.table.inodes.get(handle.ino)
+        if inode is not None:
+            inode.unflushed = True
         return await self._run(None, os.pwrite, handle.fd, data, offset)
 
     async def flush(self, handle: Handle) -> None:
-        # Read-only handles have nothing to write back.
-        if handle.fd is not None and handle.flags & os.O_ACCMODE != os.O_RDONLY:
-            await self._run(None, _w_flush, handle.fd)
+        # Nothing to write back: a read-only handle, or no write to the file since the
+        # last flush (whichever handle the kernel sent the writes on: NFS writes back the
+        # whole file on any close).
+        if handle.fd is None or handle.flags & os.O_ACCMODE == os.O_RDONLY:
+            return
+        inode = self.table.inodes.get(handle.ino)
+        if inode is not None:
+            if not inode.unflushed:
+                return
+            inode.unflushed = False
+        await self._run(None, _w_flush, handle.fd)
 
     async def fsync(self, handle: Handle, datasync: bool) -> None:
         if handle.fd is not None:

@@ -13,8 +13,8 @@ loop closes while calls are running (an inode forgotten or re-bound by a switch)
 closed only once every call that could still be using them has ended, so a late syscall
 of an abandoned call can never reach another file that inherited the descriptor number.
 
-All bookkeeping happens on the trio thread: a worker only reports back through the trio
-token (run_sync_soon), so none of it needs a lock.
+All bookkeeping happens on the trio thread: a worker only stores its result in the call
+and signals its eventfd, so none of it needs a lock.
 """
 
 from __future__ import annotations
@@ -46,16 +46,40 @@ SHUTDOWN_GRACE_S = 5.0
 _EXPIRY_TICK_S = 0.25
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Call:
     ticket: int
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     ctx: pyfuse3.RequestContext | None
-    task: trio.lowlevel.Task | None     # None: nobody waits (fire and forget)
     started: float                      # trio clock
     answered: bool = False     # the waiting task got its answer (or gave up waiting)
     abandoned: bool = False    # ... before the thread was done
+    result: outcome.Outcome | None = None
+
+
+class _Worker:
+    """One thread, its job queue, and the eventfd it signals each finished call on: the
+    waiting task wakes straight from trio's epoll (a third cheaper per call, measured,
+    than reporting back through the trio token)."""
+
+    def __init__(self, pool: "WorkerPool", index: int) -> None:
+        self.jobs: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.thread = threading.Thread(target=self._work, args=(pool.creds,),
+                                       name=f"spfs-worker-{index}", daemon=True)
+        self.thread.start()
+
+    def _work(self, creds: CallerCredentials) -> None:
+        while True:
+            call = self.jobs.get()
+            if call is None:
+                return
+            if call.abandoned:  # read without a lock: at worst an abandoned call runs anyway
+                call.result = outcome.Error(pyfuse3.FUSEError(errno.EIO))
+            else:
+                call.result = outcome.capture(_as_caller, creds, call.ctx, call.fn, call.args)
+            os.eventfd_write(self.efd, 1)
 
 
 class WorkerPool:
@@ -65,28 +89,33 @@ class WorkerPool:
             raise ValueError("a worker pool needs at least one thread")
         self.size = size
         self.creds = creds if creds is not None else CallerCredentials()
-        self._jobs: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0                    # threads waiting for a job (loop's count)
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._workers: list[_Worker] = []
+        self._idle: list[_Worker] = []
+        self._busy: dict[_Worker, _Call] = {}
+        self._free = trio.lowlevel.ParkingLot()   # tasks waiting for an idle worker
         self._next_ticket = 0
         # Calls whose thread has not finished yet, in ticket order (dicts keep it).
         self._running: dict[int, _Call] = {}
         # (ticket bound, fd): close fd once no call with a ticket below the bound runs.
         self._retired: collections.deque[tuple[int, int]] = collections.deque()
-        self._progress = trio.Event()     # set (and replaced) whenever a call ends
+        self._progress: trio.Event | None = None   # set when a call ends (for drain)
+        self._to_close: list[int] = []
+        self._close_wanted: trio.Event | None = None
+        self._closes_asked = 0        # close_soon calls so far
+        self._closes_done = 0         # ... of which every one has been closed
+        self._closes_changed = trio.Event()
         self.shutdown_at: float | None = None
         self.abandoned = 0
 
     # -- state -------------------------------------------------------------------------
     @property
     def running(self) -> int:
-        """Calls handed to a thread (or queued for one) whose thread has not finished."""
+        """Calls handed to a thread whose thread has not finished."""
         return len(self._running)
 
     @property
     def threads(self) -> int:
-        return len(self._threads)
+        return len(self._workers)
 
     def oldest_seconds(self) -> float:
         """How long the oldest running call has been running (0 without one)."""
@@ -98,23 +127,72 @@ class WorkerPool:
     async def run(self, ctx: pyfuse3.RequestContext | None, fn: Callable[..., T],
                   *args: Any) -> T:
         """fn(*args) on a worker thread with *ctx*'s credentials (the daemon's if None)."""
-        call = self._submit(ctx, fn, args, trio.lowlevel.current_task())
+        worker = self._idle.pop() if self._idle else await self._take_worker()
+        call = _Call(self._next_ticket, fn, args, ctx, trio.current_time())
+        self._next_ticket += 1
+        self._running[call.ticket] = call
+        self._busy[worker] = call
+        worker.jobs.put(call)
+        try:
+            await trio.lowlevel.wait_readable(worker.efd)
+        except trio.ClosedResourceError:   # SIGTERM's grace ran out (_expire)
+            self._abandon(worker, call)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except BaseException:
+            self._abandon(worker, call)   # cancelled from outside: the daemon is exiting
+            raise
+        os.eventfd_read(worker.efd)
+        self._finished(worker, call)
+        assert call.result is not None
+        return call.result.unwrap()  # type: ignore[no-any-return]
 
-        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-            self._abandon(call)
-            return trio.lowlevel.Abort.SUCCEEDED
-        result = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result  # type: ignore[no-any-return]
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """fn(*args) on a worker thread as the daemon; nobody waits for it (closes)."""
-        self._submit(None, fn, args, None)
+    async def _take_worker(self) -> _Worker:
+        while True:
+            if self._idle:
+                return self._idle.pop()
+            if len(self._workers) < self.size:
+                worker = _Worker(self, len(self._workers))
+                self._workers.append(worker)
+                return worker
+            await self._free.park()
 
     def close_soon(self, fd: int | None) -> None:
-        """Close a descriptor of a target file in a worker: closing a file written on NFS
-        writes it back, which waits for the server."""
-        if fd is not None:
-            self.submit(_close_quietly, fd)
+        """Close a descriptor of a target file in a worker, without waiting: closing a
+        file written on NFS writes it back, which waits for the server. Closes queued
+        together go to one worker in one batch."""
+        if fd is None:
+            return
+        self._to_close.append(fd)
+        self._closes_asked += 1
+        if self._close_wanted is None:
+            self._close_wanted = trio.Event()
+            trio.lowlevel.spawn_system_task(self._closer)
+        self._close_wanted.set()
+
+    async def _closer(self) -> None:
+        while True:
+            assert self._close_wanted is not None
+            await self._close_wanted.wait()
+            self._close_wanted = trio.Event()
+            fds, self._to_close = self._to_close, []
+            asked = self._closes_asked
+            try:
+                await self.run(None, _close_all, fds)
+            except pyfuse3.FUSEError:
+                pass  # abandoned at shutdown
+            finally:
+                self._closes_done = asked
+                event, self._closes_changed = self._closes_changed, trio.Event()
+                event.set()
+
+    async def closes_settled(self) -> None:
+        """Wait until every close_soon so far has been done. Unlinking or renaming over a
+        file the daemon still holds open makes an NFS client keep it as .nfsXXXX (and
+        its directory then cannot be removed): the closes of released files go first,
+        as when RELEASE closed before the next request was read."""
+        asked = self._closes_asked
+        while self._closes_done < asked:
+            await self._closes_changed.wait()
 
     def close_later(self, fd: int) -> None:
         """Close *fd* (an O_PATH descriptor: never blocks) once no call that started
@@ -124,58 +202,30 @@ class WorkerPool:
         else:
             self._retired.append((self._next_ticket, fd))
 
-    def _submit(self, ctx: pyfuse3.RequestContext | None, fn: Callable[..., Any],
-                args: tuple[Any, ...], task: trio.lowlevel.Task | None) -> _Call:
-        if self._token is None:
-            self._token = trio.lowlevel.current_trio_token()
-        call = _Call(self._next_ticket, fn, args, ctx, task, trio.current_time())
-        self._next_ticket += 1
-        self._running[call.ticket] = call
-        if self._idle == 0 and len(self._threads) < self.size:
-            thread = threading.Thread(target=self._work, name=f"spfs-worker-{len(self._threads)}",
-                                      daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        else:
-            self._idle = max(0, self._idle - 1)
-        self._jobs.put(call)
-        return call
-
-    # -- worker side ---------------------------------------------------------------------
-    def _work(self) -> None:
-        creds = self.creds
-        token = self._token
-        assert token is not None
-        while True:
-            call = self._jobs.get()
-            if call is None:
-                return
-            if call.abandoned:  # read without a lock: at worst an abandoned call runs anyway
-                result: outcome.Outcome = outcome.Error(pyfuse3.FUSEError(errno.EIO))
-            else:
-                result = outcome.capture(_as_caller, creds, call.ctx, call.fn, call.args)
-            try:
-                token.run_sync_soon(self._finished, call, result)
-            except trio.RunFinishedError:
-                return  # the daemon is exiting; nobody is left to tell
-
     # -- loop side -----------------------------------------------------------------------
-    def _finished(self, call: _Call, result: outcome.Outcome) -> None:
-        self._idle += 1
+    def _finished(self, worker: _Worker, call: _Call) -> None:
+        call.answered = True
         del self._running[call.ticket]
-        if call.task is not None and not call.answered:
-            call.answered = True
-            trio.lowlevel.reschedule(call.task, result)
-        elif isinstance(result, outcome.Error) and call.task is None:
-            log.warning("background %s failed: %s", getattr(call.fn, "__name__", call.fn),
-                        result.error)
-        self._close_retired()
-        event, self._progress = self._progress, trio.Event()
-        event.set()
+        del self._busy[worker]
+        self._idle.append(worker)
+        if self._free:
+            self._free.unpark()
+        if self._retired:
+            self._close_retired()
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
 
-    def _abandon(self, call: _Call) -> None:
+    def _abandon(self, worker: _Worker, call: _Call) -> None:
+        """Stop waiting for *call*; its worker rejoins the pool once the thread is done."""
         call.answered = call.abandoned = True
         self.abandoned += 1
+        trio.lowlevel.spawn_system_task(self._reclaim, worker, call)
+
+    async def _reclaim(self, worker: _Worker, call: _Call) -> None:
+        await trio.lowlevel.wait_readable(worker.efd)
+        os.eventfd_read(worker.efd)
+        self._finished(worker, call)
 
     def _close_retired(self) -> None:
         oldest = next(iter(self._running), self._next_ticket)
@@ -187,6 +237,8 @@ class WorkerPool:
         bound = self._next_ticket
         with trio.move_on_after(timeout):
             while self._running and next(iter(self._running)) < bound:
+                if self._progress is None:
+                    self._progress = trio.Event()
                 await self._progress.wait()
             return True
         log.warning("%s: %d backend calls still running after %.1f s (the oldest for %.1f s)",
@@ -210,20 +262,26 @@ class WorkerPool:
         while True:
             await trio.sleep(_EXPIRY_TICK_S)
             now = trio.current_time()
-            for call in list(self._running.values()):
-                if call.answered or call.task is None:
+            for worker, call in list(self._busy.items()):
+                if call.answered:
                     continue
                 if now - max(call.started, self.shutdown_at) >= SHUTDOWN_GRACE_S:
                     log.warning("%s still running %.1f s after shutdown: answered EIO",
                                 getattr(call.fn, "__name__", call.fn), now - self.shutdown_at)
-                    self._abandon(call)
-                    trio.lowlevel.reschedule(call.task, outcome.Error(pyfuse3.FUSEError(errno.EIO)))
+                    # Wakes the waiting task with ClosedResourceError; the eventfd itself
+                    # stays open for the thread (and the reclaim that waits for it).
+                    trio.lowlevel.notify_closing(worker.efd)
 
 
 def _as_caller(creds: CallerCredentials, ctx: pyfuse3.RequestContext | None,
                fn: Callable[..., T], args: tuple[Any, ...]) -> T:
     with creds.of(ctx):
         return fn(*args)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        _close_quietly(fd)
 
 
 def _close_quietly(fd: int) -> None:
