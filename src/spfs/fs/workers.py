@@ -220,7 +220,10 @@ class WorkerPool:
         """Stop waiting for *call*; its worker rejoins the pool once the thread is done."""
         call.answered = call.abandoned = True
         self.abandoned += 1
-        trio.lowlevel.spawn_system_task(self._reclaim, worker, call)
+        try:
+            trio.lowlevel.spawn_system_task(self._reclaim, worker, call)
+        except RuntimeError:
+            pass  # the run is ending: nobody will need the worker again
 
     async def _reclaim(self, worker: _Worker, call: _Call) -> None:
         await trio.lowlevel.wait_readable(worker.efd)
