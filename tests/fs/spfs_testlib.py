@@ -108,6 +108,20 @@ def run_as(uid: int, code: str, timeout: float = 20) -> subprocess.CompletedProc
                           text=True, timeout=timeout)
 
 
+def fusectl_dir(mountpoint: Path) -> Path:
+    """The FUSE connection's fusectl directory, named after the mount's device minor
+    (read from mountinfo: a stat of the mount would be a request to its daemon)."""
+    control = Path("/sys/fs/fuse/connections")
+    if not os.path.ismount(control):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=True)
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                return control / fields[2].split(":")[1]
+    raise AssertionError(f"{mountpoint} is not mounted")
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -44,7 +44,8 @@ def process_with_groups() -> Iterator[Callable[[list[int]], int]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(groups: list[int]) -> int:
-        code = f"import os, time; os.setgroups({groups!r}); print(flush=True); time.sleep(60)"
+        # Lives (paused) until the fixture kills it: no lifetime to guess.
+        code = f"import os, signal; os.setgroups({groups!r}); print(flush=True); signal.pause()"
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
         procs.append(proc)
         assert proc.stdout is not None and proc.stdout.readline() == b"\n"
@@ -102,6 +103,25 @@ def test_root_callers_run_as_the_daemon() -> None:
         with CallerCredentials().of(Caller(0, 0, os.getpid())):  # type: ignore[arg-type]
             return thread_creds()
     assert on_a_thread(request)[:2] == ("0", "0")  # type: ignore[index]
+
+
+def test_a_thread_left_switched_is_reset_before_a_root_request(
+        process_with_groups: Callable[[list[int]], int]) -> None:
+    # A worker thread serves many callers in turn. Should switching back after a request
+    # ever fail, the thread keeps that caller's identity; a root request (which switches
+    # nothing) must not then run with it. A real switch back as root cannot be made to
+    # fail, so the failure is stood in for by leaving out the switch back (__exit__).
+    member = Caller(NOBODY, NOBODY, process_with_groups([4242]))
+
+    def requests() -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+        creds = CallerCredentials()
+        creds.of(member).__enter__()  # type: ignore[arg-type]
+        left = thread_creds()
+        with creds.of(Caller(0, 0, os.getpid())):  # type: ignore[arg-type]
+            return left, thread_creds()
+    left, as_root = on_a_thread(requests)  # type: ignore[misc]
+    assert left == (str(NOBODY), str(NOBODY), "4242")
+    assert as_root == ("0", "0", "")
 
 
 def _fsuid_in_kernel() -> int:

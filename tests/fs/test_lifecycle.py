@@ -7,14 +7,13 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 from spfs.fs import control_client
-from spfs_testlib import SPFS, SpfsMount, is_mounted, wait_for
+from spfs_testlib import SPFS, SpfsMount, fusectl_dir, is_mounted, wait_for
 
 
 def test_ready_fd_means_usable_and_umount_exits_zero(proxy: SpfsMount) -> None:
@@ -32,27 +31,20 @@ def test_lazy_detach_exits_once_the_last_open_file_is_closed(proxy: SpfsMount) -
     try:
         subprocess.run(["umount", "-l", str(proxy.mountpoint)], check=True)
         assert not is_mounted(proxy.mountpoint)
-        time.sleep(0.3)
-        assert proxy.proc.poll() is None  # still serving the open file
+        # Answered through the detached mount: the daemon is still there, serving it (had
+        # it exited on the detach, the read would fail with ENOTCONN).
         assert os.pread(fd, 100, 0) == b"still readable"
+        assert proxy.proc.poll() is None
     finally:
         os.close(fd)
     assert proxy.exit_status() == 0
-
-
-def _fusectl_dir(mountpoint: Path) -> Path:
-    """The connection's fusectl directory, named after the mount's device minor."""
-    control = Path("/sys/fs/fuse/connections")
-    if not os.path.ismount(control):
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=True)
-    return control / str(os.minor(os.stat(mountpoint).st_dev))
 
 
 def test_an_aborted_connection_ends_the_daemon_cleanly(proxy: SpfsMount) -> None:
     # An administrator's abort (fusectl) ends the filesystem as an unmount does: exit 0,
     # no traceback, the mount left for its owner to remove.
     (proxy.mountpoint / "f").write_bytes(b"x")
-    (_fusectl_dir(proxy.mountpoint) / "abort").write_text("1")
+    (fusectl_dir(proxy.mountpoint) / "abort").write_text("1")
     assert proxy.exit_status() == 0
     with pytest.raises(OSError) as failed:
         (proxy.mountpoint / "f").read_bytes()
@@ -193,7 +185,9 @@ def test_sigterm_leaves_a_mount_that_is_no_longer_ours_alone(proxy: SpfsMount, t
     subprocess.run(["mount", "-t", "tmpfs", "spfs-other", str(proxy.mountpoint)], check=True)
     try:
         proxy.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        # The daemon has handled the signal (and decided) once it says so.
+        wait_for(lambda: "is no longer our mount" in proxy.log.read_text(), 20,
+                 "the daemon's answer to SIGTERM in its log")
         assert is_mounted(proxy.mountpoint)  # the other filesystem is still there
         assert proxy.proc.poll() is None     # ours is still mounted (elsewhere)
         subprocess.run(["umount", str(moved)], check=True)

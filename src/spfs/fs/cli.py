@@ -14,6 +14,7 @@ from spfs.fs.manifest import ManifestError
 from spfs.fs.modes import Mode
 from spfs.fs.target_dir import TargetError
 from spfs.fs.control_server import ControlSocketError
+from spfs.fs.workers import DEFAULT_WORKERS
 
 log = logging.getLogger("spfs")
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "forget old ones (default: 80%% of RLIMIT_NOFILE)")
     p.add_argument("--direct-io", action="store_true",
                    help="proxy-mode opens bypass the page cache (faster, but no shared mmap)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="threads making the syscalls on the proxy target, so that a target "
+                        f"that hangs stalls only its own requests (default {DEFAULT_WORKERS})")
     return p
 
 
@@ -70,13 +74,16 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         raise StartupError("--stub-timeout must be positive")
     if args.max_parked < 10:
         raise StartupError("--max-parked must be at least 10")
+    if not 1 <= args.workers <= 1024:
+        raise StartupError("--workers must be between 1 and 1024")
     return DaemonConfig(
         mountpoint=os.path.abspath(args.mountpoint), mode=Mode(args.mode),
         proxy_dir=args.proxy_dir, proxy_mntns_pid=args.proxy_mntns_pid,
         manifest=args.manifest, socket_path=args.socket_path, ready_fds=list(args.ready_fd),
         stub_timeout=args.stub_timeout, fuse_options=options, max_parked=args.max_parked,
         cache_timeout=args.cache_timeout, read_ahead_kb=args.read_ahead_kb,
-        direct_io=args.direct_io, inode_soft_limit=args.inode_soft_limit)
+        direct_io=args.direct_io, inode_soft_limit=args.inode_soft_limit,
+        workers=args.workers)
 
 
 def _daemonize(config: DaemonConfig) -> int | None:

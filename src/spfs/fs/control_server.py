@@ -1,7 +1,9 @@
 """The control socket: AF_UNIX SOCK_SEQPACKET, root callers only (SO_PEERCRED).
 
-Served on the trio loop, so commands need no locking against FUSE handlers. A malformed
-request gets an error reply and changes nothing.
+Served on the trio loop, which never waits for the proxy target itself (workers.py), so
+status answers while the target hangs. Commands that change something take the
+controller's lock (controller.py). A malformed request gets an error reply and changes
+nothing.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class ControlServer:
             if (entries is None) == (manifest_file is None):
                 raise protocol.ProtocolError(errno.EINVAL,
                                              "give exactly one of entries and manifest_file")
-            return {"added": ctl.add_manifest_entries(entries, manifest_file)}
+            return {"added": await ctl.add_manifest_entries(entries, manifest_file)}
         paths = request.get("paths")
         if paths is not None and (not isinstance(paths, list)
                                   or not all(isinstance(p, str) for p in paths)):

@@ -8,7 +8,13 @@ A mode change (all steps logged with their durations):
  3. park new requests (switching), invalidate attributes again, and when leaving restore
     mode the page cache of files read or written during step 2;
  4. re-bind inodes and restore-mode handles to the new target, then open the gate:
-    parked requests run in the new mode.
+    parked requests run in the new mode. Backend calls of the old target still running
+    are waited for first (bounded: one stuck on a dead target must not block the switch
+    away from it), and the openat2 per inode runs in a worker, so the loop keeps serving
+    the control socket, FORGET and RELEASE while requests stay parked.
+
+Every command that changes something (a mode change, invalidate, add_manifest_entries)
+holds the controller's lock: one never runs in the middle of another. status does not.
 """
 
 from __future__ import annotations
@@ -25,19 +31,28 @@ import trio
 from spfs.fs import invalidation
 from spfs.fs.inode_budget import InodeBudget
 from spfs.fs.inodes import ROOT_INODE
-from spfs.fs.manifest import ManifestEntry, load_manifest, parse_entries
+from spfs.fs.manifest import ManifestEntry, ManifestError, load_manifest, parse_entries
 from spfs.fs.modes import Mode, ModeError, check_transition
 from spfs.fs.operations import SpfsOperations
 from spfs.fs.proxy_backend import ProxyBackend
-from spfs.fs.creds import CallerCredentials
-from spfs.fs.rebind import drop_restore_nodes, rebind_inodes, reopen_handles
+from spfs.fs.restore_backend import RestoreBackend
+from spfs.fs import rebind
+from spfs.fs.rebind import RebindResult, drop_restore_nodes
 from spfs.fs.target_dir import TargetDir, open_target
+from spfs.fs.workers import WorkerPool
 from spfs.sys.fds import close_quietly
 
 log = logging.getLogger(__name__)
 
 INVALIDATE_TIMEOUT_S = 10.0
 OPEN_TARGET_TIMEOUT_S = 30.0
+# How long a switch waits for backend calls of the old target to end before re-binding
+# anyway (their results are then dropped: the old backend is retired).
+DRAIN_TIMEOUT_S = 5.0
+# A re-bind that makes no progress for this long (the new target hangs) fails the switch.
+REBIND_STALL_S = 30.0
+# Reading a manifest file named on the control socket (up to 512 MiB of JSON).
+MANIFEST_TIMEOUT_S = 300.0
 
 
 @dataclasses.dataclass
@@ -57,10 +72,10 @@ class SwitchRecord:
 
 
 class FsController:
-    def __init__(self, ops: SpfsOperations, creds: CallerCredentials,
-                 budget: InodeBudget | None = None, target: TargetDir | None = None) -> None:
+    def __init__(self, ops: SpfsOperations, budget: InodeBudget | None = None,
+                 target: TargetDir | None = None) -> None:
         self.ops = ops
-        self.creds = creds
+        self.pool: WorkerPool = ops.pool
         self.budget = budget
         self.target = target
         # --proxy-dir given while starting in another mode: the target of a later switch
@@ -78,7 +93,7 @@ class FsController:
         """Make *target* the proxy backend (used at start and by switches)."""
         self.target = target
         self.ops.proxy = ProxyBackend(self.ops.table, self.ops.handles, self.ops.timeouts,
-                                      self.creds, target.fd, target.path, self.budget)
+                                      self.pool, target.fd, target.path, self.budget)
 
     # -- mode changes --------------------------------------------------------------------
     async def set_mode(self, wanted: Mode, proxy_dir: str | None = None,
@@ -141,7 +156,7 @@ class FsController:
             # Step 4.
             rebind_start = time.monotonic()
             if target is not None:
-                self._switch_target(old, target, same_target, record)
+                await self._switch_target(old, target, same_target, record)
             record.rebind_seconds = time.monotonic() - rebind_start
         except BaseException:
             if target is not None and target is not self.target:
@@ -163,23 +178,65 @@ class FsController:
                  "" if record.invalidation_complete else ", invalidation still pending")
         return record
 
-    def _switch_target(self, old: Mode, target: TargetDir, same_target: bool,
-                       record: SwitchRecord) -> None:
+    async def _switch_target(self, old: Mode, target: TargetDir, same_target: bool,
+                             record: SwitchRecord) -> None:
         ops = self.ops
         if same_target:
             close_quietly(target.fd)  # nothing moves: keep every binding as it is
             return
-        result = rebind_inodes(ops.table, target)
-        reopen_handles(ops.table, ops.handles, result)
+        previous = ops.proxy
+        await self.pool.drain(DRAIN_TIMEOUT_S, "switch")
+        if previous is not None:
+            # From here on, what its calls still running find is not bound (they answer EIO).
+            previous.retired = True
+        try:
+            result = await self._rebind(target)
+        except BaseException:
+            if previous is not None:
+                previous.retired = False
+            raise
         if old is Mode.RESTORE or ops.restore is not None:
             drop_restore_nodes(ops.table)
             ops.restore = None
-        previous = ops.proxy
         self.install_target(target)
         if previous is not None:
             previous.close()
         record.rebound, record.stale = result.rebound, result.stale
         record.reopened, record.broken = result.reopened, result.broken
+
+    async def _rebind(self, target: TargetDir) -> RebindResult:
+        """Re-bind every inode and handle to *target*: the lookups in a worker, bounded by
+        REBIND_STALL_S without progress; nothing changes if it fails."""
+        ops = self.ops
+        planned = rebind.plan(ops.table, ops.handles, target)
+        progress = rebind.Progress(len(planned.to_open))
+        if len(planned.to_open) > 1000:
+            log.info("re-binding %d inodes and %d handles to %s", len(planned.to_open),
+                     len(planned.handles), target.path)
+        opened: rebind.Opened | None = None
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                seen = -1
+                while True:
+                    if progress.done == seen:
+                        progress.cancel()
+                        nursery.cancel_scope.cancel()
+                        return
+                    seen = progress.done
+                    await trio.sleep(REBIND_STALL_S)
+
+            async def work() -> None:
+                nonlocal opened
+                opened = await self.pool.run(None, rebind.open_all, planned, progress)
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            nursery.start_soon(work)
+        if opened is None:
+            progress.cancel()   # closes what the worker opens should it finish later
+            raise ModeError(f"re-binding to {target.path} stalled at {progress.done} of "
+                            f"{progress.total} inodes for {REBIND_STALL_S:.0f} s")
+        return rebind.apply(ops.table, ops.handles, target, planned, opened,
+                            self.pool.close_soon)
 
     def _batch(self, data: bool, file_entries: bool = False,
                entries: bool = False) -> invalidation.InvalidationBatch:
@@ -211,6 +268,10 @@ class FsController:
     async def invalidate(self, paths: list[str] | None, entries: bool = False) -> dict[str, Any]:
         """Drop attributes and page cache (and, if asked, directory entries: beware that
         this detaches mounts on or below those names) of *paths* or of every inode."""
+        async with self._lock:
+            return await self._invalidate(paths, entries)
+
+    async def _invalidate(self, paths: list[str] | None, entries: bool) -> dict[str, Any]:
         table = self.ops.table
         if paths is None:
             batch = self._batch(data=True, entries=entries)
@@ -234,18 +295,32 @@ class FsController:
             ino = found
         return ino
 
-    def add_manifest_entries(self, raw_entries: Any = None, manifest_file: str | None = None) -> int:
+    async def add_manifest_entries(self, raw_entries: Any = None,
+                                   manifest_file: str | None = None) -> int:
+        async with self._lock:
+            self._check_restore()
+            entries: tuple[ManifestEntry, ...]
+            # Reading and validating (up to MAX_MANIFEST_BYTES of JSON, checking every
+            # content source) in a worker: the loop keeps serving meanwhile.
+            if manifest_file is not None:
+                with trio.move_on_after(MANIFEST_TIMEOUT_S) as scope:
+                    entries = (await trio.to_thread.run_sync(
+                        load_manifest, manifest_file, abandon_on_cancel=True)).entries
+                if scope.cancelled_caught:
+                    raise ManifestError(f"reading manifest {manifest_file} took more than "
+                                        f"{MANIFEST_TIMEOUT_S:.0f} s")
+            else:
+                entries = await trio.to_thread.run_sync(parse_entries, raw_entries)
+            restore = self._check_restore()   # the lock keeps the mode; checked anyway
+            restore.add_entries(entries)
+            invalidation.invalidate_attrs_now(list(self.ops.table.inodes))
+            return len(entries)
+
+    def _check_restore(self) -> RestoreBackend:
         if self.mode is not Mode.RESTORE or self.ops.restore is None:
             raise ModeError(f"manifest entries can only be added in restore mode "
                             f"(current mode: {self.mode.value})")
-        entries: tuple[ManifestEntry, ...]
-        if manifest_file is not None:
-            entries = load_manifest(manifest_file).entries
-        else:
-            entries = parse_entries(raw_entries)
-        self.ops.restore.add_entries(entries)
-        invalidation.invalidate_attrs_now(list(self.ops.table.inodes))
-        return len(entries)
+        return self.ops.restore
 
     def status(self) -> dict[str, Any]:
         ops = self.ops
@@ -261,6 +336,13 @@ class FsController:
             "release_seconds": ops.gate.release_seconds,
             "last_switch": dataclasses.asdict(self.last_switch) if self.last_switch else None,
             "pid": os.getpid(),
+            # Calls on the target not finished yet, and the age of the oldest: a target
+            # that hangs shows here while everything else keeps answering.
+            "backend_calls": self.pool.running,
+            "oldest_backend_call_seconds": round(self.pool.oldest_seconds(), 3),
+            "workers": self.pool.size,
+            # Commands waiting for the one running (set_mode, invalidate, ...) to finish.
+            "commands_waiting": self._lock.statistics().tasks_waiting,
         }
 
 

@@ -1,8 +1,11 @@
 """Run a proxy syscall with the caller's filesystem credentials.
 
-fsuid, fsgid and the supplementary groups are per-thread in Linux, and pyfuse3 runs every
-handler on the one trio thread, so switching them around each (synchronous, never awaiting)
-syscall block gives every request its caller's identity without affecting anything else.
+fsuid, fsgid and the supplementary groups are per-thread in Linux, and every proxy syscall
+runs on a worker thread (workers.py), so switching them around each call on that thread
+gives every request its caller's identity without affecting anything else. A worker serves
+many callers in turn: a thread whose switch back to the daemon failed is marked, and its
+next call, even one as the daemon, first resets it (or is refused), so one caller's
+identity never carries over to the next.
 When fsuid leaves 0 the kernel drops the filesystem capabilities (CAP_DAC_OVERRIDE,
 CAP_CHOWN, CAP_FOWNER, ...) from the thread, so the target's permission checks apply.
 
@@ -61,8 +64,22 @@ class CallerCredentials:
 
     def of(self, ctx: pyfuse3.RequestContext | None) -> ContextManager[None]:
         if ctx is None or (ctx.uid == 0 and ctx.gid == 0):
+            if getattr(self._thread, "switched", False):
+                self._reset_thread()
             return _AS_DAEMON  # the daemon is root already: nothing to switch
         return _AsCaller(self, ctx.uid, ctx.gid, self.group_cache.groups(ctx.pid))
+
+    def _reset_thread(self) -> None:
+        """Back to the daemon's identity on a thread a caller's switch left behind."""
+        try:
+            thread_creds.set_thread_fsuid(0)
+            thread_creds.set_thread_fsgid(0)
+            self.set_groups(())
+        except (OSError, CredentialSwitchError) as e:
+            log.error("resetting a worker thread to the daemon's credentials: %s; "
+                      "request refused", e)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        self._thread.switched = False
 
     def set_groups(self, groups: tuple[int, ...]) -> None:
         """setgroups for this thread, skipped when it has these groups already (most
@@ -82,6 +99,7 @@ class _AsCaller:
         self._creds, self._uid, self._gid, self._groups = creds, uid, gid, groups
 
     def __enter__(self) -> None:
+        self._creds._thread.switched = True   # until _back_to_daemon has fully succeeded
         try:
             self._creds.set_groups(self._groups)
             thread_creds.set_thread_fsgid(self._gid)
@@ -100,6 +118,7 @@ class _AsCaller:
         thread_creds.set_thread_fsuid(0)
         thread_creds.set_thread_fsgid(0)
         self._creds.set_groups(())
+        self._creds._thread.switched = False
 
 
 def check_switch(machine: str | None = None) -> None:

@@ -4,8 +4,10 @@ Everything that can be refused (manifest, proxy directory, mountpoint, control s
 checked before mounting, so bad input leaves nothing mounted. The ready descriptors are
 closed once a stat of the mountpoint has gone through the running FUSE loop. SIGTERM or
 SIGINT fail parked requests with EIO and lazily detach the mount; the daemon exits 0 once
-the kernel has dropped the mount (immediately, or when the last open file is closed). A
-second signal stops at once.
+the kernel has dropped the mount (immediately, or when the last open file is closed). Calls
+on the target still running workers.SHUTDOWN_GRACE_S after the signal are answered EIO,
+so a target that hangs cannot keep the mount (and the daemon) alive. A second signal
+stops at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import resource
 import signal
 import stat
+import threading
 import time
 
 import pyfuse3
@@ -35,6 +38,7 @@ from spfs.fs.modes import Mode
 from spfs.fs.operations import SpfsOperations
 from spfs.fs.restore_backend import RestoreBackend
 from spfs.fs.target_dir import TargetDir, open_target
+from spfs.fs.workers import DEFAULT_WORKERS, WorkerPool
 from spfs.sys.fds import close_quietly
 from spfs.sys.thread_creds import CredentialSwitchError, UnsupportedArchitecture
 
@@ -67,6 +71,7 @@ class DaemonConfig:
     inode_soft_limit: int | None = None   # default: from RLIMIT_NOFILE
     ready_notify_fd: int | None = None    # gets b"R" before being closed (daemonizing)
     machine: str | None = None            # platform.machine() unless given (tests)
+    workers: int = DEFAULT_WORKERS        # threads for syscalls on the proxy target
 
 
 @dataclasses.dataclass
@@ -132,10 +137,12 @@ def build(config: DaemonConfig, prepared: Prepared) -> tuple[SpfsOperations, FsC
     table, handles = InodeTable(), HandleTable()
     timeouts = attrs.CacheTimeouts(attr=config.cache_timeout, entry=config.cache_timeout)
     gate = ModeGate(config.mode, config.stub_timeout)
-    ops = SpfsOperations(gate, table, handles, prepared.root_stat, timeouts)
+    pool = WorkerPool(config.workers, CallerCredentials())
+    table.close_fd = pool.close_later
+    ops = SpfsOperations(gate, table, handles, prepared.root_stat, timeouts, pool)
     ops.direct_io = config.direct_io
     budget = InodeBudget(table, config.inode_soft_limit or default_soft_limit())
-    controller = FsController(ops, CallerCredentials(), budget)
+    controller = FsController(ops, budget)
     if prepared.manifest is not None:
         ops.restore = RestoreBackend(table, handles, timeouts)
         ops.restore.load(prepared.manifest)
@@ -163,6 +170,7 @@ async def _handle_signals(config: DaemonConfig, ops: SpfsOperations, device: str
                      "lets go of the mount", signal.Signals(signum).name, ops.gate.parked,
                      config.mountpoint)
             ops.gate.shut_down()
+            ops.pool.shut_down()
             # Only our own mount: whoever started us may have moved it elsewhere (into a
             # container); then it goes when they unmount it.
             if mountinfo.find_fuse_device(config.mountpoint) != device:
@@ -241,7 +249,24 @@ def run(config: DaemonConfig) -> int:
         if server is not None:
             server.close()
         ops.table.close_all()
-        for handle in ops.handles.handles.values():
-            close_quietly(handle.fd)
+        _close_handles([h.fd for h in ops.handles.handles.values() if h.fd is not None])
     log.info("unmounted %s, exiting", config.mountpoint)
     return 0
+
+
+_EXIT_CLOSE_TIMEOUT_S = 5.0
+
+
+def _close_handles(fds: list[int]) -> None:
+    """Close the target files still open, in a daemon thread waited for a bounded time:
+    closing a file written on NFS writes it back, and a server that is down would keep
+    the daemon from exiting (exit closes whatever is left)."""
+    if not fds:
+        return
+    closer = threading.Thread(target=lambda: [close_quietly(fd) for fd in fds],
+                              name="spfs-exit-close", daemon=True)
+    closer.start()
+    closer.join(_EXIT_CLOSE_TIMEOUT_S)
+    if closer.is_alive():
+        log.warning("closing %d target files still blocked after %.0f s: exiting anyway",
+                    len(fds), _EXIT_CLOSE_TIMEOUT_S)

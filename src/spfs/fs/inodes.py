@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import stat
+from typing import Callable
 
 import pyfuse3
 
@@ -80,6 +81,9 @@ class Inode:
     # A socket file made through SPFS by bind(): the kernel finds the bound socket by this
     # very FUSE inode, so its name must keep leading here (see ProxyBackend._resolve).
     bound_socket: bool = False
+    # Proxy mode: written since its last FLUSH, which then has writing back to ask of the
+    # target (a FLUSH with nothing written costs a worker trip for nothing).
+    unflushed: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -98,6 +102,9 @@ class InodeTable:
         self.by_backing: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> inode number
         self._next_ino = ROOT_INODE + 1
         self.forget_asked = 0   # inodes still present whose entries the kernel was asked to drop
+        # How an inode's O_PATH descriptor is let go of: the daemon defers the close until
+        # no worker that may still be using the number runs (WorkerPool.close_later).
+        self.close_fd: Callable[[int], None] = os.close
 
     def __len__(self) -> int:
         return len(self.inodes)
@@ -183,7 +190,7 @@ class InodeTable:
             return
         if self.by_backing.get((obj.dev, obj.ino)) == inode.ino:
             del self.by_backing[(obj.dev, obj.ino)]
-        os.close(obj.fd)
+        self.close_fd(obj.fd)
         inode.proxy = None
 
     # -- lifetime ------------------------------------------------------------------------

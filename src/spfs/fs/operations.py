@@ -6,6 +6,10 @@ getattr of the root (from a stat of the mountpoint taken at start while in stub)
 emulated `*.spfs.*` xattrs. Closing a descriptor or swapping it away from a stub therefore
 never hangs (feasibility §1 pitfall 4).
 
+Proxy-mode syscalls run in worker threads (workers.py, proxy_backend.py) while the
+handler's task awaits them, so handlers interleave at those awaits; the tables change on
+this thread only. Restore-mode answers come from memory and never await.
+
 Locks are deliberately not implemented: without FUSE lock operations the kernel keeps
 POSIX and flock locks on the FUSE inode, where /proc/PID/fdinfo shows them and the
 manager can migrate them.
@@ -18,7 +22,7 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -28,9 +32,9 @@ from spfs.fs.gate import ModeGate
 from spfs.fs.handles import Handle, HandleTable
 from spfs.fs.inodes import ROOT_INODE, Found, InodeTable
 from spfs.fs.modes import Mode
-from spfs.fs.proxy_backend import ProxyBackend
+from spfs.fs.proxy_backend import READDIR_BATCH, ProxyBackend
 from spfs.fs.restore_backend import RestoreBackend
-from spfs.sys.fds import close_quietly
+from spfs.fs.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +54,14 @@ def is_spfs_xattr(name: bytes) -> bool:
     return len(parts) >= 2 and parts[1] == b"spfs"
 
 
-def _run_guarded(method: Callable[..., T], self: "SpfsOperations", args: tuple[Any, ...]) -> T:
+Handler = Callable[..., Coroutine[Any, Any, T]]
+
+
+async def _run_guarded(method: Handler[T], self: "SpfsOperations", args: tuple[Any, ...]) -> T:
     """OSErrors from the target become the caller's errno; any other exception (a bug)
     is logged and answered with EIO instead of ending pyfuse3's main loop."""
     try:
-        return method(self, *args)
+        return await method(self, *args)
     except FUSEError:
         raise
     except OSError as exc:
@@ -68,29 +75,25 @@ def _run_guarded(method: Callable[..., T], self: "SpfsOperations", args: tuple[A
         raise FUSEError(errno.EIO) from None
 
 
-def served(method: Callable[..., T]) -> Callable[..., Awaitable[T]]:
-    """Park the request while there is no mode to serve it in, then run it synchronously.
-
-    The body never awaits, so per-request credentials set inside it cannot leak into
-    another request.
-    """
+def served(method: Handler[T]) -> Callable[..., Awaitable[T]]:
+    """Park the request while there is no mode to serve it in, then run it."""
     @functools.wraps(method)
     async def handler(self: "SpfsOperations", *args: Any) -> T:
         if self.gate.open:
-            return _run_guarded(method, self, args)
+            return await _run_guarded(method, self, args)
         await self.gate.wait()
         try:
-            return _run_guarded(method, self, args)
+            return await _run_guarded(method, self, args)
         finally:
             self.gate.note_unparked()
     return handler
 
 
-def unparked(method: Callable[..., T]) -> Callable[..., Awaitable[T]]:
-    """Answered at once in every mode (see the module docstring)."""
+def unparked(method: Handler[T]) -> Callable[..., Awaitable[T]]:
+    """Answered without waiting for a mode (see the module docstring)."""
     @functools.wraps(method)
     async def handler(self: "SpfsOperations", *args: Any) -> T:
-        return _run_guarded(method, self, args)
+        return await _run_guarded(method, self, args)
     return handler
 
 
@@ -99,8 +102,10 @@ class SpfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False   # written bytes must reach the target at once
 
     def __init__(self, gate: ModeGate, table: InodeTable, handles: HandleTable,
-                 stub_root: os.stat_result, timeouts: attrs.CacheTimeouts) -> None:
+                 stub_root: os.stat_result, timeouts: attrs.CacheTimeouts,
+                 pool: WorkerPool | None = None) -> None:
         super().__init__()
+        self.pool = pool if pool is not None else WorkerPool()
         self.gate = gate
         self.table = table
         self.handles = handles
@@ -145,36 +150,38 @@ class SpfsOperations(pyfuse3.Operations):
                                 direct_io=self.direct_io and not handle.restore)
 
     # -- never parked --------------------------------------------------------------------
-    @unparked
-    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
-            self.table.forget(ino, count)
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            for ino, count in inode_list:
+                self.table.forget(ino, count)
+        except Exception:
+            log.exception("forget failed")
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if self.gate.open:  # the common case, without the extra coroutine of _getattr
-            return _run_guarded(SpfsOperations._getattr_now, self, (inode,))
+            return await _run_guarded(SpfsOperations._getattr_now, self, (inode,))
         if inode == ROOT_INODE:
             return attrs.stub_root(self.stub_root)
         return await self._getattr(inode)
 
-    def _getattr_now(self, ino: int) -> pyfuse3.EntryAttributes:
-        return self.backend.attributes(self.table.get(ino))
+    async def _getattr_now(self, ino: int) -> pyfuse3.EntryAttributes:
+        return await self.backend.getattr(self.table.get(ino))
 
     _getattr = served(_getattr_now)
 
     @unparked
-    def flush(self, fh: int) -> None:
+    async def flush(self, fh: int) -> None:
         handle = self.handles.handles.get(fh)
         if handle is None or handle.broken is not None or not self.gate.open:
             return  # a close must never hang or fail on SPFS's account
-        self._handle_backend(handle).flush(handle)
+        await self._handle_backend(handle).flush(handle)
 
     @unparked
-    def release(self, fh: int) -> None:
+    async def release(self, fh: int) -> None:
         self._release(fh)
 
     @unparked
-    def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: int) -> None:
         self._release(fh)
 
     def _release(self, fh: int) -> None:
@@ -187,7 +194,9 @@ class SpfsOperations(pyfuse3.Operations):
             self.table.maybe_drop(inode)
         if handle.fd is not None:
             if self.gate.open:
-                close_quietly(handle.fd)
+                # Closing a file written on NFS writes it back: in a worker, and the
+                # RELEASE is answered at once (the kernel waits for nobody here).
+                self.pool.close_soon(handle.fd)
             else:
                 self.deferred_closes.append(handle.fd)
 
@@ -215,28 +224,30 @@ class SpfsOperations(pyfuse3.Operations):
         await self._removexattr(inode, name, ctx)
 
     @served
-    def _setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.backend.setxattr(self.table.get(ino), name, value, ctx)
+    async def _setxattr(self, ino: int, name: bytes, value: bytes,
+                        ctx: pyfuse3.RequestContext) -> None:
+        await self.backend.setxattr(self.table.get(ino), name, value, ctx)
 
     @served
-    def _getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.backend.getxattr(self.table.get(ino), name, ctx)
+    async def _getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.backend.getxattr(self.table.get(ino), name, ctx)
 
     @served
-    def _removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.backend.removexattr(self.table.get(ino), name, ctx)
+    async def _removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.backend.removexattr(self.table.get(ino), name, ctx)
 
     @served
-    def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         # The emulated names stay unlisted (as in the C spfs) so that copies made through
         # the mount never carry them along.
-        return [n for n in self.backend.listxattr(self.table.get(ino), ctx)
+        return [n for n in await self.backend.listxattr(self.table.get(ino), ctx)
                 if not is_spfs_xattr(n)]
 
     # -- names ---------------------------------------------------------------------------
     @served
-    def lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        found = self.backend.lookup(parent, name, ctx)
+    async def lookup(self, parent: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        found = await self.backend.lookup(parent, name, ctx)
         if found is None:
             # Not remembered by the kernel (timeout 0), exactly like ENOENT, which would
             # cost an exception on each side of pyfuse3.
@@ -244,122 +255,125 @@ class SpfsOperations(pyfuse3.Operations):
         return self._entry(parent, name, found)
 
     @served
-    def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         inode = self.table.get(ino)
         handle = self.handles.get(fh) if fh is not None else None
-        self.backend.setattr(inode, attr, fields, handle, ctx)
-        return self.backend.attributes(inode)
+        return await self.backend.setattr(inode, attr, fields, handle, ctx)
 
     @served
-    def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.backend.readlink(self.table.get(ino), ctx)
+    async def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.backend.readlink(self.table.get(ino), ctx)
 
     @served
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
-              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        found = self.backend.mknod(parent, name, mode, rdev, ctx)
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        found = await self.backend.mknod(parent, name, mode, rdev, ctx)
         found[0].bound_socket = stat.S_ISSOCK(mode)
         return self._entry(parent, name, found)
 
     @served
-    def mkdir(self, parent: int, name: bytes, mode: int,
-              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(parent, name, self.backend.mkdir(parent, name, mode, ctx))
+    async def mkdir(self, parent: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(parent, name, await self.backend.mkdir(parent, name, mode, ctx))
 
     @served
-    def symlink(self, parent: int, name: bytes, target: bytes,
-                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(parent, name, self.backend.symlink(parent, name, target, ctx))
+    async def symlink(self, parent: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(parent, name, await self.backend.symlink(parent, name, target, ctx))
 
     @served
-    def link(self, ino: int, new_parent: int, new_name: bytes,
-             ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        found = self.backend.link(self.table.get(ino), new_parent, new_name, ctx)
+    async def link(self, ino: int, new_parent: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        found = await self.backend.link(self.table.get(ino), new_parent, new_name, ctx)
         return self._entry(new_parent, new_name, found)
 
     @served
-    def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.backend.unlink(parent, name, ctx)
+    async def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.backend.unlink(parent, name, ctx)
 
     @served
-    def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.backend.rmdir(parent, name, ctx)
+    async def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.backend.rmdir(parent, name, ctx)
 
     @served
-    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int,
-               ctx: pyfuse3.RequestContext) -> None:
-        self.backend.rename(parent, name, new_parent, new_name, flags, ctx)
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self.backend.rename(parent, name, new_parent, new_name, flags, ctx)
 
     # -- files ---------------------------------------------------------------------------
     @served
-    def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         inode = self.table.get(ino)
-        handle = self.backend.open(inode, flags, ctx)
+        handle = await self.backend.open(inode, flags, ctx)
         inode.open_handles += 1
         return self._file_info(handle)
 
     @served
-    def create(self, parent: int, name: bytes, mode: int, flags: int,
-               ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        handle, found = self.backend.create(parent, name, mode, flags, ctx)
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        handle, found = await self.backend.create(parent, name, mode, flags, ctx)
         found[0].open_handles += 1
         return self._file_info(handle), self._entry(parent, name, found)
 
     @served
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles.get(fh)
         if self.cache_fills is not None:
             self.cache_fills.add(handle.ino)
-        return self._handle_backend(handle).read(handle, offset, size)
+        return await self._handle_backend(handle).read(handle, offset, size)
 
     @served
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles.get(fh)
         if self.cache_fills is not None:
             self.cache_fills.add(handle.ino)
-        return self._handle_backend(handle).write(handle, offset, data)
+        return await self._handle_backend(handle).write(handle, offset, data)
 
     @served
-    def fsync(self, fh: int, datasync: bool) -> None:
+    async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles.get(fh)
-        self._handle_backend(handle).fsync(handle, datasync)
+        await self._handle_backend(handle).fsync(handle, datasync)
 
     # -- directories ---------------------------------------------------------------------
     @served
-    def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
         inode = self.table.get(ino)
-        handle = self.backend.opendir(inode, ctx)
+        handle = await self.backend.opendir(inode, ctx)
         inode.open_handles += 1
         return handle.fh
 
     @served
-    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.handles.get(fh)
         backend = self._handle_backend(handle)
         if start_id == 0 or handle.dir_names is None:
-            handle.dir_names = backend.list_dir(handle)
-        for index in range(start_id, len(handle.dir_names)):
-            name = handle.dir_names[index]
-            try:
-                found = backend.lookup(handle.ino, name, None)  # type: ignore[arg-type]
-            except (OSError, FUSEError):
-                continue
-            if found is None:
-                continue  # removed since the listing was taken
-            inode, attr = found
-            if not pyfuse3.readdir_reply(token, name, attr, index + 1):
-                self.table.maybe_drop(inode)
-                break
-            inode.lookups += 1
-            self.table.add_name(handle.ino, name, inode.ino)
+            handle.dir_names = await backend.list_dir(handle)
+        names = handle.dir_names
+        # Looked up a batch at a time (one worker trip each in proxy mode); entries of the
+        # batch that no longer fit in the reply are let go again.
+        for first in range(start_id, len(names), READDIR_BATCH):
+            batch = names[first:first + READDIR_BATCH]
+            found = await backend.lookup_many(handle.ino, batch)
+            for offset, (name, entry) in enumerate(zip(batch, found)):
+                if entry is None:
+                    continue  # removed since the listing was taken, or unreadable
+                inode, attr = entry
+                if not pyfuse3.readdir_reply(token, name, attr, first + offset + 1):
+                    for rest in found[offset:]:
+                        if rest is not None:
+                            self.table.maybe_drop(rest[0])
+                    return
+                inode.lookups += 1
+                self.table.add_name(handle.ino, name, inode.ino)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         pass
 
     @served
-    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        return self.backend.statfs(ctx)
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        return await self.backend.statfs(ctx)
 
     # -- switching support ----------------------------------------------------------------
     def take_deferred_closes(self) -> list[int]:

@@ -148,16 +148,30 @@ class RestoreBackend:
         return attrs.from_restore(inode.ino, inode.restore, self.timeouts)
 
     # -- operations ----------------------------------------------------------------------
+    # Async only to share the proxy backend's interface: nothing here awaits, so every
+    # restore-mode request is answered from memory on the loop in one piece.
     def _found(self, inode: Inode) -> Found:
         return inode, self.attributes(inode)
 
-    def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found | None:
+    async def getattr(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        return self.attributes(inode)
+
+    async def lookup_many(self, parent_ino: int, names: list[bytes]) -> list[Found | None]:
+        found: list[Found | None] = []
+        for name in names:
+            try:
+                found.append(await self.lookup(parent_ino, name, None))  # type: ignore[arg-type]
+            except (OSError, FUSEError):
+                found.append(None)
+        return found
+
+    async def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found | None:
         _, _, children = self._dir(parent_ino)
         ino = children.get(name)
         return self._found(self.table.get(ino)) if ino is not None else None
 
-    def setattr(self, inode: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                handle: Handle | None, ctx: pyfuse3.RequestContext) -> None:
+    async def setattr(self, inode: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                handle: Handle | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode.ino)
         if fields.update_size:
             if node.content is None:
@@ -175,30 +189,31 @@ class RestoreBackend:
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
         node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else time.time_ns()
+        return self.attributes(inode)
 
-    def readlink(self, inode: Inode, ctx: pyfuse3.RequestContext) -> bytes:
+    async def readlink(self, inode: Inode, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode.ino)
         if node.target is None:
             raise FUSEError(errno.EINVAL)
         return node.target
 
-    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int,
+    async def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int,
               ctx: pyfuse3.RequestContext) -> Found:
         fields: dict[str, object] = {"rdev": rdev}
         if stat.S_ISREG(mode):
             fields["content"] = FileContent()
         return self._found(self._create(parent_ino, name, mode, ctx, **fields))
 
-    def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Found:
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Found:
         return self._found(self._create(parent_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx,
                                         children={}, nlink=2))
 
-    def symlink(self, parent_ino: int, name: bytes, target: bytes,
+    async def symlink(self, parent_ino: int, name: bytes, target: bytes,
                 ctx: pyfuse3.RequestContext) -> Found:
         return self._found(self._create(parent_ino, name, stat.S_IFLNK | 0o777, ctx,
                                         target=target))
 
-    def link(self, inode: Inode, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found:
+    async def link(self, inode: Inode, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> Found:
         _check_name(name)
         node = self._node(inode.ino)
         if node.children is not None:
@@ -227,13 +242,13 @@ class RestoreBackend:
         node.ctime_ns = pnode.mtime_ns = pnode.ctime_ns = now
         self.table.maybe_drop(victim)
 
-    def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         victim = self._child(parent_ino, name)
         if victim.is_dir:
             raise FUSEError(errno.EISDIR)
         self._drop_link(parent_ino, name, victim)
 
-    def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         victim = self._child(parent_ino, name)
         node = victim.restore
         if node is None or node.children is None:
@@ -242,7 +257,7 @@ class RestoreBackend:
             raise FUSEError(errno.ENOTEMPTY)
         self._drop_link(parent_ino, name, victim)
 
-    def rename(self, parent_ino: int, name: bytes, new_parent_ino: int, new_name: bytes,
+    async def rename(self, parent_ino: int, name: bytes, new_parent_ino: int, new_name: bytes,
                flags: int, ctx: pyfuse3.RequestContext) -> None:
         _check_name(new_name)
         moved = self._child(parent_ino, name)
@@ -291,13 +306,13 @@ class RestoreBackend:
             pnode.nlink -= delta
             new_pnode.nlink += delta
 
-    def open(self, inode: Inode, flags: int, ctx: pyfuse3.RequestContext) -> Handle:
+    async def open(self, inode: Inode, flags: int, ctx: pyfuse3.RequestContext) -> Handle:
         node = self._node(inode.ino)
         if node.content is None:
             raise FUSEError(errno.EISDIR if node.children is not None else errno.EINVAL)
         return self.handles.add(inode.ino, flags, restore=True)
 
-    def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
+    async def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[Handle, Found]:
         inode = self._create(parent_ino, name, stat.S_IFREG | stat.S_IMODE(mode), ctx,
                              content=FileContent())
@@ -309,29 +324,29 @@ class RestoreBackend:
             raise FUSEError(errno.EISDIR)
         return content
 
-    def read(self, handle: Handle, offset: int, size: int) -> bytes:
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         return self._content(handle).read(offset, size)
 
-    def write(self, handle: Handle, offset: int, data: bytes) -> int:
+    async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         node = self._node(handle.ino)
         written = self._content(handle).write(offset, data)
         node.mtime_ns = node.ctime_ns = time.time_ns()
         return written
 
-    def flush(self, handle: Handle) -> None:
+    async def flush(self, handle: Handle) -> None:
         pass
 
-    def fsync(self, handle: Handle, datasync: bool) -> None:
+    async def fsync(self, handle: Handle, datasync: bool) -> None:
         pass
 
-    def opendir(self, inode: Inode, ctx: pyfuse3.RequestContext) -> Handle:
+    async def opendir(self, inode: Inode, ctx: pyfuse3.RequestContext) -> Handle:
         self._dir(inode.ino)
         return self.handles.add(inode.ino, os.O_RDONLY, is_dir=True, restore=True)
 
-    def list_dir(self, handle: Handle) -> list[bytes]:
+    async def list_dir(self, handle: Handle) -> list[bytes]:
         return list(self._dir(handle.ino)[2])
 
-    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
         data.f_blocks = data.f_bfree = data.f_bavail = 1 << 30
@@ -339,18 +354,18 @@ class RestoreBackend:
         data.f_namemax = _NAME_MAX
         return data
 
-    def setxattr(self, inode: Inode, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(self, inode: Inode, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._node(inode.ino).xattrs[name] = value
 
-    def getxattr(self, inode: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(self, inode: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         try:
             return self._node(inode.ino).xattrs[name]
         except KeyError:
             raise FUSEError(pyfuse3.ENOATTR) from None
 
-    def listxattr(self, inode: Inode, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, inode: Inode, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self._node(inode.ino).xattrs)
 
-    def removexattr(self, inode: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def removexattr(self, inode: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if self._node(inode.ino).xattrs.pop(name, None) is None:
             raise FUSEError(pyfuse3.ENOATTR)
