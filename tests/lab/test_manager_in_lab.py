@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from spfs.lab.ct.inspect import fstypes_at
 from spfs.lab.ct.spec import CtState
 from spfs.lab.ct.util import wait_for
 from tests.lab.migration import assert_all_pass, verdicts
+
+PAUSED_MANAGER = Path(__file__).with_name("paused_manager.py")
 
 
 def _manager_status() -> tuple[int, list[dict]] | None:
@@ -64,12 +67,13 @@ def _gone(pid: int) -> bool:
 
 
 def _migrate_and_kill_manager_in(ct: CtState, images: Path, loads: list[workload.Workload],
-                                 phase: str) -> int:
+                                 phase: str, manager_command: list[str] | None = None) -> int:
     """Suspend, resume without waiting, SIGKILL the manager once a replace is in `phase`;
     its pid."""
     workload.wait_running(loads)
     checkpoint.suspend(ct, images)
-    checkpoint.resume(CtState.load(ct.name), images, wait=False)
+    checkpoint.resume(CtState.load(ct.name), images, wait=False,
+                      manager_command=manager_command)
 
     killed: list[int] = []
 
@@ -126,17 +130,16 @@ def _traced_or_stopped(pids: list[int]) -> list[str]:
 @pytest.mark.parametrize("phase, fstype", [("swapping", "fuse.spfs"),
                                            ("mounts_moved", "nfs4"),
                                            ("thawed", "nfs4")])
-def test_manager_killed_while_the_container_is_frozen(make_ct, images, monkeypatch,
+def test_manager_killed_while_the_container_is_frozen(make_ct, images,
                                                       phase: str, fstype: str) -> None:
     """Killed inside the freeze: before the swap, after it, after the mounts moved. The
     thaw guard thaws, no task is left traced or stopped, the lock is held, the workloads
     pass. Killed before the swap, SPFS stays (proxying); after it, the guard first puts NFS
     in place (processes on NFS under an SPFS mountpoint would not share its locks)."""
-    from spfs.manager.phases import TEST_PAUSE_ENV
-    monkeypatch.setenv(TEST_PAUSE_ENV, f"{phase}:120")
     ct, loads = _start_loads(make_ct)
     try:
-        _migrate_and_kill_manager_in(ct, images, loads, phase)
+        _migrate_and_kill_manager_in(ct, images, loads, phase,
+                                     [sys.executable, str(PAUSED_MANAGER), phase, "120"])
         restored = CtState.load(ct.name)
         wait_for("the thaw guard to thaw the container",
                  lambda: not _frozen(restored.cgroup_dir()), 30)

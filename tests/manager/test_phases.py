@@ -56,3 +56,14 @@ def test_first_error_is_kept():
     snap = progress.snapshot()
     assert (snap["error"], snap["error_code"], snap["failed_in"]) == \
         ("no such device", 19, "mounting_target")
+
+
+def test_an_observer_sees_each_phase_entered_after_it_is_recorded(monkeypatch):
+    from spfs.manager import phases
+    monkeypatch.setattr(phases, "_observers", [])
+    progress = ReplaceProgress("7")
+    seen = []
+    phases.observe(lambda mount_id, phase: seen.append((mount_id, phase, progress.phase)))
+    for phase in HAPPY_PATH:
+        progress.advance(phase)
+    assert seen == [("7", p, p) for p in HAPPY_PATH]  # recorded before the observer runs

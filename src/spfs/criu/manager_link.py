@@ -20,6 +20,7 @@ from spfs.sys.children import pid_alive, run_bounded, terminate
 
 log = logging.getLogger(__name__)
 
+MANAGER_COMMAND = (sys.executable, "-m", "spfs.manager.cli")
 REQUEST_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
 # for each SPFS the manager starts (its default, 30 s, failed a lab restore at
@@ -39,6 +40,9 @@ class ManagerLink:
     work_dir: Path
     log_dir: Path
     pid: int = 0
+    # the program to run; another one (a wrapper of spfs.manager.cli) is never forked by
+    # the standby, which only knows the real one
+    command: tuple[str, ...] = MANAGER_COMMAND
 
     @property
     def socket_path(self) -> str:
@@ -59,12 +63,11 @@ class ManagerLink:
         if verbose:
             args.append("-v")
         code, stderr, forked = None, "", False
-        if standby is not None and os.path.exists(standby):
+        if standby is not None and os.path.exists(standby) and self.command == MANAGER_COMMAND:
             code, stderr = self._start_by_standby(standby, [*args, "--standby", standby])
             forked = code is not None
         if code is None:
-            code, stderr = self._start_process([sys.executable, "-m", "spfs.manager.cli", "-d",
-                                                *args])
+            code, stderr = self._start_process([*self.command, "-d", *args])
         if code != 0:
             raise ManagerError(f"spfs-manager failed to start ({code}): {stderr.strip()[-2000:]}")
         self.pid = int((self.work_dir / "spfs-manager.pid").read_text())

@@ -36,7 +36,8 @@ from spfs.criu.cgroups import freezer_cgroup_of
 from spfs.criu.dump import ACTION_SCRIPT
 from spfs.criu.fd_offsets import DumpedOffset, offsets_to_put_back, put_back
 from spfs.criu.images import ImageError, check_image_dir
-from spfs.criu.manager_link import MOUNT_REQUEST_TIMEOUT, ManagerError, ManagerLink
+from spfs.criu.manager_link import (MANAGER_COMMAND, MOUNT_REQUEST_TIMEOUT, ManagerError,
+                                    ManagerLink)
 from spfs.criu.restorable import RestoreError, ShareRestore, check_images, load_shares
 from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
@@ -80,6 +81,7 @@ class RestoreConfig:
     verbose: bool = False
     env: dict[str, str] = field(default_factory=dict)  # for CRIU and its action scripts
     standby: str | None = None  # spfs-standby's socket, used when it answers
+    manager_command: list[str] | None = None  # default: spfs.manager.cli in this Python
 
 
 def criu_restore_argv(criu: str, images: Path, shares: list[ShareRestore],
@@ -143,7 +145,8 @@ class Restore:
         self.images = Path(config.images).resolve()
         self.tl = timeline or Timeline()
         self.work = Path(config.work_dir) if config.work_dir else WORK_ROOT / "not-yet"
-        self.manager = ManagerLink(self.work / "manager", self.images / "spfs-manager")
+        self.manager = ManagerLink(self.work / "manager", self.images / "spfs-manager",
+                                   command=tuple(config.manager_command or MANAGER_COMMAND))
         self.shares: list[ShareRestore] = []
         self.init_pid = 0
         self.offsets: list[DumpedOffset] = []

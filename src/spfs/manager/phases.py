@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class ReplaceProgress:
             self.timings.append(PhaseTiming(new, now, 0.0 if new.terminal else None))
         log.info("replace %s: %s took %.1f ms -> %s", self.mount_id, old.name,
                  current.seconds * 1000, new.name)
-        _test_pause(new)
+        _notify(self.mount_id, new)
 
     def fail(self, phase: ReplacePhase, code: int, message: str) -> None:
         """Record the first error; the phase it happened in is kept for status."""
@@ -140,14 +139,16 @@ class ReplaceProgress:
             }
 
 
-# Test hook: "PHASE:SECONDS" makes a replace wait on entering PHASE, so a test can kill the
-# manager there (the frozen phases last milliseconds otherwise). Unset in production.
-TEST_PAUSE_ENV = "SPFS_MANAGER_TEST_PAUSE_AT"
+PhaseObserver = Callable[[str, ReplacePhase], None]
+_observers: list[PhaseObserver] = []
 
 
-def _test_pause(phase: ReplacePhase) -> None:
-    name, _, seconds = os.environ.get(TEST_PAUSE_ENV, "").partition(":")
-    if name == phase.value:
-        log.warning("test hook %s: pausing %s s on entering %s", TEST_PAUSE_ENV,
-                    seconds or "30", phase.name)
-        time.sleep(float(seconds or 30))
+def observe(observer: PhaseObserver) -> None:
+    """`observer(mount_id, phase)` runs in the replace's thread on entering each phase, after
+    the transition is logged (a test can hold a replace in a phase to kill the manager there)."""
+    _observers.append(observer)
+
+
+def _notify(mount_id: str, phase: ReplacePhase) -> None:
+    for observer in _observers:
+        observer(mount_id, phase)

@@ -164,14 +164,16 @@ def restore_argv(state: CtState, images: Path, nfs_dirs: list[Path]) -> list[str
 
 
 def _resume_spfs(state: CtState, images: Path, wait: bool,
-                 timeline: "Timeline | None", standby: str | None) -> float:
+                 timeline: "Timeline | None", standby: str | None,
+                 manager_command: list[str] | None) -> float:
     from spfs.criu.restore import RestoreConfig, RestoreError, restore
     # NFS is mounted again inside the container's netns: NFSv3 locks need its helpers
     helpers = {"SPFS_LAB_NFS_HELPERS": "1" if nfs_helpers.needed(state) else "0",
                "SPFS_LAB_PYTHON": sys.executable}
     config = RestoreConfig(images, criu=CRIU, extra=criu_spfs_restore_extra(state, images),
                            wait=wait, freeze_cgroup=str(state.cgroup_dir()),
-                           env=_criu_env(state, helpers), verbose=True, standby=standby)
+                           env=_criu_env(state, helpers), verbose=True, standby=standby,
+                           manager_command=manager_command)
     t0 = time.monotonic()
     try:
         restore(config, timeline)
@@ -182,7 +184,8 @@ def _resume_spfs(state: CtState, images: Path, wait: bool,
 
 def resume(state: CtState, images: str | Path, plain: bool = False, wait: bool = True,
            timeline: "Timeline | None" = None,
-           standby: str | None = DEFAULT_STANDBY_SOCKET) -> Timing:
+           standby: str | None = DEFAULT_STANDBY_SOCKET,
+           manager_command: list[str] | None = None) -> Timing:
     """criu-spfs restore (`wait`: until the shares are real NFS again and spfs and the
     manager exited; `standby`: spfs-standby's socket, used if one answers there), or the
     plain baseline."""
@@ -191,7 +194,7 @@ def resume(state: CtState, images: str | Path, plain: bool = False, wait: bool =
     images = Path(images)
     (images / "restore.pid").unlink(missing_ok=True)
     if not plain:
-        seconds = _resume_spfs(state, images, wait, timeline, standby)
+        seconds = _resume_spfs(state, images, wait, timeline, standby, manager_command)
         return _resumed(state, images, seconds)
     nfs_dirs = mount_shares_in_root_netns(state)
     try:
