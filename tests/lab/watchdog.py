@@ -31,7 +31,7 @@ import pytest
 from _pytest.reports import TestReport
 from _pytest.runner import runtestprotocol
 
-from spfs.sys.children import describe_stuck, process_state
+from spfs.sys.children import descendants, describe_stuck, process_state
 
 GRACE = float(os.environ.get("SPFS_LAB_WATCHDOG_GRACE", "120"))  # past the test's own timeout: for its teardown to destroy its containers
 REAP_WAIT = 10.0  # for the killed tree to go before it is reported as left
@@ -42,26 +42,6 @@ class ChildResult:
     reports: list[TestReport] = field(default_factory=list)
     status: int | None = None  # wait status; None if it did not end
     stuck: str = ""  # the dump taken at expiry
-
-
-def descendants(pid: int) -> list[int]:
-    """pid's descendants, parents before children (from /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    order, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop(0)
-        order.append(p)
-        todo += children.get(p, [])
-    return order
 
 
 def _cmdline(pid: int) -> str:

@@ -17,7 +17,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from spfs.sys.beneath import Share, open_in_root, magic_path
+from spfs.sys.beneath import Share, magic_path, open_in_root
+from spfs.sys.children import descendants, process_state
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +32,8 @@ class SourceError(RuntimeError):
 
 
 def process_tree(root: int) -> list[int]:
-    """`root` and its descendants, parents first (from /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    order, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        order.append(pid)
-        todo += children.get(pid, [])
-    return order
-
-
-def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+    """`root` and its descendants, parents first."""
+    return [root, *descendants(root)]
 
 
 @dataclass
@@ -67,7 +45,7 @@ class StoppedSource:
 
     @classmethod
     def of(cls, root: int) -> "StoppedSource":
-        if _state(root) is None:
+        if not process_state(root):
             raise SourceError(f"the dumped tree's root {root} is gone")
         return cls(root, process_tree(root))
 
@@ -80,10 +58,10 @@ class StoppedSource:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout
-        while _state(self.root) not in (None, "Z", "X"):
+        while process_state(self.root) not in ("", "Z", "X"):
             if time.monotonic() > deadline:
                 raise SourceError(f"the dumped tree's root {self.root} did not die in "
-                                  f"{timeout:.0f} s of SIGKILL (state {_state(self.root)})")
+                                  f"{timeout:.0f} s of SIGKILL (state {process_state(self.root)})")
             time.sleep(0.02)
 
     def resume(self) -> list[str]:

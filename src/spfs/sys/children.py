@@ -58,6 +58,26 @@ def reap_or_kill(pid: int, timeout: float) -> bool:
     return True
 
 
+def descendants(pid: int) -> list[int]:
+    """pid's descendants, parents before children (from the ppid of every /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    order, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop(0)
+        order.append(p)
+        todo += children.get(p, [])
+    return order
+
+
 def process_state(pid: int) -> str:
     """The one-letter state of /proc/PID/stat ("D": uninterruptible), "" if gone."""
     try:
