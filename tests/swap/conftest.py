@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import subprocess
 import time
 import uuid
@@ -121,6 +122,33 @@ class Mounts:
                 raise TimeoutError("victims did not get ready")
             time.sleep(0.01)
 
+    def progress(self, pid: int) -> int | None:
+        """victim.c's loop count (CTRL_DIR/progress.PID); None for another kind of victim."""
+        try:
+            data = (self.ctrl / f"progress.{pid}").read_bytes()
+        except FileNotFoundError:
+            return None
+        return int.from_bytes(data, sys.byteorder) if len(data) == 8 else None
+
+    def wait_iterations(self, more: int = 3, timeout: float = 30.0) -> None:
+        """Until every running victim.c (each progress.PID in CTRL_DIR of a live process,
+        also one in a pid namespace of its own) has gone `more` times round its loop from
+        where it is now: its references work (after a switch: on B)."""
+        want = {}
+        for path in self.ctrl.glob("progress.*"):
+            pid = int(path.name.split(".")[1])
+            n = self.progress(pid)
+            if n is not None and _running(pid):
+                want[pid] = n + more
+        deadline = time.monotonic() + timeout
+        while any((self.progress(pid) or 0) < n for pid, n in want.items()):
+            stopped = [pid for pid in want if not _running(pid)]
+            if stopped:
+                raise AssertionError(f"victim {stopped[0]} exited while it was waited for")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"victims not moving: { {pid: self.progress(pid) for pid in want} }")
+            time.sleep(0.005)
+
     def stop_victims(self, timeout: float = 15.0) -> None:
         (self.ctrl / "stop").touch()
         for p in self.procs:
@@ -131,6 +159,15 @@ class Mounts:
         for path in self.ctrl.glob("report.*"):
             out[int(path.name.split(".")[1])] = dict(line.split("=", 1) for line in path.read_text().splitlines())
         return out
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (by its host pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 @pytest.fixture

@@ -215,7 +215,7 @@ def test_failure_while_moving_mappings_and_exe_reverts(mounts, victim_bin, entry
     assert os.readlink(f"/proc/{proc.pid}/exe") == str(exe)
     assert str(mounts.b) not in Path(f"/proc/{proc.pid}/maps").read_text()
     assert _on(mounts.a, proc.pid)
-    time.sleep(0.1)
+    mounts.wait_iterations()  # it goes on, on A
     mounts.stop_victims()
     rep = mounts.reports()[proc.pid]
     assert rep["errors_map"] == "0" and rep["errors_read"] == "0" and rep["cwd"] == str(mounts.a)

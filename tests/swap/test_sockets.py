@@ -46,8 +46,7 @@ def test_listener_and_datagram_socket_move_to_b(mounts):
     assert report.ok, report.error
     assert _ask(mounts.b / "srv.sock", b"after") == b"ok:after"
     sender.sendto(b"later", str(mounts.b / "dgram.sock"))
-    (mounts.ctrl / "drain").touch()
-    time.sleep(0.3)
+    (mounts.ctrl / "drain").touch()  # read all the same at the stop
     assert subprocess.run(["umount", str(mounts.a)]).returncode == 0, "a socket still pins A"
     assert _ask(mounts.b / "srv.sock", b"again") == b"ok:again"
     mounts.stop_victims()
@@ -59,7 +58,10 @@ def test_listener_and_datagram_socket_move_to_b(mounts):
 def test_listener_with_unaccepted_connections_is_not_switched(mounts):
     proc = _start(mounts)
     (mounts.ctrl / "hold").touch()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 20
+    while not (mounts.ctrl / "holding").exists():  # it no longer accepts
+        assert time.monotonic() < deadline, "the victim did not stop accepting"
+        time.sleep(0.005)
     waiting = socket.socket(socket.AF_UNIX)
     waiting.connect(str(mounts.a / "srv.sock"))  # queued, not accepted
     waiting.sendall(b"queued")
@@ -97,8 +99,7 @@ def test_moved_socket_keeps_its_address_when_the_target_replaces_the_source(moun
         assert inodes.get(str(mounts.a / name)) in held, f"{name}: address is not A's"
         assert stat.S_ISSOCK(os.lstat(mounts.b / name).st_mode)
     assert _ask(mounts.b / "srv.sock", b"via b") == b"ok:via b"  # the file on B reaches it
-    (mounts.ctrl / "drain").touch()
-    time.sleep(0.3)
+    (mounts.ctrl / "drain").touch()  # read all the same at the stop
     mounts.stop_victims()
     rep = json.loads(next(mounts.ctrl.glob("report.*")).read_text())
     assert rep["datagrams"] == ["queued0", "queued1"]

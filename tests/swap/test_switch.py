@@ -29,12 +29,19 @@ def _switch(mounts, **where):
     return plan, report
 
 
+def wait_for(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def _finish_and_check(mounts, pids, *, a_gone=True):
     if a_gone:
         assert subprocess.run(["umount", str(mounts.a)]).returncode == 0, "A still busy after the switch"
     for pid in pids:
         assert_locks_held_by(pid, mounts.b)
-    time.sleep(0.1)
+    mounts.wait_iterations()  # they go on, on B
     mounts.stop_victims()
     reports = mounts.reports()
     assert set(reports) >= set(pids)
@@ -47,7 +54,7 @@ def test_single_victim_by_pid(mounts, victim_bin):
     mounts.populate()
     proc = mounts.spawn(victim_bin)
     mounts.wait_ready(1)
-    time.sleep(0.1)
+    mounts.wait_iterations()
     plan, report = _switch(mounts, pids=[proc.pid])
     assert report.fds_moved == 10 and report.descriptions_moved == 9 and report.epoll_readded == 1
     assert report.dirs_moved == 1
@@ -64,7 +71,7 @@ def test_multithreaded_victim_in_cgroup(mounts, victim_bin, cgroup):
     mounts.populate()
     proc = mounts.spawn(victim_bin, "threads", "6", cgroup=cgroup)
     mounts.wait_ready(1)
-    time.sleep(0.1)
+    mounts.wait_iterations()
     plan, report = _switch(mounts, cgroup=str(cgroup))
     assert report.threads == 7
     reports = _finish_and_check(mounts, [proc.pid])
@@ -78,7 +85,7 @@ def test_shared_descriptions_and_fd_tables(mounts, victim_bin, mode):
     mounts.populate()
     proc = mounts.spawn(victim_bin, mode)
     mounts.wait_ready(1)
-    time.sleep(0.1)
+    mounts.wait_iterations()
     plan, report = _switch(mounts, pids=[proc.pid])
     child = next(p for p in plan.processes if p.pid != proc.pid)
     if mode == "clonefiles":
@@ -126,7 +133,7 @@ def test_dry_plan_stops_nothing_and_lists_unmovable(mounts, victim_bin):
     # A file unlinked while open cannot be reopened by name: reported, not moved.
     holder = subprocess.Popen(["sh", "-c", f"exec 7<{mounts.a}/gone.txt; rm {mounts.a}/gone.txt; sleep 30"],
                               stdin=subprocess.DEVNULL) if (mounts.a / "gone.txt").write_text("x") else None
-    time.sleep(0.2)
+    wait_for(lambda: not (mounts.a / "gone.txt").exists(), "the holder to remove gone.txt")
     try:
         plan = swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid, holder.pid])
         assert any(u.pid == holder.pid and "unlinked" in u.reason for u in plan.unmovable)
@@ -159,7 +166,7 @@ def test_mappings_and_exe_move_to_b(mounts, victim_bin):
     exe = mounts.install_binary(victim_bin)
     proc = mounts.spawn(exe, "maps")
     mounts.wait_ready(1)
-    time.sleep(0.1)
+    mounts.wait_iterations()
     before = {m.vma.start: m for m in swap.discover(str(mounts.a), str(mounts.b), pids=[proc.pid]).processes[0].maps}
     plan, report = _switch(mounts, pids=[proc.pid])
     p = plan.processes[0]
@@ -187,7 +194,7 @@ def test_victim_in_its_own_pid_namespace(mounts, victim_bin):
     proc = subprocess.Popen(["unshare", "--pid", "--fork", str(victim_bin), str(mounts.a), str(mounts.ctrl), "threads", "2"])
     mounts.procs.append(proc)
     mounts.wait_ready(1)
-    time.sleep(0.1)
+    mounts.wait_iterations()
     plan, report = _switch(mounts, pids=[proc.pid])
     (victim,) = [p for p in plan.processes if p.has_work]
     assert victim.nspid == 1 and victim.pid != proc.pid
@@ -203,10 +210,11 @@ def test_inotify_watch_follows_to_b(mounts, victim_bin):
     mounts.populate()
     proc = mounts.spawn(victim_bin, "inotify")
     mounts.wait_ready(1)
-    time.sleep(0.2)
+    mounts.wait_iterations(60)  # a file is created every 50: one seen on A
     plan, report = _switch(mounts, pids=[proc.pid])
     assert report.watches_moved == 1
     assert subprocess.run(["umount", str(mounts.a)]).returncode == 0, "the inotify watch still pins A"
+    mounts.wait_iterations(110)  # and two more on B
     mounts.stop_victims()
     rep = mounts.reports()[proc.pid]
     assert int(rep["creates"]) > 2 and rep["create_events"] == rep["creates"], "creation events lost"
@@ -218,7 +226,7 @@ def test_unlinked_file_moves_when_the_caller_names_its_replacement(mounts):
     holder = subprocess.Popen(["sh", "-c", f"exec 7<{mounts.a}/gone.txt; rm {mounts.a}/gone.txt; "
                                "read line <&7; echo \"$line\" > /dev/null; exec sleep 30"], cwd="/")
     mounts.procs.append(holder)
-    time.sleep(0.3)
+    wait_for(lambda: not (mounts.a / "gone.txt").exists(), "the holder to remove gone.txt")
     (mounts.b / ".nfs000123").write_text("old content\n")
     plan = swap.discover(str(mounts.a), str(mounts.b), pids=[holder.pid], path_map={"gone.txt": ".nfs000123"})
     assert plan.unmovable == []
@@ -280,7 +288,7 @@ def test_fallback_code_page_when_vdso_has_no_free_tail(mounts, victim_bin, monke
     mounts.populate()
     proc = mounts.spawn(victim_bin, "threads", "2")
     mounts.wait_ready(1)
-    time.sleep(0.1)
+    mounts.wait_iterations()
     maps_before = open(f"/proc/{proc.pid}/maps").read().count("\n")
     _switch(mounts, pids=[proc.pid])
     assert open(f"/proc/{proc.pid}/maps").read().count("\n") == maps_before, "code page left mapped"
@@ -298,7 +306,7 @@ def test_signals_sent_during_the_stop_are_delivered_after(mounts, victim_bin):
     mounts.populate()
     proc = mounts.spawn(victim_bin, "threads", "2")
     mounts.wait_ready(1)
-    time.sleep(0.1)
+    mounts.wait_iterations()
 
     def send_signals() -> None:
         mounts.sync_contents()

@@ -124,6 +124,9 @@ def _fork_watchdog(cgroup: str, decision_read: int, inotify_fds: tuple[int, ...]
     return ForkedChild(pid, open(commands_write, "wb"), open(out_read, "rb"))
 
 
+NOT_READY_EXIT_WAIT = 10.0
+
+
 class Watchdog:
     """A child process that outlives us: if we die during a switch, it re-sends the signals
     the engine had held back and restores the cgroup's freezer state.
@@ -194,9 +197,19 @@ class Watchdog:
             self.proc.stdin.close()
         except OSError:
             pass
-        # Disarmed, it exits on EOF by itself; not waiting keeps its start-up time (it may
-        # still be starting) off the switch's latency.
-        self.proc.poll()
+        # Disarmed, it exits on EOF by itself: a ready one is not waited for (that keeps
+        # its exit off the switch's latency). One that never said it was ready may not have
+        # closed what it inherited at the fork yet, the source's descriptors among them,
+        # which would keep the source busy after the switch: that one is waited for.
+        if self.ready:
+            self.proc.poll()
+            return
+        deadline = time.monotonic() + NOT_READY_EXIT_WAIT
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.proc.returncode is None:
+            log.warning("the swap watchdog %d, never ready, has not exited in %.0f s",
+                        self.proc.pid, NOT_READY_EXIT_WAIT)
 
 
 def pin_to_cpu(tids: list[int], cpu: int) -> dict[int, set[int]]:

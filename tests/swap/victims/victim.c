@@ -16,7 +16,8 @@
  *   private.map MAP_PRIVATE rw, pages 1 and 3 overwritten with 'P' (copy-on-write data),
  *               page 3 then made read-only (like RELRO); MADV_DONTDUMP; checked every
  *               iteration: pages 0 and 2 = the file pattern (i % 251), 1 and 3 = 'P' 
- * Runs until CTRL_DIR/stop exists, then writes CTRL_DIR/report.PID (key=value lines).
+ * Runs until CTRL_DIR/stop exists, then writes CTRL_DIR/report.PID (key=value lines); its
+ * loop count is in CTRL_DIR/progress.PID meanwhile (a shared mapping of one long).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -197,6 +198,15 @@ int main(int argc, char **argv) {
         static char stack[1 << 16];
         child = clone(child_main, stack + sizeof stack, CLONE_FILES | SIGCHLD, NULL);
     }
+    /* the loop count, for tests to wait on instead of sleeping: CTRL_DIR/progress.PID,
+       a shared mapping of one long (outside the mounts under test) */
+    char prog[4200];
+    snprintf(prog, sizeof prog, "%s/progress.%d", ctrl, getpid());
+    int fd_prog = open(prog, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd_prog < 0 || ftruncate(fd_prog, sizeof(long))) { perror(prog); return 1; }
+    volatile long *progress = mmap(NULL, sizeof(long), PROT_READ | PROT_WRITE, MAP_SHARED, fd_prog, 0);
+    if (progress == MAP_FAILED) { perror("mmap progress"); return 1; }
+    close(fd_prog);
     char ready[4200];
     snprintf(ready, sizeof ready, "%s/ready.%d", ctrl, getpid());
     close(open(ready, O_WRONLY | O_CREAT, 0644));
@@ -248,6 +258,7 @@ int main(int argc, char **argv) {
                 }
         }
         n++;
+        *progress = n;
         usleep(1000);
     }
     for (int i = 0; i < threads && i < 64; i++) pthread_join(tids[i], NULL);
