@@ -18,7 +18,6 @@ import pytest
 
 from spfs.criu import runner
 from spfs.criu.runner import CriuError, run_criu
-from spfs.sys.children import process_state
 from tests.fs.spfs_testlib import SpfsMount, start_spfs
 
 # Opens a file on FUSE, says so, and closes it when told: with the daemon stopped that close
