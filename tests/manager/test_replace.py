@@ -469,3 +469,45 @@ def test_freezer_held_by_another_replace_too_long(make_harness, container, cgrou
     assert result["error_code"] == errno.EBUSY
     assert h.swapper.abandoned == ["plan"] and not h.swapper.calls
     assert h.status("87")["mode"] == "proxy" and not cgroup.frozen()
+
+
+class ListenerBusySwapper(RecordingSwapper):
+    """Stand-in for an engine that finds a listener's queue not empty at the stop (its own
+    refusal is tested for real in tests/swap/test_sockets.py) the first `busy` times; it
+    records the worker's heartbeat at each try, so the test sees the tasks ran between."""
+
+    def __init__(self, beat: Path, busy: int) -> None:
+        super().__init__()
+        self.beat, self.busy = beat, busy
+        self.beats: list[int] = []
+        self.given: list[str | None] = []
+
+    def swap(self, job: SwapJob, prepared: str | None) -> dict:
+        self.given.append(prepared)
+        self.calls.append((job, CgroupFreezer(job.cgroup).is_frozen()))
+        self.beats.append(read_count(self.beat))
+        if len(self.calls) <= self.busy:
+            from spfs.manager.interfaces import TasksMustRun
+            raise TasksMustRun(errno.EAGAIN, "listening socket s has connections not yet accepted")
+        return {"recorded": True}
+
+
+@pytest.mark.parametrize("busy, phase", [(2, "done"), (4, "rolled_back")])
+def test_a_busy_listener_gets_the_tasks_thawed_a_moment_then_a_fresh_plan(
+        make_harness, container, cgroup, tmp_path, busy, phase):
+    beat, _ = _worker(container, cgroup, tmp_path)
+    swapper = ListenerBusySwapper(beat, busy)
+    h = make_harness(swapper)
+    _, bind = _mount_spfs(h)
+    assert _replace(h, "87", bind, mode="mode=release") == 0
+    result = h.wait_terminal("87")
+    assert result["phase"] == phase, result
+    tries = min(busy + 1, 4)  # the first plan, then one per thaw (at most 3 thaws)
+    assert len(swapper.calls) == tries and all(frozen for _, frozen in swapper.calls)
+    assert swapper.given == ["plan"] + [None] * (tries - 1)  # planned anew inside the freeze
+    # the worker ran between the tries: the thaws let it (a beat every 10 ms; 50 ms, then
+    # 100 ms, ... of thaw). A worker frozen in the middle of rewriting its beat reads 0.
+    seen = [b for b in swapper.beats if b]
+    assert len(seen) >= 2 and max(seen) > min(seen), swapper.beats
+    assert result["details"].get("thawed_for_listeners") == min(busy, 3)
+    assert not cgroup.frozen() and advances(beat)

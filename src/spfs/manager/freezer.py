@@ -274,14 +274,14 @@ def frozen(freezer: CgroupFreezer, lock: threading.Lock,
             try:
                 yield guard
             finally:
-                _thaw_hard(freezer, policy.thaw)
+                thaw_hard(freezer, policy.thaw)
         finally:
             guard.dismiss()
     finally:
         lock.release()
 
 
-def _thaw_hard(freezer: CgroupFreezer, timeout: float) -> None:
+def thaw_hard(freezer: CgroupFreezer, timeout: float) -> None:
     """Thawing is the one thing that must not be skipped: retry before giving up."""
     last: OSError | None = None
     for _ in range(3):

@@ -75,6 +75,11 @@ class SwapJob:
     path_map: tuple[tuple[str, str], ...] = ()
 
 
+class TasksMustRun(OSError):
+    """The swap needs the tasks to run a moment first (a listener on SPFS had connections
+    queued when they were frozen: they must accept them); nothing was moved."""
+
+
 class ReferenceSwapper(Protocol):
     def prepare(self, job: SwapJob) -> Any:
         """Everything that needs no stopped task (finding references, opening the new

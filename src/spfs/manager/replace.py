@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from spfs.manager.freezer import CgroupFreezer, FreezePolicy, FreezerLocks, evacuate, frozen
+from spfs.manager.freezer import (CgroupFreezer, FreezePolicy, FreezerLocks, evacuate,
+                                  freeze_with_retries, frozen, thaw_hard)
 from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper, SpfsHandle,
-                                     SwapJob)
+                                     SwapJob, TasksMustRun)
 from spfs.manager.mounts import Placement, with_mountpoint_flags
 from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
 from spfs.manager.phases import ALLOWED_TRANSITIONS
@@ -41,6 +42,11 @@ from spfs.manager.realmount import RealFs
 from spfs.sys.beneath import Share
 
 log = logging.getLogger(__name__)
+
+# A listener's queued connections at the stop: how often to thaw for the tasks to accept
+# them, and for how long (times the attempt) before freezing and planning again.
+LISTENER_RETRIES = 3
+LISTENER_RUN_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ class ReplacePipeline:
                 phase = P.SWAPPING
                 job.progress.advance(P.SWAPPING)
                 prepared = None  # swap() owns the prepared plan from here, even on failure
-                job.progress.details["swap"] = self.swapper.swap(plan.swap_job, plan.prepared)
+                job.progress.details["swap"] = self._swap_letting_tasks_run(job, plan)
                 swapped = True
                 guard.arm()
                 phase = P.MOUNTS_MOVED
@@ -278,6 +284,25 @@ class ReplacePipeline:
                 self.swapper.abandon(prepared)
             if swapped:  # thawed by now, on every path
                 self._settle(job, plan.swap_job)
+
+    def _swap_letting_tasks_run(self, job: ReplaceJob, plan: _FreezePlan) -> dict[str, Any]:
+        """The swap, inside the freeze. When it needs the tasks to run first (a listener's
+        queued connections: they must be accepted, no kernel interface moves them), thaw
+        for a moment, freeze again and plan anew: at most LISTENER_RETRIES times."""
+        prepared = plan.prepared
+        for attempt in range(1, LISTENER_RETRIES + 1):
+            try:
+                return self.swapper.swap(plan.swap_job, prepared)
+            except TasksMustRun as exc:
+                run_for = LISTENER_RUN_S * attempt
+                log.info("replace %s: %s; thawing for %.0f ms (attempt %d of %d)", job.progress.mount_id,
+                         exc, run_for * 1000, attempt, LISTENER_RETRIES)
+                job.progress.details["thawed_for_listeners"] = attempt
+                prepared = None  # swap() gave it up; the next one plans inside the freeze
+                thaw_hard(plan.freezer, self.timeouts.freeze.thaw)
+                time.sleep(run_for)  # the tasks run: their accept() empties the queue
+                freeze_with_retries(plan.freezer, self.timeouts.freeze)
+        return self.swapper.swap(plan.swap_job, None)
 
     def _settle(self, job: ReplaceJob, swap_job: SwapJob) -> None:
         """The swapped tasks finish their switch once thawed: a replace that leaves some of

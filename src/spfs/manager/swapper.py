@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from spfs.manager.interfaces import SwapJob
+from spfs.manager.interfaces import SwapJob, TasksMustRun
 from spfs.sys.beneath import open_in_root
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ def import_swap_engine() -> None:
     """Import the engine ahead of the first replace (0.1-0.2 s here, seconds in an emulated
     guest): not while a container is frozen. Run in a thread at the manager's start."""
     _engine()
+
+
+def must_run_first(report: Any) -> bool:
+    return not report.ok and isinstance(report.failure, _engine().ListenerBusy)
 
 
 def should_plan_again(report: Any) -> bool:
@@ -164,6 +168,8 @@ class SwapEngineAdapter:
                 report, plan = self._commit(engine, self.prepare(job))
         except RuntimeError as exc:  # the engine's SwapError and FreezerError
             raise OSError(errno.EIO, f"swap engine: {exc}") from None
+        if not report.committed and must_run_first(report):
+            raise TasksMustRun(errno.EAGAIN, f"swap engine: {report.error}")
         if not report.committed:
             raise OSError(errno.EIO, f"swap engine: {report.error}")
         if not report.ok:

@@ -2,8 +2,8 @@
 
 from spfs.swap.api import abandon, commit, discover, prepare, settle, switch
 from spfs.swap.engine import FailPoint
-from spfs.swap.model import (FreezerLeft, RefreezeFailed, SwapChanged, SwapError, SwapPlan, SwapReport, TasksPending,
+from spfs.swap.model import (FreezerLeft, ListenerBusy, RefreezeFailed, SwapChanged, SwapError, SwapPlan, SwapReport, TasksPending,
                              ThawFailed)
 
-__all__ = ["FailPoint", "FreezerLeft", "RefreezeFailed", "SwapChanged", "SwapError", "SwapPlan", "SwapReport",
+__all__ = ["FailPoint", "FreezerLeft", "ListenerBusy", "RefreezeFailed", "SwapChanged", "SwapError", "SwapPlan", "SwapReport",
            "TasksPending", "ThawFailed", "abandon", "commit", "discover", "prepare", "settle", "switch"]

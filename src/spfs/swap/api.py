@@ -9,7 +9,7 @@ from collections.abc import Callable
 from spfs.swap.arch import require_x86_64
 from spfs.swap.discover import discover as _discover
 from spfs.swap.engine import Engine, FailPoint, Unsettled
-from spfs.swap.model import (FreezerLeft, Phase, RefreezeFailed, SwapChanged, SwapError, SwapPlan, SwapReport,
+from spfs.swap.model import (FreezerLeft, ListenerBusy, Phase, RefreezeFailed, SwapChanged, SwapError, SwapPlan, SwapReport,
                              TasksPending, ThawFailed)
 from spfs.swap.prepare import Prepared
 from spfs.swap.prepare import prepare as _prepare
@@ -17,7 +17,7 @@ from spfs.swap.prepare import prepare as _prepare
 log = logging.getLogger(__name__)
 
 # the errors a caller may decide on by type
-__all__ = ["FreezerLeft", "RefreezeFailed", "SwapChanged", "SwapError", "TasksPending", "ThawFailed",
+__all__ = ["FreezerLeft", "ListenerBusy", "RefreezeFailed", "SwapChanged", "SwapError", "TasksPending", "ThawFailed",
            "abandon", "commit", "discover", "prepare", "report", "settle", "switch"]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from spfs.swap import inotify, procfs, tables, unixsock
-from spfs.swap.model import Description, InotifyReg, ProcessPlan, SwapChanged, SwapError, SwapPlan
+from spfs.swap.model import Description, InotifyReg, ProcessPlan, ListenerBusy, SwapError, SwapPlan
 from spfs.sys.beneath import magic_path
 from spfs.sys.libc import libc as _libc
 
@@ -75,8 +75,8 @@ def move_description_state(plan: SwapPlan, prepared: "Prepared") -> None:
             _copy_description_locks(desc)
         if stat.S_ISSOCK(desc.mode):
             if desc.sock.listening and unixsock.has_queued_connections(desc.old_fd):
-                raise SwapChanged(f"listening socket {desc.rel} has connections not yet accepted; they cannot be "
-                                "moved to a new listener: run the switch again")
+                raise ListenerBusy(f"listening socket {desc.rel} has connections not yet accepted; they cannot "
+                                   "be moved to a new listener: let the tasks run, then switch again")
             stage = prepared.staged_sockets[desc.sock.ino]
             if not desc.sock.listening:
                 unixsock.copy_datagrams(desc.old_fd, desc.new_fd, stage)

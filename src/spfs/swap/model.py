@@ -39,6 +39,13 @@ class SwapChanged(SwapError):
     a fork, ...): nothing was moved, and planning again can succeed."""
 
 
+class ListenerBusy(SwapError):
+    """A listening socket on the source had connections queued, not yet accepted, when the
+    tasks were stopped: no kernel interface moves them to a new listener, so nothing was
+    moved. The tasks must run (and accept) before a switch can succeed; planning again
+    while they stay stopped or frozen cannot help."""
+
+
 class FreezerLeft(SwapError):
     """After the switch itself (committed or reverted), the cgroup could not be put back in
     the freezer state it must end in; `frozen` is the state it was left in, as last read."""
