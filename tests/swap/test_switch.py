@@ -213,7 +213,14 @@ def test_inotify_watch_follows_to_b(mounts, victim_bin):
     mounts.wait_iterations(60)  # a file is created every 50: one seen on A
     plan, report = _switch(mounts, pids=[proc.pid])
     assert report.watches_moved == 1
-    assert subprocess.run(["umount", str(mounts.a)]).returncode == 0, "the inotify watch still pins A"
+    # In the full host run (never alone) A stayed busy for a moment after this switch with no
+    # process holding anything on it (fuser: only the mount): a reference the kernel drops
+    # on its own. Bounded wait, and the time it took is printed.
+    start, deadline = time.monotonic(), time.monotonic() + 15
+    while subprocess.run(["umount", str(mounts.a)], stderr=subprocess.DEVNULL).returncode != 0:
+        assert time.monotonic() < deadline, "the inotify watch still pins A"
+        time.sleep(0.05)
+    print(f"A unmounted {time.monotonic() - start:.2f} s after the switch")
     mounts.wait_iterations(110)  # and two more on B
     mounts.stop_victims()
     rep = mounts.reports()[proc.pid]
