@@ -35,10 +35,10 @@ from typing import Callable
 from spfs.criu.cgroups import freezer_cgroup_of
 from spfs.criu.dump import ACTION_SCRIPT
 from spfs.criu.fd_offsets import DumpedOffset, offsets_to_put_back, put_back
-from spfs.criu.images import ImageError, check_image_dir
 from spfs.criu.manager_link import (MANAGER_COMMAND, MOUNT_REQUEST_TIMEOUT, ManagerError,
                                     ManagerLink)
-from spfs.criu.restorable import RestoreError, ShareRestore, check_images, load_shares
+from spfs.criu.restorable import (RestoreError, ShareRestore, check_image_names, check_images,
+                                   load_shares)
 from spfs.criu.runner import CriuError, run_criu
 from spfs.criu.stages import StageServer
 from spfs.fs.manifest import dump_manifest
@@ -167,10 +167,7 @@ class Restore:
         asked), the shares of the record and their staging directories."""
         # first of all (no manager, no mount, no CRIU yet): a FIFO, device or symlink in
         # the image dir would block us or CRIU, or lead either out of it
-        try:
-            check_image_dir(self.images)
-        except ImageError as e:
-            raise RestoreError(f"refusing the image directory {self.images}: {e}") from None
+        check_image_names(self.images)
         if self.config.work_dir is None:
             self.work = _fresh_work_dir()
             self.manager.work_dir = self.work / "manager"
