@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,22 +98,19 @@ def _wait_iterations(loads: list[Workload], more: int, what: str, timeout: float
     start = {id(w): progress(w) or 0 for w in loads}
     waiting = list(loads)
 
-    def done() -> bool:
+    deadline = time.monotonic() + timeout
+    while waiting:
         for w in list(waiting):
             verdict = _verdict_if_ended(w)
             if verdict is not None:
                 raise CtError(f"the {w.kind} workload ended while {what}: {verdict}")
             if (progress(w) or 0) >= start[id(w)] + more:
                 waiting.remove(w)
-        return not waiting
-
-    try:
-        wait_for(what, done, timeout, step=0.05)
-    except CtError as exc:
-        if waiting and "timed out" in str(exc):
-            raise CtError(f"{exc}; not moving: " + ", ".join(
-                f"{w.kind} (pid {w.pid}, at {progress(w)})" for w in waiting)) from None
-        raise
+        if waiting and time.monotonic() > deadline:
+            raise CtError(f"timed out after {timeout:.0f} s waiting for {what}; not moving: " +
+                          ", ".join(f"{w.kind} (pid {w.pid}, at {progress(w)})" for w in waiting))
+        if waiting:
+            time.sleep(0.05)
     if not _all_alive(loads):
         raise CtError("a workload died: " + ", ".join(
             f"{w.kind}: {w.result_on_guest().read_text().strip()}"
