@@ -116,17 +116,20 @@ def test_failure_at_each_commit_step_reverts_to_source(mounts, victim_bin, cgrou
 def _run_harness(source: Path, target: Path, cgroup: Path, kill_after: float | None, how: int) -> dict | None:
     """One switch in a child process, killed `kill_after` seconds after it starts committing."""
     harness = subprocess.Popen([sys.executable, str(HARNESS), str(source), str(target), str(cgroup)],
-                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
         assert harness.stdout.readline().strip() == "go"
         if kill_after is not None:
             time.sleep(kill_after)
             harness.send_signal(how)
-        out, _ = harness.communicate(timeout=30)
+        out, err = harness.communicate(timeout=30)
     finally:
         if harness.poll() is None:
             harness.kill()
             harness.wait(10)
+    if kill_after is None and not out.strip():  # not killed: it must have reported
+        raise AssertionError(f"the harness exited {harness.returncode} without a report: {err[-3000:]}")
     return json.loads(out) if out.strip() else None
 
 

@@ -39,6 +39,7 @@ from spfs.fs.operations import SpfsOperations
 from spfs.fs.restore_backend import RestoreBackend
 from spfs.fs.target_dir import TargetDir, open_target
 from spfs.fs.workers import DEFAULT_WORKERS, WorkerPool
+from spfs.sys import forkserver
 from spfs.sys.fds import close_quietly
 from spfs.sys.thread_creds import CredentialSwitchError, UnsupportedArchitecture
 
@@ -224,6 +225,9 @@ def run(config: DaemonConfig) -> int:
     """Mount and serve until unmounted. Raises StartupError (and friends) before mounting."""
     started = time.monotonic()
     prepared = prepare(config)
+    # A switch to proxy opens the target in the container's mount namespace: that needs a
+    # worker (see target_dir), forked from a server made while we have one thread.
+    forkserver.start(preload=("spfs.fs.target_dir",))
     server_sock = bind_control_socket(config.socket_path) if config.socket_path else None
     _raise_fd_limit()
     os.umask(0)  # modes arrive already masked by the kernel; apply them verbatim

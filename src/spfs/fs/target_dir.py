@@ -1,18 +1,19 @@
 """Opening the proxy target directory, optionally inside another process's mount namespace.
 
 setns(CLONE_NEWNS) is refused to multithreaded processes (and the daemon has threads), so
-a forked single-threaded child joins the namespace, opens the directory and passes the
-descriptor back over a socketpair with SCM_RIGHTS.
+a worker of the fork server (spfs.sys.forkserver, started before the daemon's threads) joins
+the namespace, opens the directory and hands the descriptor back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
-import socket
 import stat
 
-from spfs.sys import namespaces
+from spfs.sys import forkserver, namespaces
+from spfs.sys.forkserver import Job, JobResult
 
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _CHILD_TIMEOUT_S = 10.0
@@ -35,45 +36,22 @@ def _open_here(path: str) -> int:
     return os.open(path, O_PATH_DIR)
 
 
+def _open_in(ns_fd: int, path: str) -> JobResult:
+    namespaces.setns(ns_fd, namespaces.CLONE_NEWNS)
+    return JobResult(None, [os.open(path, O_PATH_DIR)])
+
+
 def _open_in_namespace(path: str, ns_pid: int) -> int:
     ns_fd = os.open(f"/proc/{ns_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        pid = os.fork()
-        if pid == 0:  # child: only raw syscalls, then _exit, whatever happens
-            status = 1
-            try:
-                parent_sock.close()
-                namespaces.setns(ns_fd, namespaces.CLONE_NEWNS)
-                fd = os.open(path, O_PATH_DIR)
-                socket.send_fds(child_sock, [b"ok"], [fd])
-                status = 0
-            except OSError as exc:
-                try:
-                    child_sock.send(f"{exc.errno}:{exc.strerror}".encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(status)
-        child_sock.close()
-        parent_sock.settimeout(_CHILD_TIMEOUT_S)
-        try:
-            message, fds, _flags, _addr = socket.recv_fds(parent_sock, 256, 1)
-        except socket.timeout:
-            os.kill(pid, 9)
-            raise TargetError(110, f"opening {path} in the mount namespace of pid {ns_pid} "
-                                   f"timed out") from None
-        finally:
-            os.waitpid(pid, 0)
-        if fds:
-            return fds[0]
-        code, _, text = message.decode(errors="replace").partition(":")
-        raise TargetError(int(code) if code.isdigit() else 5,
-                          f"cannot open {path} in the mount namespace of pid {ns_pid}: {text}")
+        result = forkserver.call(Job(_open_in, (ns_fd, path), fds=(ns_fd,),
+                                     name="proxy directory"), _CHILD_TIMEOUT_S)
+    except OSError as exc:
+        raise TargetError(exc.errno or errno.EIO, f"cannot open {path} in the mount namespace "
+                                                  f"of pid {ns_pid}: {exc.strerror or exc}") from None
     finally:
-        parent_sock.close()
-        child_sock.close()
         os.close(ns_fd)
+    return result.fds[0]
 
 
 def open_target(path: str, ns_pid: int | None = None) -> TargetDir:

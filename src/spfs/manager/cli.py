@@ -28,8 +28,14 @@ from spfs.manager.server import ControlServer
 from spfs.manager.spfs_daemon import DEFAULT_SPFS_COMMAND, SpfsProcessLauncher, SpfsTimeouts
 from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
 from spfs.manager.swapper import SwapEngineAdapter, import_swap_engine
+from spfs.sys import forkserver
 from spfs.sys.daemon import detach, stdio_to_devnull
 from spfs.sys.fds import close_quietly
+
+# What the fork server's workers run (the swap watchdog, fd donors, socket binders, thaw
+# guards, namespace work): imported by the server while idle, not by each worker.
+WORKER_MODULES = ("spfs.swap.watchdog", "spfs.swap.donor", "spfs.swap.sockname",
+                  "spfs.manager.mounts", "spfs.manager.freezer")
 
 log = logging.getLogger("spfs.manager")
 
@@ -78,6 +84,7 @@ def daemon_parser() -> argparse.ArgumentParser:
 
 
 def run_switch(argv: list[str]) -> int:
+    forkserver.start(preload=WORKER_MODULES)
     from spfs.swap import cli as switch_cli  # imported here: the daemon itself starts without it
     parser = argparse.ArgumentParser(prog="spfs-manager switch",
                                      description="Move every reference of a cgroup's tasks "
@@ -177,6 +184,9 @@ def run_daemon(args: argparse.Namespace) -> int:
         # costs tens of ms of copied pages under emulation, in the middle of a restore)
         stdio_to_devnull()
         _announce_ready(args.ready_fd)
+    # Every child that runs Python is forked by this server, made now while we have one
+    # thread; after the caller may go on, since its fork costs tens of ms under emulation.
+    forkserver.start(preload=WORKER_MODULES)
     # Both take seconds on a slow machine and are needed only later: not before the caller
     # may go on (and not before the fork of detach, which threads would not survive).
     launcher.warm_up()

@@ -2,7 +2,7 @@
 
 Every wait is bounded.  A freeze that does not complete (a task sleeping uninterruptibly, e.g.
 in a FUSE request of a stub) is undone before the error is raised.  While a cgroup is frozen a
-small forked guard holds a pipe from us: if the manager dies, the guard sees EOF and thaws the
+small guard (a worker of the fork server) holds a pipe from us: if the manager dies, the guard sees EOF and thaws the
 cgroup, so a killed manager never leaves a container frozen.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from spfs.sys.children import reap_or_kill
-from spfs.sys.fds import close_all_but
+from spfs.sys import forkserver
+from spfs.sys.forkserver import Job
 
 log = logging.getLogger(__name__)
 
@@ -136,32 +136,29 @@ def evacuate(cgroup: str | Path, pids: list[int]) -> list[int]:
 
 
 class ThawGuard:
-    """A forked process that thaws the cgroup if we die while it is frozen.
+    """A worker of the fork server that thaws the cgroup if we die while it is frozen.
 
     Armed (after the swap committed, before the mounts moved), it first runs `finish`, the
     rest of the replace that the processes' new references need (the real mount put where
-    SPFS is), in a worker of its own with a deadline: a worker stuck on a lock the fork
-    copied is killed, and the thaw still comes."""
+    SPFS is), in a worker of its own with a deadline, and the thaw still comes. `finish`
+    travels to it by name (a module-level function or a bound method of a plain object)."""
 
     FINISH_TIMEOUT_S = 30.0
+    START_TIMEOUT_S = 30.0
 
     def __init__(self, freezer: CgroupFreezer, finish: Callable[[], None] | None = None,
                  keep_fds: tuple[int, ...] = ()) -> None:
-        read_end, self._write_end = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # child: only syscalls from here on, no locks
-            code = 0
-            try:
-                # Hold nothing but our pipe (and what `finish` needs): a copy of another
-                # pipe's write end (the swap engine's fd donors wait for EOF on theirs)
-                # would keep its reader waiting for as long as we live.
-                close_all_but({0, 1, 2, read_end, *keep_fds})
-                if not _wait_for_dismissal(read_end, finish):
-                    freezer._request(False)
-                    code = 1
-            finally:
-                os._exit(code)
-        os.close(read_end)
+        read_end, self._write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.worker = forkserver.spawn(
+                Job(_guard, (freezer, read_end, finish), fds=(read_end, *keep_fds),
+                    name="thaw guard"), self.START_TIMEOUT_S)
+        except BaseException:
+            os.close(self._write_end)
+            raise
+        finally:
+            os.close(read_end)
+        self.pid = self.worker.pid
 
     def arm(self) -> None:
         os.write(self._write_end, b"a")
@@ -170,12 +167,22 @@ class ThawGuard:
         os.write(self._write_end, b"d")
 
     def dismiss(self) -> None:
-        """We thawed ourselves: tell the guard so and reap it."""
+        """We thawed ourselves: tell the guard so and let it end (bounded)."""
         try:
             os.write(self._write_end, b"k")
         finally:
             os.close(self._write_end)
-            _reap_bounded(self.pid, 2.0)
+            if not self.worker.wait(2.0):
+                log.warning("thaw guard %d did not exit", self.pid)
+            self.worker.close()
+
+
+def _guard(freezer: CgroupFreezer, read_end: int, finish: Callable[[], None] | None) -> bool:
+    """In the worker: thaw unless dismissed; True if dismissed."""
+    if _wait_for_dismissal(read_end, finish):
+        return True
+    freezer._request(False)
+    return False
 
 
 def _wait_for_dismissal(read_end: int, finish: Callable[[], None] | None) -> bool:
@@ -189,29 +196,12 @@ def _wait_for_dismissal(read_end: int, finish: Callable[[], None] | None) -> boo
             armed = byte == b"a"
             continue
         if armed and finish is not None:
-            _run_bounded(finish, ThawGuard.FINISH_TIMEOUT_S)
+            try:
+                forkserver.call(Job(finish, name="the replace's last step"),
+                                ThawGuard.FINISH_TIMEOUT_S)
+            except OSError:
+                pass  # the thaw comes all the same
         return False
-
-
-def _run_bounded(work: Callable[[], None], timeout: float) -> None:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    reap_or_kill(pid, timeout)
-
-
-def _reap_bounded(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.waitpid(pid, os.WNOHANG)[0]:
-        if time.monotonic() > deadline:
-            log.warning("thaw guard %d did not exit", pid)
-            return
-        time.sleep(0.001)
 
 
 class FreezerLocks:

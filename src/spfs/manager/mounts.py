@@ -167,4 +167,4 @@ def move_into_place(real_fd: int, placements: list[Placement], target: Namespace
     """Detach SPFS at every placement and attach the real mount `real_fd` there instead."""
     if not placements:
         raise OSError(errno.EINVAL, "no mountpoint to move")
-    run_in_namespaces(target, lambda: _move_work(real_fd, placements), timeout)
+    run_in_namespaces(target, _move_work, timeout, args=(real_fd, placements), fds=(real_fd,))

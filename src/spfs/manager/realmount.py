@@ -107,8 +107,9 @@ def mount_real_fs(fs: RealFs, target: Namespaces | None, hidden_dir: str,
         attempt += 1
         left = deadline - time.monotonic()
         try:
-            result = run_in_namespaces(target, lambda: _mount_work(fs, hidden_dir, legacy),
-                                       max(0.1, min(policy.attempt_timeout, left)))
+            result = run_in_namespaces(target, _mount_work,
+                                       max(0.1, min(policy.attempt_timeout, left)),
+                                       args=(fs, hidden_dir, legacy))
             log.info("mounted %s (%s) with %s after %d attempt(s)", fs.source, fs.fstype,
                      result.value["api"], attempt)
             assert result.fds and len(result.fds) == 1

@@ -33,12 +33,13 @@ from spfs.manager.freezer import (CgroupFreezer, FreezePolicy, FreezerLocks, eva
 from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper, SpfsHandle,
                                      SwapJob, TasksMustRun)
 from spfs.manager.mounts import Placement, with_mountpoint_flags
-from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
+from spfs.manager.nsexec import Namespaces, run_in_namespaces
 from spfs.manager.phases import ALLOWED_TRANSITIONS
 from spfs.manager.phases import ReplacePhase as P
 from spfs.manager.phases import ReplaceProgress
 from spfs.manager.protocol import SpfsMode
 from spfs.manager.realmount import RealFs
+from spfs.sys import forkserver
 from spfs.sys.beneath import Share
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,12 @@ class PhaseFailure(Exception):
         self.code = code
 
 
+def _device_of(path: str) -> int:
+    return os.stat(path).st_dev
+
+
 def _stat_dev(target: Namespaces | None, path: str, timeout: float) -> int:
-    result = run_in_namespaces(target, lambda: ChildResult(os.stat(path).st_dev), timeout)
-    return int(result.value)
+    return int(run_in_namespaces(target, _device_of, timeout, args=(path,)).value)
 
 
 class ReplacePipeline:
@@ -226,8 +230,9 @@ class ReplacePipeline:
             swap_job = SwapJob(job.freeze_cgroup, job.target, tuple(paths), spfs_dev,
                                self._real_root(job), job.path_map)
             freezer = CgroupFreezer(job.freeze_cgroup)
-            moved = evacuate(job.freeze_cgroup, [os.getpid(), *([job.spfs.pid] if
-                                                               job.spfs.pid else [])])
+            # the fork server too: the thaw guard and the swap's helpers are its workers
+            ours = [os.getpid(), forkserver.server_pid(), job.spfs.pid]
+            moved = evacuate(job.freeze_cgroup, [pid for pid in ours if pid])
             if moved:
                 job.progress.details["moved_out_of_cgroup"] = moved
             prepared = self.swapper.prepare(swap_job)

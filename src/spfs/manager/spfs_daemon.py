@@ -40,13 +40,15 @@ class SpfsTimeouts:
     namespace_step: float = 10.0
 
 
+def _root_stat(mountpoint: str) -> list[int]:
+    st = os.stat(mountpoint)
+    return [st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns]
+
+
 def _copy_root_stat(target: Namespaces | None, mountpoint: str, staging: str,
                     timeout: float) -> None:
-    def work() -> ChildResult:
-        st = os.stat(mountpoint)
-        return ChildResult([st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns])
-
-    mode, uid, gid, atime, mtime = run_in_namespaces(target, work, timeout).value
+    mode, uid, gid, atime, mtime = run_in_namespaces(target, _root_stat, timeout,
+                                                     args=(mountpoint,)).value
     os.chown(staging, uid, gid)
     os.chmod(staging, mode & 0o7777)
     os.utime(staging, ns=(atime, mtime))
@@ -124,8 +126,8 @@ class SpfsProcess:
             places.append((None, self.staging))
         for target, path in places:
             try:
-                run_in_namespaces(target, lambda: _unmount_work(path, self.dev),
-                                  self.timeouts.namespace_step)
+                run_in_namespaces(target, _unmount_work, self.timeouts.namespace_step,
+                                  args=(path, self.dev))
             except OSError as exc:
                 log.warning("spfs %s: unmounting %s: %s", self.spec.id, path, exc)
         if self.proc.poll() is None:
@@ -299,8 +301,8 @@ class SpfsProcessLauncher:
     def _move_into_container(self, spec: SpfsSpec, staging: str) -> None:
         clone = m.clone_tree(staging)
         try:
-            run_in_namespaces(spec.target, lambda: _move_mount_work(clone, spec.mountpoint),
-                              self.timeouts.namespace_step)
+            run_in_namespaces(spec.target, _move_mount_work, self.timeouts.namespace_step,
+                              args=(clone, spec.mountpoint), fds=(clone,))
         finally:
             os.close(clone)
         m.umount2(staging, m.MNT_DETACH)

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from spfs.sys.fds import close_all_but
+from spfs.sys import forkserver
+from spfs.sys.forkserver import Job
 
 log = logging.getLogger(__name__)
 
@@ -77,51 +78,47 @@ def _v2_frozen(path: Path) -> bool:
     return False
 
 
-class ForkedChild:
-    """What Watchdog needs of subprocess.Popen, for a child we forked ourselves."""
+class WatchdogProcess:
+    """What Watchdog needs of subprocess.Popen, for a worker of the fork server."""
 
-    def __init__(self, pid: int, stdin: BinaryIO, stdout: BinaryIO) -> None:
-        self.pid = pid
+    def __init__(self, worker: forkserver.Worker, stdin: BinaryIO, stdout: BinaryIO) -> None:
+        self.worker = worker
+        self.pid = worker.pid
         self.stdin: BinaryIO | None = stdin
         self.stdout: BinaryIO | None = stdout
-        self.returncode: int | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.worker.returncode
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped by someone else: gone all the same
-                self.returncode = -1
-                return self.returncode
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+        return self.worker.poll()
 
 
-def _fork_watchdog(cgroup: str, decision_read: int, inotify_fds: tuple[int, ...]) -> ForkedChild:
-    """The watchdog as a forked child, not a new Python: under emulation an interpreter and
-    its imports take seconds, and a re-plan inside a freeze would wait for them. The child
-    keeps only its pipes, the decision pipe, the inotify copies and stderr (a copy of another
-    pipe's write end, such as an fd donor's, would keep its reader waiting), and runs on
-    fresh file objects: nothing it touches can be a lock another thread of ours held."""
-    from spfs.swap import watchdog  # before the fork: no import in the child
-    manager = os.getpid()
+WATCHDOG_START_TIMEOUT = 30.0
+
+
+def _start_watchdog(cgroup: str, decision_read: int, inotify_fds: tuple[int, ...]) -> WatchdogProcess:
+    """The watchdog as a worker of the fork server, not a new Python: under emulation an
+    interpreter and its imports take seconds, and a re-plan inside a freeze would wait for
+    them. It holds only its pipes, the decision pipe and the inotify copies (a copy of
+    another pipe's write end, such as an fd donor's, would keep its reader waiting)."""
+    from spfs.swap import watchdog
     commands_read, commands_write = os.pipe2(os.O_CLOEXEC)
     out_read, out_write = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setsid()
-            close_all_but({2, commands_read, out_write, decision_read, *inotify_fds})
-            with open(commands_read, "r", closefd=False) as commands, \
-                    open(out_write, "w", closefd=False) as out:
-                code = watchdog.serve(manager, cgroup, decision_read, commands, out)
-        finally:
-            os._exit(code)
-    os.close(commands_read)
-    os.close(out_write)
-    return ForkedChild(pid, open(commands_write, "wb"), open(out_read, "rb"))
+    try:
+        worker = forkserver.spawn(Job(watchdog.serve_in_worker,
+                                      (os.getpid(), cgroup, decision_read, commands_read, out_write),
+                                      fds=(commands_read, out_write, decision_read, *inotify_fds),
+                                      name="swap watchdog"), WATCHDOG_START_TIMEOUT)
+    except BaseException:
+        os.close(commands_write)
+        os.close(out_read)
+        raise
+    finally:
+        os.close(commands_read)
+        os.close(out_write)
+    return WatchdogProcess(worker, open(commands_write, "wb"), open(out_read, "rb"))
 
 
 NOT_READY_EXIT_WAIT = 10.0
@@ -142,7 +139,7 @@ class Watchdog:
         the commit point was passed); inotify_fds: our copies of the tasks' inotify fds, to
         put watches back on A if we die before the commit point."""
         self.freezer = freezer
-        self.proc = _fork_watchdog(str(freezer.path) if freezer else "-", decision_read,
+        self.proc = _start_watchdog(str(freezer.path) if freezer else "-", decision_read,
                                    inotify_fds)
         self.ready = False
 

@@ -360,7 +360,7 @@ def _start_donors(plan: SwapPlan, prepared: Prepared) -> None:
             continue
         ns = procfs.ns_inode(p.pid, "pid")
         if ns not in by_ns:
-            by_ns[ns] = Donor(p.pid, close_in_child=(prepared.decision_write,))
+            by_ns[ns] = Donor(p.pid, prepared.fds)  # every fd a task pulls is tracked
             prepared.donors.append(by_ns[ns])
         prepared.donor_of[p.pid] = by_ns[ns].ns_pid
 

@@ -5,9 +5,9 @@ and CRIU's next dump all read that string. When the target will be mounted where
 source is (the manager's replace), the process's new socket must be bound on the target yet
 keep its old address, e.g. /mnt/nfs/app.sock, which names SPFS until the mounts move.
 
-A forked child builds a private root where the address's directory is a magic link to the
-target directory (/proc/self/fd/N), chroots into it and binds there: the kernel creates the
-socket file in the target directory and records the address string as given. The child's
+A worker (spfs.sys.forkserver) builds a private root where the address's directory is a
+magic link to the target directory (/proc/self/fd/N), chroots into it and binds there: the kernel creates the
+socket file in the target directory and records the address string as given. The worker's
 mount namespace dies with it; the socket keeps only the target's directory.
 """
 
@@ -18,11 +18,11 @@ import os
 import posixpath
 import socket
 
+from spfs.sys import forkserver, namespaces
 from spfs.sys import mountapi as m
-from spfs.sys import namespaces
-from spfs.sys.children import reap_or_kill
+from spfs.sys.forkserver import Job
 
-_PRIVATE_ROOT = "/tmp"  # a tmpfs is mounted over it, in the child's namespace only
+_PRIVATE_ROOT = "/tmp"  # a tmpfs is mounted over it, in the worker's namespace only
 _CHILD_TIMEOUT_S = 10.0
 
 
@@ -34,31 +34,16 @@ def bind_named(sock: socket.socket, address: str, dir_fd: int, name: str) -> Non
         raise OSError(errno.EINVAL, f"cannot bind under the address {address!r}")
     if last != name:
         raise OSError(errno.EINVAL, f"the address {address!r} does not end in the socket's name {name!r}")
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (runs in the child)
-            os.close(read_end)
-            code = 0
-            try:
-                _bind_in_private_root(sock, address, parent, dir_fd)
-            except OSError as exc:
-                code = exc.errno or errno.EIO
-            os.write(write_end, code.to_bytes(2, "little"))
-            os._exit(0)
-        os.close(write_end)
-        write_end = -1
-        answer = _read_answer(read_end, pid)
-    finally:
-        os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
-    if answer:
-        raise OSError(answer, f"binding at {address!r} in the directory opened below the target: "
-                              f"{os.strerror(answer)}")
+        forkserver.call(Job(_bind_in_private_root, (sock.fileno(), address, parent, dir_fd),
+                            fds=(sock.fileno(), dir_fd), name="socket binder"), _CHILD_TIMEOUT_S)
+    except OSError as exc:
+        raise OSError(exc.errno, f"binding at {address!r} in the directory opened below the "
+                                 f"target: {exc.strerror or exc}") from None
 
 
-def _bind_in_private_root(sock: socket.socket, address: str, parent: str, dir_fd: int) -> None:
+def _bind_in_private_root(sock_fd: int, address: str, parent: str, dir_fd: int) -> None:
+    """In a worker: its mount namespace is its own, and dies with it."""
     namespaces.unshare(namespaces.CLONE_NEWNS)
     m.mount("none", "/", None, m.MS_REC | m.MS_PRIVATE, None)
     m.mount("tmpfs", _PRIVATE_ROOT, "tmpfs", 0, "mode=0700")
@@ -69,16 +54,4 @@ def _bind_in_private_root(sock: socket.socket, address: str, parent: str, dir_fd
     os.symlink(f"/proc/self/fd/{dir_fd}", _PRIVATE_ROOT + parent)
     os.chroot(_PRIVATE_ROOT)
     os.chdir("/")
-    sock.bind(address)
-
-
-def _read_answer(read_end: int, pid: int) -> int:
-    """The child's errno (0: bound); it writes it before it exits."""
-    if not reap_or_kill(pid, _CHILD_TIMEOUT_S):
-        return errno.ETIMEDOUT
-    os.set_blocking(read_end, False)
-    try:
-        data = os.read(read_end, 2)
-    except BlockingIOError:
-        data = b""
-    return int.from_bytes(data, "little") if len(data) == 2 else errno.EIO
+    socket.socket(fileno=sock_fd).bind(address)

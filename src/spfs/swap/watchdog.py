@@ -28,9 +28,18 @@ def main(argv: list[str]) -> int:
     return serve(int(argv[0]), argv[1], int(argv[2]), sys.stdin, sys.stdout)
 
 
+def serve_in_worker(manager: int, cgroup: str, decision: int, commands_fd: int, out_fd: int) -> int:
+    """In a worker of the fork server (see cgroup.Watchdog): in a session of its own, so that
+    a signal to the manager's process group does not reach it."""
+    os.setsid()
+    with open(commands_fd, "r", closefd=False) as commands, \
+            open(out_fd, "w", closefd=False) as out:
+        return serve(manager, cgroup, decision, commands, out)
+
+
 def serve(manager: int, cgroup: str, decision: int, commands: TextIO, out: TextIO) -> int:
     """The watchdog's life: "ready" on *out*, commands from *commands* until EOF, then act
-    as the module docstring says. Run by main() or in a child forked by cgroup.Watchdog."""
+    as the module docstring says. Run by main() or serve_in_worker()."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
