@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 
 from spfs.swap.arch import Nr
-from spfs.swap.model import MapRef, ProcessPlan
+from spfs.swap.model import FdRef, MapRef, ProcessPlan
 from spfs.swap.procfs import Lock
 from spfs.swap.table import END, PARK_FAILED, PARK_OK, Addr, Entry, Late, Load, Ref, SyscallTable
 
@@ -36,6 +36,8 @@ __all__ = ["Pipes", "SyscallTable", "build", "flock_struct"]
 
 EPOLL_CTL_ADD = 1
 F_SETLK = fcntl.F_SETLK
+F_OFD_SETLK = 37
+LOCK_SH, LOCK_EX, LOCK_NB = fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_NB
 F_DUPFD_CLOEXEC = 1030
 AT_FDCWD = -100
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
@@ -88,7 +90,10 @@ def build(process: ProcessPlan, donor_pid: int, pipes: Pipes, *, do_fds: bool, d
 
     POSIX locks belong to the process and are dropped by any close of the inode, so they
     are checked on B through the temporary fd first (the switch fails before touching A if
-    B's lock is taken), then taken again on the final fd right after the install.
+    B's lock is taken), then taken again on the final fd right after the install.  flock
+    and OFD locks belong to the description: the table of its taker (desc.lock_taker, see
+    handover.assign_lock_takers) takes them on the temporary fd, before the install; taken
+    by someone else on B, the step fails and the switch reverts.
     """
     t = SyscallTable()
     pidfd, tmp, decision, done = t.slot(), t.slot(), t.slot(), t.slot()
@@ -156,6 +161,8 @@ def _forward_fds(t: SyscallTable, process: ProcessPlan, pidfd: Ref, tmp: Ref, ke
         t.call(Nr.fcntl, ref.fd, F_DUPFD_CLOEXEC, 0, store=keep, jump=PARK_FAILED, what=f"keep fd {ref.fd} (A)")
         t.call(Nr.pidfd_getfd, Load(pidfd), ref.desc.new_fd, 0, store=tmp, jump=PARK_FAILED,
                what=f"pidfd_getfd for fd {ref.fd}")
+        if ref.desc.lock_taker == (process.pid, ref.fd):
+            _description_locks(t, tmp, ref)
         locks = [t.blob(flock_struct(lock)) for lock in ref.posix_locks]
         for lock in locks:
             t.call(Nr.fcntl, Load(tmp), F_SETLK, Addr(lock), jump=CLEANUP_TMP, what=f"lock check on B for fd {ref.fd}")
@@ -172,6 +179,22 @@ def _forward_fds(t: SyscallTable, process: ProcessPlan, pidfd: Ref, tmp: Ref, ke
         event = t.blob(struct.pack("<IQ", reg.target.events, reg.target.data))
         t.call(Nr.epoll_ctl, reg.epfd, EPOLL_CTL_ADD, reg.target.tfd, Addr(event), jump=PARK_FAILED,
                what=f"epoll_ctl ADD fd {reg.target.tfd} to epoll fd {reg.epfd}")
+
+
+def _description_locks(t: SyscallTable, tmp: Ref, ref: FdRef) -> None:
+    """The description's flock and OFD locks, taken by the task on B's description (held
+    by `tmp`): the kernel records this task as their holder, as a CRIU restore would."""
+    rel = ref.desc.rel or "."
+    for lock in ref.desc.locks:
+        if lock.kind == "FLOCK":
+            op = LOCK_EX if lock.access == "WRITE" else LOCK_SH
+            t.call(Nr.flock, Load(tmp), op | LOCK_NB, jump=CLEANUP_TMP,
+                   what=f"flock({'LOCK_EX' if op == LOCK_EX else 'LOCK_SH'}) of {rel} on the target for fd {ref.fd} "
+                        "(held there by someone else?)")
+        elif lock.kind == "OFDLCK":
+            t.call(Nr.fcntl, Load(tmp), F_OFD_SETLK, Addr(t.blob(flock_struct(lock))), jump=CLEANUP_TMP,
+                   what=f"OFD {lock.access.lower()} lock of {rel} on the target for fd {ref.fd} "
+                        "(held there by someone else?)")
 
 
 def _forward_dirs(t: SyscallTable, process: ProcessPlan, pidfd: Ref, tmp: Ref, kept: _Kept) -> None:
