@@ -129,11 +129,33 @@ def test_4_7_versions_without_locks(make_ct, images, vers: str) -> None:
                               workload.start(ct.name, "cwd", base)])
 
 
+def _lock_holder_pids(ct: CtState, path: str) -> list[int]:
+    """The holder pid of each lock on `path` in the container's /proc/locks (its own pids;
+    waiters left out)."""
+    st = os.stat(f"/proc/{ct.init_pid}/root{path}")
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    proc = workload.exec_in(ct.name, ["cat", "/proc/locks"], capture=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return [int(f[4]) for f in (line.split() for line in proc.stdout.splitlines())
+            if len(f) > 5 and "->" not in f and f[5] == where]
+
+
+def _assert_lock_holders(ct: CtState, loads: list, base: str, vers: str, when: str) -> None:
+    """Each lock names its workload, as a plain CRIU restore makes it (the replace's tables
+    take them in the tasks, not in the manager: issue 17); an OFD lock shows no pid (-1),
+    except on NFSv3, where the NLM client records it as a POSIX lock of its taker."""
+    for w in loads:
+        want = -1 if w.kind == "ofd" and vers != "3" else w.pid
+        got = _lock_holder_pids(ct, f"{base}/{w.kind}.lock")
+        assert got == [want], f"{w.kind} lock {when}: holders {got}, want the workload ({want})"
+
+
 @pytest.mark.parametrize("vers", ALL_VERSIONS)
 def test_4_8_versions_with_locks(make_ct, images, vers: str) -> None:
     """POSIX, flock and OFD locks are still held after resume: another process of the
     container cannot take them, and each workload can take its own lock again (on NFSv3 an
-    OFD lock looks like a POSIX lock to CRIU; criu-spfs dump keeps it an OFD lock)."""
+    OFD lock looks like a POSIX lock to CRIU; criu-spfs dump keeps it an OFD lock).  The
+    container's /proc/locks names the workloads as the holders, before and after."""
     ct = make_ct(nfs=[f"{vers}:a:/mnt/nfs"])
     base = f"/mnt/nfs/l{vers}"
     _mkdirs(ct, base)
@@ -143,10 +165,12 @@ def test_4_8_versions_with_locks(make_ct, images, vers: str) -> None:
         workload.wait_running(loads)
         for k in kinds:
             assert workload.lock_held_by_other(ct.name, k, f"{base}/{k}.lock")
+        _assert_lock_holders(ct, loads, base, vers, "before the dump")
         migrate(ct, images)
         for k in kinds:
             assert workload.lock_held_by_other(ct.name, k, f"{base}/{k}.lock"), \
                 f"{k} lock not held after resume"
+        _assert_lock_holders(CtState.load(ct.name), loads, base, vers, "after resume")
         workload.wait_progress(loads)
     finally:
         results = verdicts(loads)

@@ -49,6 +49,13 @@ def exe_reader_bin(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def many_maps_bin(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bin") / "many_maps"
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(VICTIMS / "many_maps.c")], check=True)
+    return out
+
+
 def _umount(path: Path) -> None:
     if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -30,7 +30,7 @@ from spfs.manager.steps import NamespaceMountMover, NamespaceRealFsMounter
 from spfs.manager.swapper import SwapEngineAdapter, import_swap_engine
 from spfs.sys import forkserver
 from spfs.sys.daemon import detach, stdio_to_devnull
-from spfs.sys.fds import close_quietly
+from spfs.sys.fds import close_quietly, raise_fd_limit
 
 # What the fork server's workers run (the swap watchdog, fd donors, socket binders, thaw
 # guards, namespace work): imported by the server while idle, not by each worker.
@@ -215,6 +215,9 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A safety margin for the swap engine and the mounts (the engine keeps one fd per
+    # distinct file, not per reference; see spfs.swap.prepare)
+    raise_fd_limit()
     if argv[:1] == ["switch"]:
         return run_switch(argv[1:])
     return run_daemon(daemon_parser().parse_args(argv))

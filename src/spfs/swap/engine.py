@@ -197,10 +197,14 @@ class Engine:
     def _prebuild_tables(self) -> None:
         """Build and lay out each table before the stop; rebuilt in the window only if the
         re-validation changed what it must do (late fds, locks, private pages)."""
+        self._assign_lock_takers()
         for p in self.units:
             table = self._build_table(p, None)
             table.compile()
             self.prebuilt[p.pid] = (table, self._table_signature(p))
+
+    def _assign_lock_takers(self) -> None:
+        handover.assign_lock_takers(self.plan, [p for p in self.units if self._does_fds(p)])
 
     def _build_table(self, p: ProcessPlan, fail_after: int | None) -> tables.SyscallTable:
         return tables.build(p, self.prepared.donor_pid(p.pid), self.pipes, do_fds=self._does_fds(p),
@@ -209,7 +213,9 @@ class Engine:
                             fail_after=fail_after)
 
     def _table_signature(self, p: ProcessPlan) -> tuple:
-        return (tuple((r.fd, r.desc.index, tuple(r.posix_locks)) for r in p.fds), len(p.epoll), len(p.dirs),
+        return (tuple((r.fd, r.desc.index, tuple(r.posix_locks),
+                       tuple(r.desc.locks) if r.desc.lock_taker == (p.pid, r.fd) else ()) for r in p.fds),
+                len(p.epoll), len(p.dirs),
                 tuple(tuple(m.dirty) for m in p.maps), self.scratch.get(p.pid, 0))
 
     def _tracee(self, tid: int, tgid: int) -> Tracee:
@@ -369,6 +375,7 @@ class Engine:
             if self._does_maps(p):
                 self._revalidate_mappings(p)
         handover.find_locks(self.plan, self.stop_set)
+        self._assign_lock_takers()
         self.window.marks["revalidated"] = time.perf_counter()
 
     def _revalidate_mappings(self, p: ProcessPlan) -> None:

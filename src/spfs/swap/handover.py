@@ -1,7 +1,7 @@
 """The manager-side part of the stop window: state that lives in open file descriptions
 or kernel objects the manager shares with the tasks, moved without any injection
-(offsets, flock/OFD locks, FIFO content, datagram queues, inotify watches), and finding
-the POSIX locks the injected tables must take."""
+(offsets, FIFO content, datagram queues, inotify watches), and finding the locks the
+injected tables must take (POSIX, flock and OFD: see assign_lock_takers)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from spfs.swap import inotify, procfs, tables, unixsock
-from spfs.swap.model import Description, InotifyReg, ProcessPlan, ListenerBusy, SwapError, SwapPlan
+from spfs.swap.model import Description, InotifyReg, ProcessPlan, ListenerBusy, SwapPlan
 from spfs.sys.beneath import magic_path
 from spfs.sys.libc import libc as _libc
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-F_OFD_SETLK = 37
 SPLICE_F_NONBLOCK = 2
 
 
@@ -64,15 +63,35 @@ def find_locks(plan: SwapPlan, stopped: list[ProcessPlan]) -> None:
                         ref.posix_locks.append(lock)
 
 
+def assign_lock_takers(plan: SwapPlan, units: list[ProcessPlan]) -> None:
+    """Choose, for each description with flock or OFD locks, the one (process, fd) whose
+    table takes them on B.  A flock records the pid of its taker as its holder (/proc/locks,
+    fdinfo; CRIU's dump reads it), and so does an OFD lock on NFSv3 (the NLM client records
+    it as a POSIX lock): taken by the manager they would name the manager, a dead pid once
+    it exits.  The task that held the lock on A takes it when it holds the description,
+    else the first one that does; taking it twice on one description would be a no-op."""
+    candidates: dict[int, list[tuple[int, int, int]]] = {}  # desc index -> (unit pid, holder pid, fd)
+    for p in units:
+        for ref in p.fds:
+            candidates.setdefault(ref.desc.index, []).append((p.pid, ref.pid, ref.fd))
+    for desc in plan.descriptions:
+        desc.lock_taker = None
+        found = candidates.get(desc.index)
+        if not desc.locks or not found:
+            continue  # no task installs this description on B: a lock on it would hold nothing
+        holders = {lock.pid for lock in desc.locks}
+        unit, _, fd = next((c for c in found if c[0] in holders or c[1] in holders), found[0])
+        desc.lock_taker = (unit, fd)
+
+
 def move_description_state(plan: SwapPlan, prepared: "Prepared") -> None:
-    """Offsets, flock and OFD locks, FIFO and datagram contents: set on B from here; new
-    socket files take their names (the tasks are stopped: nothing sends meanwhile)."""
+    """Offsets, FIFO and datagram contents: set on B from here; new socket files take their
+    names (the tasks are stopped: nothing sends meanwhile).  Locks are the tasks' own work
+    (assign_lock_takers, tables.py)."""
     copied_fifos: set[str] = set()
     for desc in plan.descriptions:
         if (stat.S_ISREG(desc.mode) or stat.S_ISDIR(desc.mode)) and not desc.flags & os.O_PATH:
             _copy_offset(desc)
-        if desc.locks:
-            _copy_description_locks(desc)
         if stat.S_ISSOCK(desc.mode):
             if desc.sock.listening and unixsock.has_queued_connections(desc.old_fd):
                 raise ListenerBusy(f"listening socket {desc.rel} has connections not yet accepted; they cannot "
@@ -113,19 +132,6 @@ def _copy_offset(desc: Description) -> None:
                     desc.rel, pos)
         pos = 0
     os.lseek(desc.new_fd, pos, os.SEEK_SET)
-
-
-def _copy_description_locks(desc: Description) -> None:
-    """Take the description's flock/OFD locks on B; A's go only when A's description closes."""
-    for lock in desc.locks:
-        try:
-            if lock.kind == "FLOCK":
-                op = fcntl.LOCK_EX if lock.access == "WRITE" else fcntl.LOCK_SH
-                fcntl.flock(desc.new_fd, op | fcntl.LOCK_NB)
-            elif lock.kind == "OFDLCK":
-                fcntl.fcntl(desc.new_fd, F_OFD_SETLK, tables.flock_struct(lock))
-        except OSError as exc:
-            raise SwapError(f"{lock.kind} lock on {desc.rel} on the target is held by someone else: {exc}") from exc
 
 
 def _copy_pipe_content(fifo_fd: int, keeper: int) -> None:

@@ -92,6 +92,9 @@ class Description:
     ino: int
     holders: list[tuple[int, int]] = field(default_factory=list)
     locks: list[Lock] = field(default_factory=list)
+    # (pid of the injected process, fd) whose table takes `locks` (flock, OFD) on B: the
+    # kernel records the taker's pid as a flock's holder (and an NFSv3 OFD lock's)
+    lock_taker: tuple[int, int] | None = None
     old_fd: int = -1  # the manager's own reference to the A description (pidfd_getfd)
     new_fd: int = -1  # the description opened on B
     sock: object | None = None  # unixsock.BoundSocket for a unix socket bound on A

@@ -16,7 +16,7 @@ from pathlib import Path
 from spfs.swap import inotify, procfs, unixsock
 from spfs.swap.cgroup import Freezer, Watchdog
 from spfs.swap.donor import Donor, same_pid_namespace
-from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapError, SwapPlan
+from spfs.swap.model import Description, DirRef, MapRef, Phase, SwapChanged, SwapError, SwapPlan
 from spfs.sys.beneath import ACROSS_MOUNTS, Seen, Share, ShareChanged, Staged, magic_path
 from spfs.sys.pidfd import getfd_from as pidfd_getfd, getfd_if_same_file
 
@@ -107,6 +107,8 @@ class Prepared:
         self.fifo_keepers: dict[str, int] = {}
         self.watchdog: Watchdog | None = None
         self.opened: dict[tuple[str, int], int] = {}
+        # A's mapped files, one fd per (dev, ino, open mode) whatever the number of mappings
+        self.mapped_sources: dict[tuple[int, int, int], int] = {}
         self.donors: list[Donor] = []
         self.inotify_copies: dict[tuple[int, int], int] = {}
         self.donor_of: dict[int, int] = {}  # pid -> pid of its fd donor, as seen by that pid
@@ -235,6 +237,7 @@ class Prepared:
         self.fds.clear()
         self.settle_staged_sockets()  # after our copies of the new sockets are closed
         self.opened.clear()
+        self.mapped_sources.clear()
         self.pidfds.clear()
         self.source.close()
         self.target.close()
@@ -407,10 +410,19 @@ def _prepare_inotify(plan: SwapPlan, prepared: Prepared, regs: list) -> None:
 
 
 def _prepare_mapping(plan: SwapPlan, prepared: Prepared, m: MapRef) -> None:
-    """Shared writable mappings need a read-write file; anything else is mapped from O_RDONLY."""
+    """Shared writable mappings need a read-write file; anything else is mapped from O_RDONLY.
+    One fd per distinct file and mode on each side, shared by all its mappings (of every
+    process): thousands of mappings of one file must not need thousands of fds."""
     mode = os.O_RDWR if (m.vma.shared and "w" in m.vma.perms) else os.O_RDONLY
-    m.old_fd = prepared.track(os.open(f"/proc/{m.pid}/map_files/{m.vma.start:x}-{m.vma.end:x}",
-                                      mode | os.O_CLOEXEC))
+    key = (m.vma.dev, m.vma.ino, mode)
+    if key not in prepared.mapped_sources:
+        fd = prepared.track(os.open(f"/proc/{m.pid}/map_files/{m.vma.start:x}-{m.vma.end:x}", mode | os.O_CLOEXEC))
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != key[:2]:  # the task mapped something else there since discovery
+            raise SwapChanged(f"mapping {m.vma.start:#x} of process {m.pid} changed after discovery; "
+                              "run the switch again")
+        prepared.mapped_sources[key] = fd
+    m.old_fd = prepared.mapped_sources[key]
     seen = None if m.mapped else Seen(m.vma.dev, m.vma.ino, stat.S_IFREG)
     m.new_fd = prepared.open_shared(m.rel, mode, seen, f"mapping {m.vma.start:#x} of process {m.pid}")
 

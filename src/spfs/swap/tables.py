@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 
 from spfs.swap.arch import Nr
-from spfs.swap.model import MapRef, ProcessPlan
+from spfs.swap.model import FdRef, MapRef, ProcessPlan
 from spfs.swap.procfs import Lock
 from spfs.swap.table import END, PARK_FAILED, PARK_OK, Addr, Entry, Late, Load, Ref, SyscallTable
 
@@ -36,6 +36,8 @@ __all__ = ["Pipes", "SyscallTable", "build", "flock_struct"]
 
 EPOLL_CTL_ADD = 1
 F_SETLK = fcntl.F_SETLK
+F_OFD_SETLK = 37
+LOCK_SH, LOCK_EX, LOCK_NB = fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_NB
 F_DUPFD_CLOEXEC = 1030
 AT_FDCWD = -100
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
@@ -64,13 +66,18 @@ class _Kept:
 
     fds: list[tuple[object, Ref]] = field(default_factory=list)  # (FdRef, keep slot)
     maps: list[tuple[MapRef, Ref, Ref]] = field(default_factory=list)  # (mapping, A file, "remapped" slot)
+    # One fd per distinct file, shared by all its mappings (a task may have more mappings
+    # than its RLIMIT_NOFILE allows fds), by the manager's fd of that file: A's, kept for
+    # an undo, and B's, mapped from.  Both stay open until the decision is carried out.
+    map_sources: dict[int, Ref] = field(default_factory=dict)
+    map_targets: dict[int, Ref] = field(default_factory=dict)
     exe: tuple[object, Ref, Ref] | None = None  # (prctl_mm_map for A, slot of A's file in it, "done" slot)
     exe_new: Ref | None = None  # B's exe while the forward prctl runs
     root: tuple[Ref, Ref] | None = None  # (O_PATH of the old root, "done" slot)
     cwd: Ref | None = None
 
     def all_slots(self) -> list[Ref]:
-        out = [keep for _, keep in self.fds] + [keep for _, keep, _ in self.maps]
+        out = [keep for _, keep in self.fds] + list(self.map_sources.values()) + list(self.map_targets.values())
         if self.exe is not None:
             out.append(self.exe[1])
         if self.root is not None:
@@ -88,7 +95,10 @@ def build(process: ProcessPlan, donor_pid: int, pipes: Pipes, *, do_fds: bool, d
 
     POSIX locks belong to the process and are dropped by any close of the inode, so they
     are checked on B through the temporary fd first (the switch fails before touching A if
-    B's lock is taken), then taken again on the final fd right after the install.
+    B's lock is taken), then taken again on the final fd right after the install.  flock
+    and OFD locks belong to the description: the table of its taker (desc.lock_taker, see
+    handover.assign_lock_takers) takes them on the temporary fd, before the install; taken
+    by someone else on B, the step fails and the switch reverts.
     """
     t = SyscallTable()
     pidfd, tmp, decision, done = t.slot(), t.slot(), t.slot(), t.slot()
@@ -102,8 +112,7 @@ def build(process: ProcessPlan, donor_pid: int, pipes: Pipes, *, do_fds: bool, d
     if do_fds:
         _forward_fds(t, process, pidfd, tmp, kept)
     if do_maps:
-        for m in process.maps:
-            _forward_mapping(t, pidfd, tmp, m, scratch, process.nspid, kept)
+        _forward_mappings(t, pidfd, process.maps, scratch, process.nspid, kept)
         if process.exe is not None:
             _forward_exe(t, pidfd, process.exe, kept)
     if do_dirs:
@@ -122,6 +131,8 @@ def build(process: ProcessPlan, donor_pid: int, pipes: Pipes, *, do_fds: bool, d
     t.label(CLEANUP_SCRATCH)
     if scratch and scratch_size:
         t.call(Nr.munmap, scratch, scratch_size, allow_fail=True, what="drop scratch after a failure")
+        # no temporary fd is open during a remap (the mapped files have slots of their own)
+        t.skip_to(PARK_FAILED, "go to the failed park")
     t.label(CLEANUP_TMP)
     t.call(Nr.close, Load(tmp), allow_fail=True, what="close the temporary fd after a failure")
     t.label(PARK_FAILED)
@@ -130,7 +141,7 @@ def build(process: ProcessPlan, donor_pid: int, pipes: Pipes, *, do_fds: bool, d
     t.label(DECISION)
     t.call(Nr.read, Load(decision), Addr(byte), 1, zero_fails=True, jump=UNDO, what="read the decision")
     for slot in kept.all_slots():
-        t.call(Nr.close, Load(slot), allow_fail=True, what="close a kept A reference (commit)")
+        t.call(Nr.close, Load(slot), allow_fail=True, what="close a kept reference (commit)")
     _finish(t, one, pidfd, decision, done)
     t.skip_to(END, "committed: skip the undo part")
 
@@ -156,6 +167,8 @@ def _forward_fds(t: SyscallTable, process: ProcessPlan, pidfd: Ref, tmp: Ref, ke
         t.call(Nr.fcntl, ref.fd, F_DUPFD_CLOEXEC, 0, store=keep, jump=PARK_FAILED, what=f"keep fd {ref.fd} (A)")
         t.call(Nr.pidfd_getfd, Load(pidfd), ref.desc.new_fd, 0, store=tmp, jump=PARK_FAILED,
                what=f"pidfd_getfd for fd {ref.fd}")
+        if ref.desc.lock_taker == (process.pid, ref.fd):
+            _description_locks(t, tmp, ref)
         locks = [t.blob(flock_struct(lock)) for lock in ref.posix_locks]
         for lock in locks:
             t.call(Nr.fcntl, Load(tmp), F_SETLK, Addr(lock), jump=CLEANUP_TMP, what=f"lock check on B for fd {ref.fd}")
@@ -172,6 +185,22 @@ def _forward_fds(t: SyscallTable, process: ProcessPlan, pidfd: Ref, tmp: Ref, ke
         event = t.blob(struct.pack("<IQ", reg.target.events, reg.target.data))
         t.call(Nr.epoll_ctl, reg.epfd, EPOLL_CTL_ADD, reg.target.tfd, Addr(event), jump=PARK_FAILED,
                what=f"epoll_ctl ADD fd {reg.target.tfd} to epoll fd {reg.epfd}")
+
+
+def _description_locks(t: SyscallTable, tmp: Ref, ref: FdRef) -> None:
+    """The description's flock and OFD locks, taken by the task on B's description (held
+    by `tmp`): the kernel records this task as their holder, as a CRIU restore would."""
+    rel = ref.desc.rel or "."
+    for lock in ref.desc.locks:
+        if lock.kind == "FLOCK":
+            op = LOCK_EX if lock.access == "WRITE" else LOCK_SH
+            t.call(Nr.flock, Load(tmp), op | LOCK_NB, jump=CLEANUP_TMP,
+                   what=f"flock({'LOCK_EX' if op == LOCK_EX else 'LOCK_SH'}) of {rel} on the target for fd {ref.fd} "
+                        "(held there by someone else?)")
+        elif lock.kind == "OFDLCK":
+            t.call(Nr.fcntl, Load(tmp), F_OFD_SETLK, Addr(t.blob(flock_struct(lock))), jump=CLEANUP_TMP,
+                   what=f"OFD {lock.access.lower()} lock of {rel} on the target for fd {ref.fd} "
+                        "(held there by someone else?)")
 
 
 def _forward_dirs(t: SyscallTable, process: ProcessPlan, pidfd: Ref, tmp: Ref, kept: _Kept) -> None:
@@ -215,7 +244,8 @@ def _undo(t: SyscallTable, process: ProcessPlan, kept: _Kept, scratch: int, self
         _if_done(t, remapped, after)
         _remap(t, Load(keep), m, scratch, self_pid, on_fail=after, on_fail_scratch=after)
         t.label(after)
-        t.call(Nr.close, Load(keep), allow_fail=True, what="close kept mapping file")
+    for slot in (*kept.map_sources.values(), *kept.map_targets.values()):
+        t.call(Nr.close, Load(slot), allow_fail=True, what="close a mapped file (undo)")
     if kept.exe is not None:
         mm_map, exe_fd, exe_done = kept.exe
         _if_done(t, exe_done, "undo exe done")
@@ -272,17 +302,26 @@ def _copy_within(table: SyscallTable, pid: int, dst: list[tuple[int, int]], src:
                    Addr(_iovecs(table, remote)), len(remote), 0, allow_fail=allow_fail, jump=jump, what=what)
 
 
-def _forward_mapping(t: SyscallTable, pidfd: Ref, tmp: Ref, m: MapRef, scratch: int, self_pid: int,
-                     kept: _Kept) -> None:
+def _forward_mappings(t: SyscallTable, pidfd: Ref, maps: list[MapRef], scratch: int, self_pid: int,
+                      kept: _Kept) -> None:
+    """First one fd per distinct file (A's to keep, B's to map from: the manager opened one
+    of each per file and mode), then every remap from those: the task's fd count does not
+    grow with its mappings.  The slots are closed by the commit or the undo only (a slot
+    closed earlier could name a reused number by then)."""
     t.boundaries.append(len(t.entries))
-    keep, remapped = t.slot(), t.slot()
-    kept.maps.append((m, keep, remapped))
-    t.call(Nr.pidfd_getfd, Load(pidfd), m.old_fd, 0, store=keep, jump=PARK_FAILED,
-           what=f"keep A's file of mapping {m.vma.start:#x}")
-    t.call(Nr.pidfd_getfd, Load(pidfd), m.new_fd, 0, store=tmp, jump=PARK_FAILED,
-           what=f"pidfd_getfd for mapping {m.vma.start:#x}")
-    _remap(t, Load(tmp), m, scratch, self_pid, on_fail=CLEANUP_TMP, on_fail_scratch=CLEANUP_SCRATCH, store=remapped)
-    t.call(Nr.close, Load(tmp), allow_fail=True, what="close temporary fd")
+    for m in maps:
+        for fd, slots, what in ((m.old_fd, kept.map_sources, "keep A's file"), (m.new_fd, kept.map_targets,
+                                                                                   "B's file")):
+            if fd not in slots:
+                slots[fd] = t.slot()
+                t.call(Nr.pidfd_getfd, Load(pidfd), fd, 0, store=slots[fd], jump=PARK_FAILED,
+                       what=f"pidfd_getfd: {what} of mapping {m.vma.start:#x} ({m.rel})")
+    for m in maps:
+        t.boundaries.append(len(t.entries))
+        remapped = t.slot()
+        kept.maps.append((m, kept.map_sources[m.old_fd], remapped))
+        _remap(t, Load(kept.map_targets[m.new_fd]), m, scratch, self_pid, on_fail=PARK_FAILED,
+               on_fail_scratch=CLEANUP_SCRATCH, store=remapped)
 
 
 def _remap(t: SyscallTable, file: Load, m: MapRef, scratch: int, self_pid: int, *, on_fail: str,

@@ -4,6 +4,7 @@ keeps (nothing else)."""
 from __future__ import annotations
 
 import os
+import resource
 from typing import Iterable
 
 
@@ -29,3 +30,16 @@ def close_quietly(fd: int | None) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; returns the soft limit now in force.
+    A margin only: code that needs one fd per object of unbounded count is a bug."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):  # e.g. hard above fs.nr_open: keep what we have
+            return soft
+        return hard
+    return soft
