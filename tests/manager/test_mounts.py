@@ -14,7 +14,7 @@ from spfs.sys import mountapi as m
 from spfs.manager.mounts import (Placement, describe_placements, mounts_of_device, move_into_place,
                                  with_mountpoint_flags)
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
-from spfs.manager.nsexec import Namespaces
+from spfs.sys.nsexec import Namespaces
 from spfs.manager.realmount import RealFs, RetryPolicy, mount_real_fs
 
 REAL = RealFs("realfs", "tmpfs", m.MS_NOSUID | m.MS_NODEV, "size=2m,mode=751")

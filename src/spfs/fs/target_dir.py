@@ -1,8 +1,8 @@
 """Opening the proxy target directory, optionally inside another process's mount namespace.
 
 setns(CLONE_NEWNS) is refused to multithreaded processes (and the daemon has threads), so
-a worker of the fork server (spfs.sys.forkserver, started before the daemon's threads) joins
-the namespace, opens the directory and hands the descriptor back.
+the namespace runner (spfs.sys.nsexec: a worker of the fork server, started before the
+daemon's threads) joins the namespace, opens the directory and hands the descriptor back.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import errno
 import os
 import stat
 
-from spfs.sys import forkserver, namespaces
-from spfs.sys.forkserver import Job, JobResult
+from spfs.sys.forkserver import JobResult
+from spfs.sys.nsexec import Namespaces, run_in_namespaces
 
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _CHILD_TIMEOUT_S = 10.0
@@ -36,21 +36,17 @@ def _open_here(path: str) -> int:
     return os.open(path, O_PATH_DIR)
 
 
-def _open_in(ns_fd: int, path: str) -> JobResult:
-    namespaces.setns(ns_fd, namespaces.CLONE_NEWNS)
+def _open_dir(path: str) -> JobResult:
     return JobResult(None, [os.open(path, O_PATH_DIR)])
 
 
 def _open_in_namespace(path: str, ns_pid: int) -> int:
-    ns_fd = os.open(f"/proc/{ns_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        result = forkserver.call(Job(_open_in, (ns_fd, path), fds=(ns_fd,),
-                                     name="proxy directory"), _CHILD_TIMEOUT_S)
+        result = run_in_namespaces(Namespaces(ns_pid, kinds=("mnt",)), _open_dir,
+                                   _CHILD_TIMEOUT_S, args=(path,))
     except OSError as exc:
         raise TargetError(exc.errno or errno.EIO, f"cannot open {path} in the mount namespace "
                                                   f"of pid {ns_pid}: {exc.strerror or exc}") from None
-    finally:
-        os.close(ns_fd)
     return result.fds[0]
 
 

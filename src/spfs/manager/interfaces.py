@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spfs.manager.mounts import Placement
-from spfs.manager.nsexec import Namespaces
+from spfs.sys.nsexec import Namespaces
 from spfs.manager.protocol import SpfsMode
 from spfs.manager.realmount import RealFs
 

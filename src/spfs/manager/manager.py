@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from spfs.manager.interfaces import ReferenceSwapper, SpfsHandle, SpfsLauncher, SpfsSpec
-from spfs.manager.nsexec import Namespaces
+from spfs.sys.nsexec import Namespaces
 from spfs.manager.phases import ReplacePhase, ReplaceProgress
 from spfs.manager.protocol import (HoldMode, ModeRequest, MountRequest, ReplaceAllRequest,
                                    ReplaceRequest, Reply, Request, SpfsMode, StatusRequest,

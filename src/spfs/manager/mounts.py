@@ -19,7 +19,7 @@ from spfs.sys import beneath
 from spfs.sys import mountapi as m
 from spfs.sys.mountapi import Propagation
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
-from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
+from spfs.sys.nsexec import ChildResult, Namespaces, run_in_namespaces
 
 
 @dataclass(frozen=True)

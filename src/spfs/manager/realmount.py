@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from spfs.sys import mountapi as m
 from spfs.sys import namespaces
-from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
+from spfs.sys.nsexec import ChildResult, Namespaces, run_in_namespaces
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from spfs.manager.freezer import (CgroupFreezer, FreezePolicy, FreezerLocks, eva
 from spfs.manager.interfaces import (MountMover, RealFsMounter, ReferenceSwapper, SpfsHandle,
                                      SwapJob, TasksMustRun)
 from spfs.manager.mounts import Placement, with_mountpoint_flags
-from spfs.manager.nsexec import Namespaces, run_in_namespaces
+from spfs.sys.nsexec import Namespaces, run_in_namespaces
 from spfs.manager.phases import ALLOWED_TRANSITIONS
 from spfs.manager.phases import ReplacePhase as P
 from spfs.manager.phases import ReplaceProgress

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from spfs.sys import mountapi as m
 from spfs.manager.interfaces import SpfsSpec
 from spfs.sys.mountinfo import read_mountinfo, top_mount_at
-from spfs.manager.nsexec import ChildResult, Namespaces, run_in_namespaces
+from spfs.sys.nsexec import ChildResult, Namespaces, run_in_namespaces
 from spfs.manager.protocol import SpfsMode
 from spfs.standby import client as standby_client
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from spfs.manager.mounts import (Placement, describe_placements, mounts_of_device,
                                  move_into_place)
-from spfs.manager.nsexec import Namespaces
+from spfs.sys.nsexec import Namespaces
 from spfs.manager.realmount import RealFs, RetryPolicy, mount_real_fs
 
 

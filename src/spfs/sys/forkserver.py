@@ -28,7 +28,6 @@ import importlib
 import logging
 import os
 import pickle
-import resource
 import select
 import signal
 import socket
@@ -40,7 +39,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from spfs.sys.fds import close_all_but
+from spfs.sys.fds import close_all_but, raise_fd_limit
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +444,7 @@ def _worker(channel: socket.socket, inherited: bool) -> None:
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _raise_fd_limit()
+        raise_fd_limit()  # a donor may hold more descriptors than the default soft limit
         channel.sendall(_PID.pack(os.getpid()))
         deadline = time.monotonic() + 60
         payload = _receive_raw(channel, deadline)
@@ -489,13 +488,6 @@ def _reply(channel: socket.socket, message: tuple[Any, ...]) -> None:
         channel.sendall(pickle.dumps(message))
     except OSError:
         pass  # the caller gave up on us
-
-
-def _raise_fd_limit() -> None:
-    """A donor may hold more descriptors than the default soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _place(received: list[tuple[int, int]], channel: socket.socket) -> socket.socket:
