@@ -107,15 +107,17 @@ def test_guard_thaws_when_the_freezing_process_is_killed(cgroup, counter):
 @pytest.mark.parametrize("armed", [True, False])
 def test_armed_guard_finishes_the_replace_before_thawing(cgroup, counter, tmp_path, armed):
     """Killed between the swap and the mount move: an armed guard runs the rest (here: a
-    marker written while the cgroup is still frozen), then thaws; a disarmed one only thaws."""
+    marker written, while the cgroup is still frozen, through a descriptor the rest needs, as
+    the mount move needs the real mount's), then thaws; a disarmed one only thaws."""
     _, out = counter
     marker = tmp_path / "finished"
-    code = ("import pathlib, sys, threading, time\n"
+    code = ("import os, sys, threading, time\n"
             "from spfs.manager.freezer import CgroupFreezer, frozen\n"
             "freezer = CgroupFreezer(sys.argv[1])\n"
+            "fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT, 0o644)\n"
             "def finish():\n"
-            "    pathlib.Path(sys.argv[2]).write_text(str(freezer.is_frozen()))\n"
-            "with frozen(freezer, threading.Lock(), finish=finish) as guard:\n"
+            "    os.write(fd, str(freezer.is_frozen()).encode())\n"
+            "with frozen(freezer, threading.Lock(), finish=finish, keep_fds=(fd,)) as guard:\n"
             "    guard.arm()\n"
             "    if sys.argv[3] == 'no':\n"
             "        guard.disarm()\n"
@@ -128,7 +130,7 @@ def test_armed_guard_finishes_the_replace_before_thawing(cgroup, counter, tmp_pa
         os.kill(proc.pid, signal.SIGKILL)
         wait_for(lambda: not cgroup.frozen(), timeout=10, what="guard thaw")
         assert advances(out)
-        assert (marker.read_text() == "True") if armed else not marker.exists()
+        assert marker.read_text() == ("True" if armed else "")
     finally:
         kill_and_reap(proc)
 

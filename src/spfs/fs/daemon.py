@@ -225,9 +225,13 @@ def run(config: DaemonConfig) -> int:
     """Mount and serve until unmounted. Raises StartupError (and friends) before mounting."""
     started = time.monotonic()
     prepared = prepare(config)
-    # A switch to proxy opens the target in the container's mount namespace: that needs a
-    # worker (see target_dir), forked from a server made while we have one thread.
-    forkserver.start(preload=("spfs.fs.target_dir",))
+    # A proxy target in another mount namespace is opened by a worker (see target_dir),
+    # forked from a server made while we have one thread. Only when the start names such a
+    # namespace: the server costs some 6 MB PSS per daemon (the daemon's heap pages it keeps
+    # as they were), and the manager's replace names none (its target is a descriptor of its
+    # own). A later switch that names one gets a server started by exec.
+    if config.proxy_mntns_pid is not None:
+        forkserver.start(preload=("spfs.fs.target_dir",))
     server_sock = bind_control_socket(config.socket_path) if config.socket_path else None
     _raise_fd_limit()
     os.umask(0)  # modes arrive already masked by the kernel; apply them verbatim

@@ -151,7 +151,7 @@ class ThawGuard:
         read_end, self._write_end = os.pipe2(os.O_CLOEXEC)
         try:
             self.worker = forkserver.spawn(
-                Job(_guard, (freezer, read_end, finish), fds=(read_end, *keep_fds),
+                Job(_guard, (freezer, read_end, finish, keep_fds), fds=(read_end, *keep_fds),
                     name="thaw guard"), self.START_TIMEOUT_S)
         except BaseException:
             os.close(self._write_end)
@@ -177,15 +177,17 @@ class ThawGuard:
             self.worker.close()
 
 
-def _guard(freezer: CgroupFreezer, read_end: int, finish: Callable[[], None] | None) -> bool:
+def _guard(freezer: CgroupFreezer, read_end: int, finish: Callable[[], None] | None,
+           keep_fds: tuple[int, ...]) -> bool:
     """In the worker: thaw unless dismissed; True if dismissed."""
-    if _wait_for_dismissal(read_end, finish):
+    if _wait_for_dismissal(read_end, finish, keep_fds):
         return True
     freezer._request(False)
     return False
 
 
-def _wait_for_dismissal(read_end: int, finish: Callable[[], None] | None) -> bool:
+def _wait_for_dismissal(read_end: int, finish: Callable[[], None] | None,
+                        keep_fds: tuple[int, ...]) -> bool:
     """True once dismissed; False when the manager died (after running `finish` if armed)."""
     armed = False
     while True:
@@ -197,7 +199,8 @@ def _wait_for_dismissal(read_end: int, finish: Callable[[], None] | None) -> boo
             continue
         if armed and finish is not None:
             try:
-                forkserver.call(Job(finish, name="the replace's last step"),
+                # with the descriptors it needs (the real mount's): a worker has no others
+                forkserver.call(Job(finish, fds=keep_fds, name="the replace's last step"),
                                 ThawGuard.FINISH_TIMEOUT_S)
             except OSError:
                 pass  # the thaw comes all the same
