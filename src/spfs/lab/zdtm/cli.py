@@ -1,0 +1,104 @@
+"""`spfs-lab zdtm build` (host: fetch CRIU's sources, build the tests) and `spfs-lab zdtm run`
+(inside the lab guest: the tests in one container per configuration, a markdown table)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from spfs.lab.paths import CHECKOUT
+
+log = logging.getLogger(__name__)
+
+BUILD = CHECKOUT / "build"
+# the zdtm sources the lab builds its tests from: trixie's 4.1.1 (bookworm's 3.17.1 orig
+# tarball is used instead when it can be had, see `build`)
+PREFERRED = ("bookworm", "trixie")
+
+
+def add_zdtm_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("zdtm", help="CRIU's zdtm static tests in the lab")
+    z = p.add_subparsers(dest="zdtm_cmd", required=True)
+    z.add_parser("build", help="fetch CRIU's sources through a private apt config and build "
+                 "the selected zdtm tests statically (host; idempotent)")
+    r = z.add_parser("run", help="run the tests the zdtm way (inside the lab guest)")
+    r.add_argument("--config", action="append", choices=("baseline", "nfs4.1", "nfs3"),
+                   help="default: all three")
+    r.add_argument("--test", action="append", help="default: every selected test")
+    r.add_argument("--version", help="which CRIU's tests (default: the one built)")
+    r.add_argument("--json", type=Path, help="write the results here")
+    r.add_argument("--table", type=Path, help="write the markdown table here")
+    return p
+
+
+def built_version(version: str | None) -> str:
+    from spfs.lab.zdtm.build import out_dir
+    if version:
+        return version
+    for v in ("3.17.1", "4.1.1"):
+        if (out_dir(BUILD, v) / "manifest.json").exists():
+            return v
+    raise SystemExit("spfs-lab zdtm: no zdtm tests built: run `make setup` on the host")
+
+
+def _build() -> int:
+    from spfs.lab.zdtm import build, source
+    got = source.fetch_all(BUILD)
+    made = 0
+    for suite in PREFERRED:
+        src = got[suite]
+        if isinstance(src, source.CriuSource):
+            build.build(src, BUILD)
+            made += 1
+    if not made:
+        print("spfs-lab zdtm: no CRIU source could be fetched: " +
+              "; ".join(f"{s}: {e}" for s, e in got.items()), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _criu_version() -> str:
+    out = subprocess.run(["criu", "--version"], capture_output=True, text=True, timeout=30)
+    for line in out.stdout.splitlines():
+        if line.startswith("Version:"):
+            return line.split(":", 1)[1].strip()
+    return out.stdout.strip() or "?"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from spfs.lab.env import in_guest
+    from spfs.lab.zdtm import run, table
+    from spfs.lab.zdtm.build import Manifest, out_dir
+    from spfs.lab.zdtm.selection import ALL
+    if not in_guest():
+        print("spfs-lab zdtm run: inside the lab guest only: "
+              "spfs-lab run -- .venv/bin/spfs-lab zdtm run", file=sys.stderr)
+        return 2
+    version = built_version(args.version)
+    manifest = Manifest.load(out_dir(BUILD, version) / "manifest.json")
+    tests = args.test or ALL
+    runs = []
+    for i, name in enumerate(args.config or ["baseline", "nfs4.1", "nfs3"]):
+        config = run.CONFIGS[name]
+        log.info("zdtm: configuration %s, %d tests", name, len(tests))
+        r = run.run_config(config, manifest, out_dir(BUILD, version) / "bin", tests,
+                           run.default_images(name), f"zdtm{i}")
+        log.info("zdtm: %s done in %.0f s%s", name, r.seconds,
+                 f" (error: {r.error})" if r.error else "")
+        runs.append(r)
+        if args.json:
+            run.save(runs, args.json)
+    text = table.markdown(runs, manifest, _criu_version())
+    if args.table:
+        args.table.write_text(text)
+    print(text)
+    return 0
+
+
+def run_zdtm(args: argparse.Namespace) -> int:
+    if args.zdtm_cmd == "build":
+        return _build()
+    return _run(args)
