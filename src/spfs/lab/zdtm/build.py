@@ -37,6 +37,7 @@ class BuildError(RuntimeError):
 
 @dataclass
 class TestInfo:
+    __test__ = False                # not a pytest class, whatever its name
     name: str
     kind: str = ""                  # nofile, file, dir, dirfile
     desc: dict = field(default_factory=dict)

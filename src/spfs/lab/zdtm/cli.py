@@ -17,6 +17,7 @@ BUILD = CHECKOUT / "build"
 # the zdtm sources the lab builds its tests from: trixie's 4.1.1 (bookworm's 3.17.1 orig
 # tarball is used instead when it can be had, see `build`)
 PREFERRED = ("bookworm", "trixie")
+DEFAULT_CONFIGS = ("baseline", "nfs4.1", "nfs3", "nfs4.1-nocr")
 
 
 def add_zdtm_parser(sub) -> argparse.ArgumentParser:
@@ -25,8 +26,8 @@ def add_zdtm_parser(sub) -> argparse.ArgumentParser:
     z.add_parser("build", help="fetch CRIU's sources through a private apt config and build "
                  "the selected zdtm tests statically (host; idempotent)")
     r = z.add_parser("run", help="run the tests the zdtm way (inside the lab guest)")
-    r.add_argument("--config", action="append", choices=("baseline", "nfs4.1", "nfs3"),
-                   help="default: all three")
+    r.add_argument("--config", action="append", choices=DEFAULT_CONFIGS,
+                   help="default: all; nfs4.1-nocr is the control without dump/restore")
     r.add_argument("--test", action="append", help="default: every selected test")
     r.add_argument("--version", help="which CRIU's tests (default: the one built)")
     r.add_argument("--json", type=Path, help="write the results here")
@@ -81,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     manifest = Manifest.load(out_dir(BUILD, version) / "manifest.json")
     tests = args.test or ALL
     runs = []
-    for i, name in enumerate(args.config or ["baseline", "nfs4.1", "nfs3"]):
+    for i, name in enumerate(args.config or DEFAULT_CONFIGS):
         config = run.CONFIGS[name]
         log.info("zdtm: configuration %s, %d tests", name, len(tests))
         r = run.run_config(config, manifest, out_dir(BUILD, version) / "bin", tests,
