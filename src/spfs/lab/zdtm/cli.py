@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,12 @@ def add_zdtm_parser(sub) -> argparse.ArgumentParser:
                    help="default: all; nfs4.1-nocr is the control without dump/restore")
     r.add_argument("--test", action="append", help="default: every selected test")
     r.add_argument("--version", help="which CRIU's tests (default: the one built)")
-    r.add_argument("--json", type=Path, help="write the results here")
-    r.add_argument("--table", type=Path, help="write the markdown table here")
+    r.add_argument("--json", type=Path, help="write the results here (default: "
+                   "$SPFS_LAB_RESULTS/zdtm.json, which the guest writes through to the host)")
+    t = z.add_parser("table", help="the markdown table of a run's results (host); with "
+                     "--readme, put it in README's zdtm section")
+    t.add_argument("json", type=Path)
+    t.add_argument("--readme", type=Path)
     return p
 
 
@@ -81,6 +86,9 @@ def _run(args: argparse.Namespace) -> int:
     version = built_version(args.version)
     manifest = Manifest.load(out_dir(BUILD, version) / "manifest.json")
     tests = args.test or ALL
+    results = os.environ.get("SPFS_LAB_RESULTS")
+    out = args.json or (Path(results) / "zdtm.json" if results else None)
+    criu = _criu_version()
     runs = []
     for i, name in enumerate(args.config or DEFAULT_CONFIGS):
         config = run.CONFIGS[name]
@@ -90,16 +98,32 @@ def _run(args: argparse.Namespace) -> int:
         log.info("zdtm: %s done in %.0f s%s", name, r.seconds,
                  f" (error: {r.error})" if r.error else "")
         runs.append(r)
-        if args.json:
-            run.save(runs, args.json)
-    text = table.markdown(runs, manifest, _criu_version())
-    if args.table:
-        args.table.write_text(text)
-    print(text)
+        if out:
+            run.save(runs, out, version, criu)
+    text = table.markdown(runs, manifest, criu)
+    if out:
+        out.with_suffix(".md").write_text(text)
+        print(f"spfs-lab zdtm: results in {out}, table in {out.with_suffix('.md')}")
+    # the summary only: the whole table, through the guest's console, is slow to stream
+    print("\n".join(line for line in text.splitlines() if line.startswith("- ")))
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from spfs.lab.zdtm import run, table
+    from spfs.lab.zdtm.build import Manifest, out_dir
+    runs, version, criu = run.load(args.json)
+    text = table.markdown(runs, Manifest.load(out_dir(BUILD, version) / "manifest.json"), criu)
+    if args.readme:
+        table.put_in_readme(args.readme, text)
+    else:
+        print(text)
     return 0
 
 
 def run_zdtm(args: argparse.Namespace) -> int:
     if args.zdtm_cmd == "build":
         return _build()
+    if args.zdtm_cmd == "table":
+        return _table(args)
     return _run(args)

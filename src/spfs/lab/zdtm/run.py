@@ -331,16 +331,19 @@ def _culprits(log_path: Path, error: str, owners: dict[int, str],
     return {t: " | ".join(dict.fromkeys(lines))[:600] for t, lines in found.items()}
 
 
-def save(runs: list[ConfigRun], path: Path) -> None:
-    path.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+def save(runs: list[ConfigRun], path: Path, version: str, criu: str) -> None:
+    path.write_text(json.dumps({"zdtm_version": version, "criu": criu,
+                                "runs": [asdict(r) for r in runs]}, indent=1))
 
 
-def load(path: Path) -> list[ConfigRun]:
+def load(path: Path) -> tuple[list[ConfigRun], str, str]:
+    """(runs, the CRIU version whose tests ran, the CRIU that ran them)."""
+    data = json.loads(path.read_text())
     runs = []
-    for r in json.loads(path.read_text()):
+    for r in data["runs"]:
         r["results"] = {k: Result(**v) for k, v in r["results"].items()}
         runs.append(ConfigRun(**r))
-    return runs
+    return runs, data["zdtm_version"], data["criu"]
 
 
 def default_images(name: str) -> Path:

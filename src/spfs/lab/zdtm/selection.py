@@ -15,7 +15,9 @@ GROUPS: dict[str, list[str]] = {
               "unlink_fifo_wronly"],
     "sockets": ["sockets00", "sockets03", "sockets_dgram", "sk-unix-rel", "sk-unix01",
                 "del_standalone_un"],
-    "mappings": ["maps00", "maps06", "mtime_mmap", "maps_file_prot", "unlink_mmap00",
+    # maps06 (10240 file vmas) is left out: under the lab's TCG its dump alone passed the
+    # 300 s dump timeout
+    "mappings": ["maps00", "mtime_mmap", "maps_file_prot", "unlink_mmap00",
                  "unlink_mmap01", "unlink_mmap02"],
     "cwd-root": ["cwd00", "cwd01", "cwd02", "chroot", "chroot-file"],
     "locks": ["file_locks00", "file_locks01", "file_locks02", "file_locks03", "file_locks04",
