@@ -16,8 +16,16 @@ from spfs.lab.zdtm.build import Manifest, out_dir
 from spfs.lab.zdtm.cli import BUILD, built_version
 from spfs.lab.zdtm.selection import CI
 
-# test -> why it fails on NFS v4.1 while it passes on the baseline (none known yet)
-KNOWN_NFS_FAILURES: dict[str, str] = {}
+# test -> why it fails on NFS v4.1 after criu-spfs while it passes on the baseline and on NFS
+# without migration (nfs4.1-nocr); each is a finding, listed in README's zdtm section
+KNOWN_NFS_FAILURES: dict[str, str] = {
+    # first lab run 2026-12-03: "check_file_lock: (fsname nfs4) expecting fd 4 type ADVISORY
+    # option READ dev 43 ... FAIL: file_locks01.c:171: Failed on fd 5". The test finds its
+    # flock()s in /proc/locks by the st_dev its cwd's mount had at start; probably the NFS
+    # superblock mounted again inside the container has another device number (not checked)
+    "file_locks01": "flock()s not found in /proc/locks under the share's pre-migration "
+                    "device number",
+}
 
 pytestmark = pytest.mark.lab
 
