@@ -6,9 +6,9 @@ VENV := .venv
 BUILD := build
 STAMP := $(BUILD)/stamps
 
-.PHONY: setup test test-host test-lab demo lab clean
+.PHONY: setup test test-host test-lab demo lab zdtm clean
 
-setup: $(STAMP)/apt $(STAMP)/venv lab
+setup: $(STAMP)/apt $(STAMP)/venv lab zdtm
 
 $(STAMP)/apt: tools/apt-packages.txt tools/setup-apt.sh
 	@mkdir -p $(STAMP)
@@ -26,6 +26,11 @@ $(STAMP)/venv: pyproject.toml $(STAMP)/apt
 # Kernel, initramfs and test programs of the lab; `spfs-lab build` is idempotent itself.
 lab: $(STAMP)/venv
 	$(VENV)/bin/spfs-lab build
+
+# CRIU's zdtm static tests, built from Debian's CRIU source tarball (fetched once through a
+# private apt configuration under build/criu-src; the build is stamped under build/zdtm).
+zdtm: $(STAMP)/venv
+	$(VENV)/bin/spfs-lab zdtm build
 
 test: setup
 	$(VENV)/bin/python tools/run-tests

@@ -51,6 +51,11 @@ def _cmd_ct(args: argparse.Namespace) -> int:
     return run_ct(args)
 
 
+def _cmd_zdtm(args: argparse.Namespace) -> int:
+    from spfs.lab.zdtm.cli import run_zdtm
+    return run_zdtm(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _fresh_workloads()
     from spfs.lab.demo import run_demo
@@ -76,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from spfs.lab.ct.cli import add_ct_parser
     add_ct_parser(sub).set_defaults(func=_cmd_ct)
+
+    from spfs.lab.zdtm.cli import add_zdtm_parser
+    add_zdtm_parser(sub).set_defaults(func=_cmd_zdtm)
 
     sub.add_parser("demo", help="the main job: a migration in the lab, with a timeline"
                    ).set_defaults(func=_cmd_demo)
